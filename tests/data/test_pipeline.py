@@ -40,7 +40,7 @@ def _rows(batch):
 
 def test_byte_tokenizer_special_ids_and_offsets():
     tok = load_tokenizer("byte")
-    assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.vocab_size, tok.name) == (0, 1, 2, 259, "byte")
+    assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.vocab_size, tok.name) == (0, 1, 2, 369, "byte")
     ids = tok.encode("A\x00\xff")  # U+00FF is two UTF-8 bytes: c3 bf
     assert ids.dtype == np.int32
     np.testing.assert_array_equal(ids, [ord("A") + 3, 3, 0xC3 + 3, 0xBF + 3])
@@ -241,3 +241,18 @@ def test_build_lm_data_rejects_bad_config():
         build_lm_data(DataConfig(max_documents=2, heldout_fraction=0.0), seq_len=10**7)
     _, heldout, info = build_lm_data(DataConfig(max_documents=3, heldout_fraction=0.0), seq_len=8)
     assert heldout is None and info["docs_heldout"] == 0
+
+
+def test_byte_tokenizer_reserves_jaxlm_specials_after_the_bytes():
+    from jaxlm.data import spm
+
+    tok = ByteTokenizer()
+    sp = tok.special_ids
+    symbols = spm.user_symbols()
+    ids = [sp.fim_prefix, sp.fim_middle, sp.fim_suffix, *sp.ul2.values(), *sp.sentinels, *sp.roles.values()]
+    assert ids == list(range(259, 259 + len(symbols))) and tok.vocab_size == 259 + len(symbols)
+    # A symbol written in text is its one id; decode drops it and keeps the bytes around it.
+    got = tok.encode("a<|user|>b<|sentinel_7|><|no_such|>")
+    want = [ord("a") + 3, sp.roles["user"], ord("b") + 3, sp.sentinels[7]] + list(tok.encode("<|no_such|>"))
+    np.testing.assert_array_equal(got, want)
+    assert tok.decode(got) == "ab<|no_such|>"

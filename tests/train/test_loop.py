@@ -15,7 +15,7 @@ from jaxlm.train import pretrain
 from jaxlm.train.loop import run
 from jaxlm.train.metrics import read_metrics
 
-TINY = {"model": dict(vocab_size=259, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+TINY = {"model": dict(vocab_size=369, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
                       max_seq_len=32),
         "data": dict(max_documents=60, heldout_fraction=0.1),
         "optim": dict(lr=3e-3, warmup_steps=2),
