@@ -103,11 +103,35 @@ class OptimConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MixSourceConfig:
+    """One training source: a token-shard directory written by `jaxlm data tokenize`."""
+
+    name: str = ""
+    path: str = ""
+    weight: float = 1.0  # mixture weight (normalised over the sources)
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    """A curriculum stage: `weights` ({source: weight}) until `until` (in data.curriculum_unit);
+    the last stage may leave `until` out and runs on to the end."""
+
+    until: Optional[int] = None
+    weights: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
-    source: str = "stdlib"  # stdlib: the Python standard library's source files
-    tokenizer: str = "byte"  # byte: UTF-8 bytes plus pad/bos/eos
+    source: str = "stdlib"  # stdlib: the standard library's .py files in memory | shards: `sources`
+    tokenizer: str = "byte"  # byte (UTF-8 bytes and jaxlm's specials), or a SentencePiece .model
+    sources: tuple[MixSourceConfig, ...] = ()
+    curriculum: tuple[StageConfig, ...] = ()  # empty: the sources' weights throughout
+    curriculum_unit: str = "tokens"  # tokens | steps (concat packing) | examples
+    objective: dict = dataclasses.field(default_factory=lambda: {"clm": 1.0})  # name -> weight
+    packing: str = "auto"  # auto: concat for clm/fim objectives, first_fit otherwise
+    lookahead: int = 256  # first_fit: examples packed together
     heldout_fraction: float = 0.02
-    max_documents: int = 0  # 0: all
+    max_documents: int = 0  # 0: all (per source)
     seed: int = 0
 
 
@@ -210,7 +234,9 @@ _CHOICES = {
     "mesh.rules": ("dp", "fsdp", "fsdp_tp"),
     "optim.name": ("adamw", "adafactor"),
     "optim.decay": ("cosine", "linear", "inverse_sqrt", "constant"),
-    "data.source": ("stdlib",),
+    "data.source": ("stdlib", "shards"),
+    "data.curriculum_unit": ("tokens", "steps", "examples"),
+    "data.packing": ("auto", "concat", "first_fit"),
     "tokenizer.model_type": ("bpe", "unigram"),
 }
 
@@ -404,5 +430,14 @@ def validate(cfg: Config) -> None:
     _check(cfg.tokenize.workers >= 0, f"tokenize.workers={cfg.tokenize.workers} must be >= 0 (0: all cores)")
     _check(cfg.tokenize.docs_per_shard > 0,
            f"tokenize.docs_per_shard={cfg.tokenize.docs_per_shard} must be positive")
+    from jaxlm.objectives.denoise import OBJECTIVES
+
+    for name, w in cfg.data.objective.items():
+        _check(name in OBJECTIVES, f"data.objective has {name!r}, not an objective; allowed: "
+               f"{', '.join(OBJECTIVES)}")
+        _check(isinstance(w, (int, float)) and w > 0, f"data.objective.{name}={w!r} must be a positive weight")
+    _check(bool(cfg.data.objective), f"data.objective is empty; give weights to some of: {', '.join(OBJECTIVES)}")
+    _check(cfg.data.lookahead > 0, f"data.lookahead={cfg.data.lookahead} must be positive")
+    _check(cfg.data.max_documents >= 0, f"data.max_documents={cfg.data.max_documents} must be >= 0 (0: all)")
     _check(0 <= cfg.data.heldout_fraction < 1,
            f"data.heldout_fraction={cfg.data.heldout_fraction} must be in [0, 1)")

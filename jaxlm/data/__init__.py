@@ -8,18 +8,16 @@ from jaxlm.data.corpus import (
     unigram_entropy_bits,
     unigram_entropy_nats,
 )
-from jaxlm.data.pipeline import LMBatches, build_lm_data, pack_documents
+from jaxlm.data.pipeline import build_lm_data
 from jaxlm.data.tokenizer import ByteTokenizer, load_tokenizer
 
 __all__ = [
     "ByteTokenizer",
     "Corpus",
-    "LMBatches",
     "bits_to_nats",
     "build_lm_data",
     "load_tokenizer",
     "nats_to_bits",
-    "pack_documents",
     "split_documents",
     "stdlib_documents",
     "unigram_entropy_bits",

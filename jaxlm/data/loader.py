@@ -25,7 +25,10 @@ How each piece stays deterministic, and what a resume at cursor c costs:
   k is tokens [k(T+1), (k+1)(T+1)) of it. Windows run across epoch boundaries, so every token
   of every epoch appears exactly once. Document lengths are read once per source (one pass,
   at first use); then window k is a binary search in its epoch's length prefix sums: random
-  access, no replay, so a resume costs only the mixture count above.
+  access, no replay, so a resume costs only the mixture count above. The source's k-th draw
+  reads window `perm_b(k)`, windows permuted within blocks of `shuffle_block` (a fresh
+  permutation per block b): each window still comes exactly once, but a batch no longer holds
+  consecutive windows of one long document.
 - packing="first_fit" (SFT and example-level objectives): the example stream is cut into
   groups of `lookahead` consecutive examples (a group never straddles a curriculum boundary,
   so each row has one stage) and each group is packed by first-fit decreasing. A group's row
@@ -48,7 +51,7 @@ from jaxlm.data.pipeline import process_rows
 from jaxlm.objectives.denoise import Specials, apply_fim, make_example, sample_objective
 
 _BLOCK = 4096
-_MIX, _ORDER, _FIM, _FIM_CUTS, _OBJ = range(5)  # RNG stream tags
+_MIX, _ORDER, _FIM, _FIM_CUTS, _OBJ, _WINDOWS = range(6)  # RNG stream tags
 _CONCAT_OBJECTIVES = ("clm", "fim")
 PACKINGS = ("concat", "first_fit")
 
@@ -166,14 +169,16 @@ class _ConcatSource:
     """One source's endless stream of documents (eos-terminated, FIM applied), cut in windows."""
 
     def __init__(self, docs, name: str, seed: int, width: int, eos: int, fim_rate: float,
-                 specials: Optional[Specials]):
+                 specials: Optional[Specials], shuffle_block: int):
         self.docs, self.key, self.seed, self.width = docs, _stream_key(name), seed, width
+        self.shuffle_block = shuffle_block
         self.eos, self.fim_rate, self.specials = eos, fim_rate, specials
         self.n = len(docs)
         self._lengths = None
         self.starts = [0]  # first stream token of each epoch built so far
         self.epoch = functools.lru_cache(maxsize=4)(self.epoch)
         self.doc = functools.lru_cache(maxsize=256)(self.doc)
+        self._block_order = functools.lru_cache(maxsize=4)(self._block_order)
 
     @property
     def lengths(self) -> np.ndarray:
@@ -200,6 +205,18 @@ class _ConcatSource:
             rng = np.random.default_rng([self.seed, _FIM_CUTS, self.key, e * self.n + j])
             body = apply_fim(body, 1.0, rng, self.specials)
         return np.append(body, np.int32(self.eos))
+
+    def _block_order(self, b: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, _WINDOWS, self.key, b]).permutation(self.shuffle_block)
+
+    def shuffled_window(self, k: int) -> np.ndarray:
+        """Window k of the source's shuffled order: windows are permuted within consecutive
+        blocks of `shuffle_block` (a bijection, so each window still comes exactly once), so that
+        a batch does not hold consecutive windows of one long document."""
+        if self.shuffle_block <= 1:
+            return self.window(k)
+        b, r = divmod(k, self.shuffle_block)
+        return self.window(b * self.shuffle_block + int(self._block_order(b)[r]))
 
     def window(self, k: int) -> np.ndarray:
         """Tokens [k(T+1), (k+1)(T+1)) of the stream: [T + 1] int32."""
@@ -269,14 +286,15 @@ class Loader:
     weight, default clm), SFT dicts are used as they are. `curriculum`: stages
     [(until, {source: weight}), ...]; a stage covers stream positions before its `until`
     (rows for concat, examples for first_fit; `curriculum_unit="tokens"` counts T per row),
-    the last runs on forever. Without one, `Source.weight` is the mixture. `stats` counts the
-    examples, truncated examples, rows and real tokens of the first_fit groups built so far.
+    the last runs on forever. Without one, `Source.weight` is the mixture. `shuffle_block`:
+    concat windows are permuted within blocks of this many (1: in stream order). `stats` counts
+    the examples, truncated examples, rows and real tokens of the first_fit groups built so far.
     """
 
     def __init__(self, sources: Sequence[Source], seq_len: int, *, eos_id: int, seed: int = 0,
                  packing: str = "concat", curriculum=None, curriculum_unit: str = "examples",
                  objective_weights: Optional[dict] = None, specials: Optional[Specials] = None,
-                 lookahead: int = 256):
+                 lookahead: int = 256, shuffle_block: int = 1024):
         if packing not in PACKINGS:
             raise ValueError(f"packing={packing!r} is not a packing; allowed: {', '.join(PACKINGS)}")
         if seq_len < 4 or seed < 0 or lookahead < 1:
@@ -308,7 +326,8 @@ class Loader:
         self._docs = [s.docs if isinstance(s.docs, grain.MapDataset) else grain.MapDataset.source(s.docs)
                       for s in sources]
         fim_rate = weights.get("fim", 0.0) / sum(weights.values())
-        self._concat = [_ConcatSource(d, s.name, seed, seq_len + 1, eos_id, fim_rate, specials)
+        self._concat = [_ConcatSource(d, s.name, seed, seq_len + 1, eos_id, fim_rate, specials,
+                                      shuffle_block)
                         for d, s in zip(self._docs, sources)] if packing == "concat" else []
         self._group_rows, self._group_start = [0], [0]  # first_fit: rows / examples before group g
         self.stats = {"examples": 0, "truncated": 0, "rows": 0, "real_tokens": 0}
@@ -329,7 +348,7 @@ class Loader:
 
     def _windows(self, start: int, n: int) -> dict[str, np.ndarray]:
         src, idx = self.mixture.locate(start, n)
-        w_BW = np.stack([self._concat[s].window(int(k)) for s, k in zip(src, idx)])
+        w_BW = np.stack([self._concat[s].shuffled_window(int(k)) for s, k in zip(src, idx)])
         return {"tokens": np.ascontiguousarray(w_BW[:, :-1]),
                 "targets": np.ascontiguousarray(w_BW[:, 1:]),
                 "loss_mask": np.ones((n, self.seq_len), np.float32)}

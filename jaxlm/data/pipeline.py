@@ -1,40 +1,30 @@
-"""Packing and the Grain pipeline that serves packed LM batches with exact resume.
+"""Pretraining data for the loop: sources -> held-out split -> `Loader` (mixture, curriculum,
+packing, objectives) with exact resume.
 
-Resume contract: the training loop keeps one integer, `cursor` (examples consumed so far),
-in its checkpoint. Example `i` of the stream is a pure function of `(seed, i)`, and the
-batch at step k is `batch(cursor=k * global_batch, ...)`, so a run resumed from a checkpoint
-at cursor c sees exactly the batches it would have seen had it never stopped, on any number
-of processes. No iterator object needs saving.
+Resume contract: the training loop keeps one integer, `cursor` (rows consumed so far), in
+its checkpoint. Row `i` of the stream is a pure function of `(seed, i)` (see
+`jaxlm.data.loader`), and the batch at step k is `batch(cursor=rows before k, ...)`, so a run
+resumed at cursor c sees exactly the batches it would have seen had it never stopped, on any
+number of processes. No iterator object needs saving.
+
+Two kinds of source (`data.source`):
+- `stdlib`: the Python standard library's .py files, tokenized in memory (no files needed).
+- `shards`: `data.sources`, token-shard directories written by `jaxlm data tokenize`, each
+  with a mixture weight; `data.curriculum` can change the weights by stage.
 """
 from __future__ import annotations
 
-import grain
+import zlib
+from pathlib import Path
+
 import numpy as np
 
 from jaxlm.config import ConfigError, DataConfig
-from jaxlm.data.corpus import split_documents, stdlib_documents, unigram_entropy_bits, bits_to_nats
+from jaxlm.data.corpus import bits_to_nats, split_documents, stdlib_documents, unigram_entropy_bits
 from jaxlm.data.tokenizer import load_tokenizer
 
-SOURCES = ("stdlib",)
-
-
-def pack_documents(token_arrays, eos_id: int, seq_len: int) -> tuple[np.ndarray, int]:
-    """Concat-then-split packing: (windows [N, seq_len + 1] int32, tokens dropped from the tail).
-
-    Each document is followed by `eos_id`; the stream is cut into non-overlapping windows
-    of seq_len + 1 tokens, so `inputs = w[:-1]`, `targets = w[1:]`. The last partial
-    window (fewer than seq_len + 1 tokens) is dropped; its length is the second result.
-    """
-    if seq_len < 1:
-        raise ValueError(f"seq_len={seq_len} must be positive")
-    lengths = np.array([len(t) + 1 for t in token_arrays], dtype=np.int64)
-    stream = np.full(int(lengths.sum()), eos_id, dtype=np.int32)
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    for start, tokens in zip(starts, token_arrays):
-        stream[start:start + len(tokens)] = tokens
-    width = seq_len + 1
-    n = len(stream) // width
-    return stream[:n * width].reshape(n, width), int(len(stream) - n * width)
+SOURCES = ("stdlib", "shards")
+_ENTROPY_ROWS = 256  # training rows the unigram baseline is measured on
 
 
 def process_rows(cursor: int, global_batch: int, process_index: int, process_count: int):
@@ -54,107 +44,165 @@ def process_rows(cursor: int, global_batch: int, process_index: int, process_cou
     return cursor + process_index * rows, rows
 
 
-class LMBatches:
-    """An infinite, shuffled stream of packed windows, read by stream position.
+class _Take:
+    """Documents `idx` of a random-access dataset, as a sequence."""
 
-    Built on Grain: `MapDataset.source(windows).seed(seed).shuffle().repeat()`. Grain's
-    `shuffle` permutes each epoch of `num_examples` positions with its own per-epoch seed
-    (derived seed + epoch), so every epoch visits each window once, in a fresh order; and
-    `repeat()` makes the stream infinite with random access, so example `i` depends only on
-    `(seed, i)`. See the module docstring for how the loop resumes from `cursor`.
+    def __init__(self, docs, idx: np.ndarray):
+        self._docs, self._idx = docs, idx
+
+    def __len__(self) -> int:
+        return len(self._idx)
+
+    def __getitem__(self, i: int):
+        return self._docs[int(self._idx[i])]
+
+
+def heldout_indices(name: str, n: int, fraction: float) -> np.ndarray:
+    """A boolean [n]: which documents of source `name` are held out (a fixed hash of name and
+    index, independent of the training seed). Both sides are non-empty when fraction > 0, n >= 2."""
+    u = np.random.default_rng([7, zlib.crc32(name.encode())]).random(n)
+    held = u < fraction
+    if fraction > 0 and n >= 2:
+        if not held.any():
+            held[np.argmin(u)] = True
+        elif held.all():
+            held[np.argmax(u)] = False
+    return held
+
+
+def _specials(tokenizer, objective: dict):
+    """`denoise.Specials` from the tokenizer, or None when the objective is plain CLM."""
+    from jaxlm.objectives.denoise import Specials
+
+    if set(objective) <= {"clm"}:
+        return None
+    sp = tokenizer.special_ids
+    ids = dict(pad=sp.pad, eos=sp.eos, fim_prefix=sp.fim_prefix, fim_middle=sp.fim_middle,
+               fim_suffix=sp.fim_suffix, ul2_r=sp.ul2.get("r"), ul2_s=sp.ul2.get("s"),
+               ul2_x=sp.ul2.get("x"))
+    missing = [k for k, v in ids.items() if v is None] + ([] if sp.sentinels else ["sentinels"])
+    if missing:
+        raise ConfigError(f"data.objective={objective} needs special tokens the tokenizer "
+                          f"{tokenizer.name!r} lacks: {', '.join(missing)}; use the byte tokenizer "
+                          "or one trained by `jaxlm data tokenizer`")
+    return Specials(**ids, sentinels=sp.sentinels)
+
+
+def _stdlib_sources(data_cfg: DataConfig, tokenizer, info: dict):
+    from jaxlm.data.loader import Source
+
+    corpus = stdlib_documents(data_cfg.max_documents)
+    train_docs, heldout_docs = split_documents(corpus.documents, data_cfg.heldout_fraction)
+    encode = lambda docs: [np.append(tokenizer.encode(text), np.int32(tokenizer.eos_id)).astype(np.int32)
+                           for _, text in docs]
+    train, heldout = encode(train_docs), encode(heldout_docs)
+    info.update(stdlib_root=corpus.root, docs_skipped=len(corpus.skipped), skipped=corpus.skipped,
+                docs_train=len(train), docs_heldout=len(heldout),
+                tokens_train=sum(map(len, train)), tokens_heldout=sum(map(len, heldout)))
+    if not train:
+        raise ConfigError("data.source=stdlib found no documents to train on; raise data.max_documents")
+    return [Source("stdlib", train)], [Source("stdlib", heldout)] if heldout else []
+
+
+def _check_tokenizer(name: str, index: dict, tokenizer: str) -> None:
+    """The shards of source `name` must have been written with `tokenizer` (same file bytes)."""
+    from jaxlm.data.shards import file_sha256
+
+    if tokenizer == "byte":
+        same = index.get("tokenizer") == "byte"
+    else:
+        same = Path(tokenizer).is_file() and index.get("tokenizer_sha256") == file_sha256(Path(tokenizer))
+    if not same:
+        raise ConfigError(f"data.sources {name!r} was tokenized with "
+                          f"{index.get('tokenizer_path') or index.get('tokenizer')!r}, but "
+                          f"data.tokenizer={tokenizer!r}; they must be the same tokenizer")
+
+
+def _shard_sources(data_cfg: DataConfig, tokenizer, info: dict):
+    from jaxlm.data.loader import Source
+    from jaxlm.data.shards import load_index, read_shards
+
+    if not data_cfg.sources:
+        raise ConfigError("data.source=shards needs data.sources: [{name, path, weight}, ...] "
+                          "(directories written by `jaxlm data tokenize`)")
+    names = [s.name for s in data_cfg.sources]
+    if "" in names or len(set(names)) != len(names):
+        raise ConfigError(f"data.sources names must be non-empty and distinct; got {names}")
+    train, heldout = [], []
+    per_source = {}
+    for s in data_cfg.sources:
+        if not (Path(s.path) / "index.json").is_file():
+            raise ConfigError(f"data.sources {s.name!r}: {s.path!r} holds no token shards "
+                              "(index.json); write them with `jaxlm data tokenize`")
+        index = load_index(s.path)
+        _check_tokenizer(s.name, index, data_cfg.tokenizer)
+        if s.weight <= 0:
+            raise ConfigError(f"data.sources {s.name!r}: weight={s.weight} must be positive")
+        docs = read_shards(s.path)
+        n = min(len(docs), data_cfg.max_documents or len(docs))
+        held = heldout_indices(s.name, n, data_cfg.heldout_fraction)
+        tr, he = np.flatnonzero(~held), np.flatnonzero(held)
+        if len(tr) == 0:
+            raise ConfigError(f"data.sources {s.name!r} has no training documents in {s.path!r}")
+        train.append(Source(s.name, _Take(docs, tr), s.weight))
+        if len(he):
+            heldout.append(Source(s.name, _Take(docs, he), s.weight))
+        per_source[s.name] = {"docs_train": len(tr), "docs_heldout": len(he),
+                              "tokens": index.get("tokens"), "documents": index.get("documents")}
+    info.update(sources=per_source, docs_train=sum(v["docs_train"] for v in per_source.values()),
+                docs_heldout=sum(v["docs_heldout"] for v in per_source.values()))
+    return train, heldout
+
+
+def packing_for(data_cfg: DataConfig) -> str:
+    """`data.packing`, with auto resolved: concat-then-split for CLM/FIM, first-fit otherwise."""
+    if data_cfg.packing != "auto":
+        return data_cfg.packing
+    return "concat" if set(data_cfg.objective) <= {"clm", "fim"} else "first_fit"
+
+
+def _curriculum(data_cfg: DataConfig, batch_size: int, batch_ramp: bool):
+    """(stages [(until, weights)], loader unit) from `data.curriculum`, or (None, "examples")."""
+    if not data_cfg.curriculum:
+        return None, "examples"
+    unit, scale = data_cfg.curriculum_unit, 1
+    if unit == "steps":
+        if packing_for(data_cfg) != "concat" or batch_ramp:
+            raise ConfigError("data.curriculum_unit=steps needs packing concat and no batch ramp "
+                              "(one step = train.batch_size rows); use tokens or examples")
+        unit, scale = "examples", batch_size
+    stages = [(None if st.until is None else st.until * scale, dict(st.weights)) for st in data_cfg.curriculum]
+    return stages, unit
+
+
+def build_lm_data(data_cfg: DataConfig, seq_len: int, *, batch_size: int = 1, batch_ramp: bool = False):
+    """(train, heldout, info): `Loader`s over the configured sources, and what they hold.
+
+    `heldout` is None when nothing is held out. `info` holds document and token counts and the
+    unigram entropy of the first 256 training rows' targets, in bits and nats per token: the
+    loss a context-free model would reach.
     """
+    from jaxlm.data.loader import Loader
 
-    def __init__(self, windows: np.ndarray, seed: int):
-        if windows.ndim != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
-            raise ValueError(f"windows must be [N >= 1, seq_len + 1 >= 2]; got shape {windows.shape}")
-        if seed < 0:
-            raise ValueError(f"seed={seed} must be >= 0")
-        self._windows = windows
-        self._stream = grain.MapDataset.source(windows).seed(seed).shuffle().repeat()
-
-    @property
-    def num_examples(self) -> int:
-        """Windows in one epoch."""
-        return self._windows.shape[0]
-
-    @property
-    def seq_len(self) -> int:
-        return self._windows.shape[1] - 1
-
-    def epoch_of(self, cursor: int) -> int:
-        """The epoch (from 0) that stream position `cursor` falls in."""
-        return cursor // self.num_examples
-
-    def batch(self, cursor: int, global_batch: int, process_index: int = 0,
-              process_count: int = 1) -> dict[str, np.ndarray]:
-        """This process's rows of the global batch that starts at stream position `cursor`.
-
-        Process p gets rows [cursor + p*B/P, cursor + (p+1)*B/P): contiguous, disjoint, and in
-        process order they concatenate to the global batch. A batch may straddle two epochs.
-        Returns numpy `tokens` [B/P, T] int32, `targets` [B/P, T] int32 (tokens shifted by
-        one) and `loss_mask` [B/P, T] float32.
-        """
-        start, rows = process_rows(cursor, global_batch, process_index, process_count)
-        windows_BW = np.stack([self._stream[i] for i in range(start, start + rows)])
-        return {
-            "tokens": np.ascontiguousarray(windows_BW[:, :-1]),
-            "targets": np.ascontiguousarray(windows_BW[:, 1:]),
-            "loss_mask": np.ones((rows, self.seq_len), dtype=np.float32),
-        }
-
-
-def _windows(docs, tokenizer, seq_len: int, split: str) -> tuple[np.ndarray, int, int]:
-    """(windows, tokens in the split including eos, tokens dropped from the tail)."""
-    token_arrays = [tokenizer.encode(text) for _, text in docs]
-    n_tokens = sum(len(t) + 1 for t in token_arrays)
-    windows, dropped = pack_documents(token_arrays, tokenizer.eos_id, seq_len)
-    if len(windows) == 0:
-        raise ConfigError(
-            f"the {split} split has {len(docs)} documents and {n_tokens} tokens, fewer than one "
-            f"window of train.seq_len+1={seq_len + 1}; raise data.max_documents"
-            + (" or data.heldout_fraction" if split == "held-out" else "")
-            + " or lower train.seq_len")
-    return windows, n_tokens, dropped
-
-
-def build_lm_data(data_cfg: DataConfig, seq_len: int):
-    """(train, heldout, info) for pretraining: stdlib documents, split, tokenized, packed.
-
-    `heldout` is None when `data.heldout_fraction` is 0. `info` holds document, token and
-    window counts, the skipped files with reasons, and the unigram entropy of the training
-    targets in bits and nats per token: the loss a context-free model would reach.
-    """
     if data_cfg.source not in SOURCES:
         raise ConfigError(f"data.source={data_cfg.source!r} is not a source; choose one of: "
                           f"{', '.join(SOURCES)}")
     tokenizer = load_tokenizer(data_cfg.tokenizer)
-    corpus = stdlib_documents(data_cfg.max_documents)
-    train_docs, heldout_docs = split_documents(corpus.documents, data_cfg.heldout_fraction)
-    train_windows, train_tokens, train_dropped = _windows(train_docs, tokenizer, seq_len, "train")
-    bits = unigram_entropy_bits(train_windows[:, 1:], tokenizer.vocab_size)
-    info = {
-        "source": data_cfg.source,
-        "tokenizer": tokenizer.name,
-        "vocab_size": tokenizer.vocab_size,
-        "stdlib_root": corpus.root,
-        "docs_train": len(train_docs),
-        "docs_heldout": len(heldout_docs),
-        "docs_skipped": len(corpus.skipped),
-        "skipped": corpus.skipped,
-        "tokens_train": train_tokens,
-        "windows_train": len(train_windows),
-        "tail_tokens_dropped_train": train_dropped,
-        "unigram_entropy_bits": bits,
-        "unigram_entropy_nats": bits_to_nats(bits),
-    }
-    train = LMBatches(train_windows, data_cfg.seed)
-    heldout = None
-    if heldout_docs:
-        heldout_windows, heldout_tokens, heldout_dropped = _windows(
-            heldout_docs, tokenizer, seq_len, "held-out")
-        heldout = LMBatches(heldout_windows, data_cfg.seed)
-        info.update(tokens_heldout=heldout_tokens, windows_heldout=len(heldout_windows),
-                    tail_tokens_dropped_heldout=heldout_dropped)
-    else:
-        info.update(tokens_heldout=0, windows_heldout=0, tail_tokens_dropped_heldout=0)
+    packing = packing_for(data_cfg)
+    info = {"source": data_cfg.source, "tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size,
+            "packing": packing, "objective": dict(data_cfg.objective)}
+    build = _stdlib_sources if data_cfg.source == "stdlib" else _shard_sources
+    train_sources, heldout_sources = build(data_cfg, tokenizer, info)
+    curriculum, unit = _curriculum(data_cfg, batch_size, batch_ramp)
+    common = dict(eos_id=tokenizer.eos_id, seed=data_cfg.seed, packing=packing,
+                  objective_weights=dict(data_cfg.objective),
+                  specials=_specials(tokenizer, data_cfg.objective), lookahead=data_cfg.lookahead)
+    try:
+        train = Loader(train_sources, seq_len, curriculum=curriculum, curriculum_unit=unit, **common)
+        heldout = Loader(heldout_sources, seq_len, **common) if heldout_sources else None
+    except ValueError as e:
+        raise ConfigError(f"data: {e}") from None
+    sample = train.batch(0, _ENTROPY_ROWS)
+    bits = unigram_entropy_bits(sample["targets"][sample["loss_mask"] > 0], tokenizer.vocab_size)
+    info.update(unigram_entropy_bits=bits, unigram_entropy_nats=bits_to_nats(bits))
     return train, heldout, info

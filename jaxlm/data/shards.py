@@ -86,7 +86,7 @@ def _encoded_chunks(texts, tokenizer_name: str, workers: int, chunk_docs: int, a
             yield pending.popleft().get()
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -160,7 +160,7 @@ def tokenize_to_shards(texts: Iterable[str], tokenizer_path_or_name: str, out_di
         "record": "little-endian int32 token ids, one document per record",
         "tokenizer": tokenizer.name,
         "tokenizer_path": str(Path(tokenizer_path_or_name).resolve()) if is_file else None,
-        "tokenizer_sha256": _sha256(Path(tokenizer_path_or_name)) if is_file else None,
+        "tokenizer_sha256": file_sha256(Path(tokenizer_path_or_name)) if is_file else None,
         "vocab_size": int(tokenizer.vocab_size),
         "eos_id": tokenizer.eos_id,
         "append_eos": append_eos,

@@ -11,7 +11,7 @@ which BigCode's Megatron-LM `permute` labels "variant 2 from FIM paper": the pre
 straight into the middle, so the middle continues the prefix token stream.
 
 The transform works at the document level, before packing: the pipeline appends eos to
-every document when it packs (`jaxlm.data.pipeline.pack_documents`), giving the paper's
+every document when it packs (`jaxlm.data.loader`, packing="concat"), giving the paper's
 `... middle <EOT>`. Cuts are token positions only; the paper's character-level cuts (which
 split the decoded text and re-encode) are out of scope here.
 """

@@ -1,4 +1,4 @@
-"""Pretraining: next-token loss on packed token windows."""
+"""Pretraining: next-token loss under the configured objective mixture, on packed rows."""
 from __future__ import annotations
 
 from jaxlm import model
@@ -27,7 +27,8 @@ def token_count(batch):
 def build(cfg: Config) -> Stage:
     from jaxlm.data import build_lm_data
 
-    train, heldout, info = build_lm_data(cfg.data, cfg.train.seq_len)
+    train, heldout, info = build_lm_data(cfg.data, cfg.train.seq_len, batch_size=cfg.train.batch_size,
+                                         batch_ramp=cfg.train.batch_ramp_start > 0)
     if info["vocab_size"] > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                           f"vocabulary ({info['vocab_size']})")

@@ -190,7 +190,7 @@ def test_concat_every_document_token_once_per_epoch():
     docs[3] = np.array([EOS], np.int32)
     T, L = 5, sum(len(d) for d in docs)
     n_rows = -(-3 * L // (T + 1))
-    stream = _stream(Loader([Source("d", docs)], T, eos_id=EOS, seed=2).batch(0, n_rows))
+    stream = _stream(Loader([Source("d", docs)], T, eos_id=EOS, seed=2, shuffle_block=1).batch(0, n_rows))
     want = sorted(tuple(d[:-1]) for d in docs)
     orders = []
     for e in range(3):
@@ -200,9 +200,19 @@ def test_concat_every_document_token_once_per_epoch():
     assert orders[0] != orders[1]  # a fresh order each epoch
 
 
+def test_concat_windows_are_shuffled_within_blocks_each_exactly_once():
+    docs = [np.arange(FIRST + 100 * i, FIRST + 100 * i + 40 + 7 * i, dtype=np.int32) for i in range(30)]
+    plain = Loader([Source("d", docs)], 8, eos_id=EOS, seed=4, shuffle_block=1).batch(0, 64)
+    mixed = Loader([Source("d", docs)], 8, eos_id=EOS, seed=4, shuffle_block=16).batch(0, 64)
+    rows = lambda b: [tuple(r) for r in np.concatenate([b["tokens"], b["targets"][:, -1:]], 1)]
+    for blk in range(4):  # block b holds the same 16 windows, in a different order
+        a, m = rows(plain)[16 * blk:16 * blk + 16], rows(mixed)[16 * blk:16 * blk + 16]
+        assert sorted(a) == sorted(m) and a != m
+
+
 def test_concat_fim_at_document_level_keeps_each_documents_tokens():
     docs = _docs(20, FIRST, 6, lo=2)
-    loader = Loader([Source("d", docs)], 8, eos_id=EOS, seed=1, specials=SP,
+    loader = Loader([Source("d", docs)], 8, eos_id=EOS, seed=1, specials=SP, shuffle_block=1,
                     objective_weights={"clm": 1.0, "fim": 3.0})
     pieces = _pieces(_stream(loader.batch(0, 120)))[:40]  # two epochs
     fim = 0

@@ -124,7 +124,7 @@ def run_dir(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("lm") / "run"
     cfg = from_dict({
-        "model": dict(vocab_size=259, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64,
+        "model": dict(vocab_size=369, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64,
                       max_seq_len=64),
         "data": dict(max_documents=40, heldout_fraction=0.0),
         "optim": dict(lr=3e-3, warmup_steps=2),

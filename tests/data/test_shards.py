@@ -89,7 +89,7 @@ def test_without_eos(tmp_path, model_path, texts, reference):
 
 def test_byte_tokenizer_by_name(tmp_path):
     index = tokenize_to_shards(["ab", "", "é"], "byte", tmp_path, workers=1)
-    assert (index["tokenizer"], index["tokenizer_path"], index["vocab_size"]) == ("byte", None, 259)
+    assert (index["tokenizer"], index["tokenizer_path"], index["vocab_size"]) == ("byte", None, 369)
     assert [read_shards(tmp_path)[i].tolist() for i in range(3)] == [[100, 101, 2], [2], [198, 172, 2]]
 
 

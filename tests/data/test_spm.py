@@ -164,4 +164,5 @@ def test_too_small_vocab_names_vocab_size_and_minimum(tmp_path, corpus_texts):
 
 def test_byte_tokenizer_provides_special_ids():
     ids = load_tokenizer("byte").special_ids
-    assert (ids.pad, ids.bos, ids.eos, ids.unk, ids.fim_prefix, ids.sentinels) == (0, 1, 2, None, None, ())
+    assert (ids.pad, ids.bos, ids.eos, ids.unk, ids.fim_prefix) == (0, 1, 2, None, 259)
+    assert len(ids.sentinels) == 100 and ids.roles["end_turn"] == 368
