@@ -1,6 +1,7 @@
 """Tokenizers by name. `byte`: UTF-8 bytes shifted past three special ids, with jaxlm's other
 special symbols after them; no training, no file. A path ending in `.model`: a SentencePiece
-model (`jaxlm.data.spm`)."""
+model (`jaxlm.data.spm`). A path ending in `.json`: a Hugging Face tokenizer.json, through the
+`tokenizers` package (`jaxlm.interop.tokenizer`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,7 +13,7 @@ import numpy as np
 
 from jaxlm.config import ConfigError
 
-TOKENIZERS = ("byte", "PATH.model (SentencePiece)")
+TOKENIZERS = ("byte", "PATH.model (SentencePiece)", "PATH.json (Hugging Face tokenizer.json)")
 
 
 @functools.cache
@@ -76,11 +77,16 @@ class ByteTokenizer:
 
 
 def load_tokenizer(name: str):
-    """The tokenizer named by `data.tokenizer`: "byte", or the path of a SentencePiece `.model`."""
+    """The tokenizer named by `data.tokenizer`: "byte", the path of a SentencePiece `.model`,
+    or of a Hugging Face `tokenizer.json`."""
     if name == "byte":
         return ByteTokenizer()
     if str(name).endswith(".model"):
         from jaxlm.data.spm import SentencePieceTokenizer
 
         return SentencePieceTokenizer(name)
+    if str(name).endswith(".json"):
+        from jaxlm.interop.tokenizer import HFTokenizer
+
+        return HFTokenizer(name)
     raise ConfigError(f"data.tokenizer={name!r} is not a tokenizer; choose one of: {', '.join(TOKENIZERS)}")

@@ -1,0 +1,195 @@
+"""Hugging Face `config.json` <-> jaxlm `ModelConfig` for the Llama, Qwen2 and Mistral families.
+
+Pure functions of dicts. Both spellings of RoPE settings are read: `rope_theta` and
+`rope_scaling` (transformers 4) and `rope_parameters` (transformers 5); the legacy spelling
+is written, which both read. Anything jaxlm cannot reproduce exactly raises `InteropError`
+naming the key and what is supported.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from jaxlm.config import Config, ConfigError, ModelConfig, TrainConfig, validate
+
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}
+FAMILIES = {family: arch for arch, family in ARCHITECTURES.items()}
+# transformers' defaults for keys a config.json may leave out
+_DEFAULT_MAX_LEN = {"llama": 2048, "qwen2": 32768, "mistral": 131072}
+_ROPE_KINDS = {"default": "none", "linear": "linear", "llama3": "llama3"}
+_SILU = ("silu", "swish")
+
+
+class InteropError(ConfigError):
+    """A checkpoint or model jaxlm cannot convert exactly; the message names what and why."""
+
+
+def family_of(hf: dict) -> str:
+    """llama | qwen2 | mistral, from `architectures` (or `model_type` when that is absent)."""
+    archs = hf.get("architectures") or []
+    for arch in archs:
+        if arch in ARCHITECTURES:
+            return ARCHITECTURES[arch]
+    supported = ", ".join(ARCHITECTURES)
+    if archs:
+        raise InteropError(f"architecture {archs[0]!r} is not supported; supported: {supported}")
+    if hf.get("model_type") in FAMILIES:
+        return hf["model_type"]
+    raise InteropError(f"config.json names no supported architecture (model_type={hf.get('model_type')!r}); "
+                       f"supported: {supported}")
+
+
+def _value(hf: dict, key: str, default=None):
+    value = hf.get(key)
+    return default if value is None else value
+
+
+def _required(hf: dict, key: str):
+    if hf.get(key) is None:
+        raise InteropError(f"config.json lacks {key!r}")
+    return hf[key]
+
+
+def rope_fields(hf: dict) -> dict:
+    """The ModelConfig rope_* fields of an HF config (either transformers spelling)."""
+    params = hf.get("rope_parameters")
+    if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
+        raise InteropError(f"rope_parameters per layer type ({', '.join(params)}) are not supported")
+    if isinstance(params, dict):
+        theta, scaling = params.get("rope_theta", hf.get("rope_theta")), params
+    else:
+        theta, scaling = hf.get("rope_theta"), hf.get("rope_scaling") or {}
+    out = {"rope_theta": float(10_000.0 if theta is None else theta)}
+    kind = scaling.get("rope_type", scaling.get("type")) or "default"
+    if kind not in _ROPE_KINDS:
+        raise InteropError(f"rope scaling type {kind!r} is not supported; supported: "
+                           f"{', '.join(k for k in _ROPE_KINDS if k != 'default')} (or none)")
+    for key in ("partial_rotary_factor", "attention_factor"):
+        value = scaling.get(key, hf.get(key))
+        if value not in (None, 1, 1.0):
+            raise InteropError(f"{key}={value} is not supported (RoPE on every dimension, unscaled attention)")
+    out["rope_scaling"] = _ROPE_KINDS[kind]
+
+    def need(key):
+        if scaling.get(key) is None:
+            raise InteropError(f"rope scaling {kind!r} lacks {key!r}")
+        return scaling[key]
+
+    if kind in ("linear", "llama3"):
+        out["rope_scaling_factor"] = float(need("factor"))
+    if kind == "llama3":
+        out.update(rope_low_freq_factor=float(need("low_freq_factor")),
+                   rope_high_freq_factor=float(need("high_freq_factor")),
+                   rope_original_max_len=int(need("original_max_position_embeddings")))
+    return out
+
+
+def sliding_window(hf: dict, family: str) -> Optional[int]:
+    """The attention window some layers use, or None when every layer attends to all positions."""
+    window = hf.get("sliding_window")
+    if not window:
+        return None
+    if hf.get("layer_types") is not None:
+        return window if "sliding_attention" in hf["layer_types"] else None
+    if family == "qwen2":  # transformers 4: layers from max_window_layers on, if use_sliding_window
+        n_layers = _required(hf, "num_hidden_layers")
+        used = hf.get("use_sliding_window") and _value(hf, "max_window_layers", n_layers) < n_layers
+        return window if used else None
+    return window
+
+
+def model_config_from_hf(hf: dict, *, param_dtype: str = "float32",
+                         max_seq_len: Optional[int] = None) -> ModelConfig:
+    """The jaxlm ModelConfig of an HF config.
+
+    `max_seq_len` defaults to `max_position_embeddings`. jaxlm has no sliding-window
+    attention: a model whose window is shorter than that is imported with max_seq_len =
+    the window (where the window never binds, so results are exact); asking for more is an error.
+    """
+    family = family_of(hf)
+    if hf.get("quantization_config"):
+        raise InteropError("quantized checkpoints (quantization_config) are not supported")
+    D, N = _required(hf, "hidden_size"), _required(hf, "num_attention_heads")
+    if D % N:
+        raise InteropError(f"hidden_size={D} is not a multiple of num_attention_heads={N}")
+    if hf.get("head_dim") not in (None, D // N):
+        raise InteropError(f"head_dim={hf['head_dim']} differs from hidden_size/num_attention_heads={D // N}; "
+                           "jaxlm derives head_dim = d_model / n_heads")
+    act = _value(hf, "hidden_act", "silu")
+    if act not in _SILU:
+        raise InteropError(f"hidden_act={act!r} is not supported; supported: silu (SwiGLU)")
+    for key in ("attention_bias", "mlp_bias"):
+        if hf.get(key):
+            raise InteropError(f"{key}=true is not supported for {FAMILIES[family]} "
+                               "(jaxlm has biases on q, k, v only, as in Qwen2)")
+    max_len = int(_value(hf, "max_position_embeddings", _DEFAULT_MAX_LEN[family]))
+    window = sliding_window(hf, family)
+    if max_seq_len is not None:
+        if window is not None and max_seq_len > window:
+            raise InteropError(f"max_seq_len={max_seq_len} exceeds the sliding window {window} of this "
+                               f"{FAMILIES[family]}; jaxlm has no sliding-window attention, so sequences "
+                               f"must stay within {window}")
+        max_len = max_seq_len
+    elif window is not None:
+        max_len = min(max_len, window)
+    cfg = ModelConfig(
+        vocab_size=_required(hf, "vocab_size"), d_model=D, n_layers=_required(hf, "num_hidden_layers"),
+        n_heads=N, n_kv_heads=_value(hf, "num_key_value_heads", N),
+        d_ff=_required(hf, "intermediate_size"), max_seq_len=max_len,
+        norm_eps=float(_value(hf, "rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(_value(hf, "tie_word_embeddings", False)),
+        qkv_bias=family == "qwen2", param_dtype=param_dtype, **rope_fields(hf))
+    # jaxlm's own limits too (e.g. an odd head_dim, which rotate-half RoPE cannot pair up)
+    validate(Config(model=cfg, train=TrainConfig(seq_len=min(TrainConfig.seq_len, cfg.max_seq_len))))
+    return cfg
+
+
+_REPLACED = ("rope_parameters", "rope_scaling", "rope_theta", "torch_dtype", "dtype", "transformers_version",
+             "_name_or_path", "head_dim")
+
+
+def hf_config_from_model(cfg: ModelConfig, family: Optional[str] = None, base: Optional[dict] = None,
+                         dtype: str = "float32") -> dict:
+    """The HF config.json of a jaxlm model.
+
+    `base` (the config.json it was imported from, if any) supplies the family and every key
+    jaxlm does not model (token ids, sliding window, ...); `family` overrides it; without
+    either, a model with q/k/v biases is Qwen2 and any other Llama.
+    """
+    if cfg.value_head:
+        raise InteropError("model.value_head=true: Hugging Face causal-LM checkpoints have no value head")
+    family = family or (family_of(base) if base else ("qwen2" if cfg.qkv_bias else "llama"))
+    if family not in FAMILIES:
+        raise InteropError(f"family {family!r} is not supported; supported: {', '.join(FAMILIES)}")
+    if cfg.qkv_bias != (family == "qwen2"):
+        raise InteropError(f"model.qkv_bias={str(cfg.qkv_bias).lower()} does not fit {FAMILIES[family]} "
+                           "(only Qwen2 has q/k/v biases)")
+    out = {k: v for k, v in (base or {}).items() if k not in _REPLACED}
+    if out.get("model_type") != family:  # another family's extra keys do not carry over
+        out = {k: v for k, v in out.items() if k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    scaling = None
+    if cfg.rope_scaling != "none":
+        scaling = {"rope_type": cfg.rope_scaling, "factor": cfg.rope_scaling_factor}
+    if cfg.rope_scaling == "llama3":
+        scaling.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
+                       original_max_position_embeddings=cfg.rope_original_max_len)
+    out.update(
+        architectures=[FAMILIES[family]], model_type=family, vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model, intermediate_size=cfg.d_ff, num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+        hidden_act="silu", rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
+        max_position_embeddings=max(int(out.get("max_position_embeddings") or 0), cfg.max_seq_len),
+        rope_theta=cfg.rope_theta, rope_scaling=scaling, torch_dtype=dtype)
+    if family == "llama":
+        out.update(attention_bias=False, mlp_bias=False)
+    if family in ("qwen2", "mistral"):
+        out.setdefault("sliding_window", None)
+    if family == "qwen2":
+        out.setdefault("use_sliding_window", False)
+    return out
+
+
+def describe(cfg: ModelConfig) -> str:
+    """One line of the fields that set a model's shape."""
+    keys = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len", "rope_theta",
+            "rope_scaling", "tie_embeddings", "qkv_bias")
+    return " ".join(f"{k}={getattr(cfg, k)}" for k in keys)

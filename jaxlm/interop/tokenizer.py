@@ -1,0 +1,85 @@
+"""A Hugging Face `tokenizer.json` as a jaxlm tokenizer, through the `tokenizers` package.
+
+`data.tokenizer: PATH/tokenizer.json` selects it. The bos/eos/pad tokens come from the
+`tokenizer_config.json` beside it when there is one; jaxlm's own special symbols (FIM, UL2,
+sentinels, chat roles) have ids only if the vocabulary holds them, as in any SentencePiece
+model jaxlm did not train.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from jaxlm.config import ConfigError
+
+
+def _token_text(value) -> Optional[str]:
+    """A tokenizer_config.json token entry: a string, or {"content": ...}."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+class HFTokenizer:
+    """encode/decode with a tokenizer.json; adds no bos/eos when encoding (as jaxlm's tokenizers)."""
+
+    def __init__(self, path: str | Path):
+        try:
+            import tokenizers
+        except ImportError:
+            raise ConfigError(f"data.tokenizer={str(path)!r} needs the `tokenizers` package "
+                              "(pip install tokenizers)") from None
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer {str(path)!r} does not exist")
+        self.path, self.name = path, str(path)
+        try:
+            self._tok = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as e:  # the Rust parser's errors are plain Exceptions
+            raise ConfigError(f"data.tokenizer={str(path)!r} is not a tokenizer.json: {e}".splitlines()[0]) from None
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        settings = {}
+        if (path.parent / "tokenizer_config.json").is_file():
+            settings = json.loads((path.parent / "tokenizer_config.json").read_text())
+        roles = {k: _token_text(settings.get(f"{k}_token")) for k in ("pad", "bos", "eos", "unk")}
+        self.special_ids = self._find_special_ids(roles)
+        self.pad_id, self.bos_id, self.eos_id = self.special_ids.pad, self.special_ids.bos, self.special_ids.eos
+        self._dropped = np.array([i for i in (self.pad_id, self.bos_id, self.eos_id) if i is not None], np.int64)
+
+    def _id(self, token: Optional[str]) -> Optional[int]:
+        return None if token is None else self._tok.token_to_id(token)
+
+    def _find_special_ids(self, roles: dict):
+        from jaxlm.data import spm
+
+        sentinels = []
+        while (i := self._id(spm.sentinel_token(len(sentinels)))) is not None:
+            sentinels.append(i)
+        return spm.SpecialIds(
+            pad=self._id(roles["pad"]), bos=self._id(roles["bos"]), eos=self._id(roles["eos"]),
+            unk=self._id(roles["unk"]), fim_prefix=self._id(spm.FIM_TOKENS[0]),
+            fim_middle=self._id(spm.FIM_TOKENS[1]), fim_suffix=self._id(spm.FIM_TOKENS[2]),
+            ul2={k: self._id(v) for k, v in spm.UL2_TOKENS.items()}, sentinels=tuple(sentinels),
+            roles={k: self._id(v) for k, v in spm.ROLE_TOKENS.items()})
+
+    def encode(self, text: str) -> np.ndarray:
+        """`text` -> int32 ids [n]; adds no bos/eos."""
+        return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+
+    def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[np.ndarray]:
+        """`encode` of each text (the tokenizers package parallelises on its own)."""
+        del num_threads
+        return [np.asarray(e.ids, dtype=np.int32) for e in self._tok.encode_batch(list(texts),
+                                                                                    add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        """ids -> text; drops pad/bos/eos and out-of-range ids."""
+        ids = np.asarray(ids, dtype=np.int64).ravel()
+        ids = ids[(ids >= 0) & (ids < self.vocab_size) & ~np.isin(ids, self._dropped)]
+        return self._tok.decode(ids.tolist(), skip_special_tokens=False)
+
+    def id_to_piece(self, i: int) -> str:
+        return self._tok.id_to_token(int(i))
