@@ -4,6 +4,11 @@
 run's counters, so a resumed run continues with exactly the batches it would have seen.
 Orbax writes each step to a temporary directory and renames it when complete, so an
 interrupted or failed write never replaces the last good checkpoint.
+
+In a multi-process run every process calls `save` and `restore` (they are collective): each
+writes and reads the shards of its own devices, process 0 the metadata and the final rename,
+so the directory must be one that every host mounts. `restore` places arrays by the
+targets' shardings, so a checkpoint reshards onto any mesh, process count or device count.
 """
 from __future__ import annotations
 

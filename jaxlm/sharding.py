@@ -43,8 +43,39 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
         raise ConfigError(f"mesh.data*mesh.fsdp*mesh.tensor = {'*'.join(map(str, sizes))} = "
                           f"{math.prod(sizes)}, but there are {len(devices)} devices; "
                           "the product must equal the device count (or set one size to -1)")
-    grid = np.array(devices).reshape(sizes)
-    return Mesh(grid, AXES)
+    return Mesh(device_grid(sizes, devices), AXES)
+
+
+def device_grid(sizes: list[int], devices: list) -> np.ndarray:
+    """Devices laid out as the (data, fsdp, tensor) `sizes`.
+
+    Across several hosts (GPU, CPU: each process a granule) or TPU slices (granules by
+    `slice_index`) the mesh is hybrid: the granules split the data axis, or fsdp when data
+    does not divide by their number, over the slow network (DCN), and each granule holds
+    the rest of the mesh on its fast one (ICI, NVLink). Within one TPU slice the layout
+    follows the torus (`mesh_utils.create_device_mesh`); otherwise devices go in order.
+    """
+    from jax.experimental import mesh_utils
+
+    slices = {getattr(d, "slice_index", 0) for d in devices}
+    by_slice = devices[0].platform == "tpu" or len(slices) > 1  # a TPU slice is one ICI domain
+    granules = len(slices) if by_slice else len({d.process_index for d in devices})
+    if granules == 1:
+        if devices[0].platform == "tpu":
+            try:
+                return mesh_utils.create_device_mesh(sizes, devices)
+            except (ValueError, NotImplementedError):  # a shape the torus cannot host: plain order
+                pass
+        return np.array(devices).reshape(sizes)
+    axis = next((i for i in (0, 1) if sizes[i] % granules == 0), None)
+    if axis is None:
+        raise ConfigError(f"the mesh {dict(zip(AXES, sizes))} spans {granules} "
+                          f"{'slices' if by_slice else 'processes'}; mesh.data or mesh.fsdp must be a "
+                          f"multiple of {granules} (set mesh.data={granules} for data parallelism across them)")
+    dcn = [1, 1, 1]
+    dcn[axis] = granules
+    ici = [s // d for s, d in zip(sizes, dcn)]
+    return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=not by_slice)
 
 
 def spec(mesh: Mesh, rules: str, shape, names) -> P:

@@ -1,0 +1,326 @@
+"""Several processes on this machine, as on several hosts: the same run as one process.
+
+Each worker is `python -m jaxlm pretrain` with the JAXLM_* multi-process environment and
+4 fake CPU devices (Gloo collectives over TCP); the reference is one process with 8.
+Compiles go through a module-wide persistent cache, so only the first run of each
+program pays for XLA.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import yaml
+
+from jaxlm import distributed, sharding
+from jaxlm.config import ConfigError, load_config
+from jaxlm.train.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parents[2]
+LAUNCH = REPO / "launch"
+WORKER = Path(__file__).with_name("multiprocess_worker.py")
+FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+TINY = {"model": dict(vocab_size=369, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=16),
+        "mesh": dict(data=2, fsdp=-1),  # data across the two processes, fsdp within each
+        "data": dict(max_documents=40, heldout_fraction=0.1),
+        "optim": dict(lr=3e-3, warmup_steps=2),
+        "train": dict(steps=6, batch_size=8, seq_len=16, log_every=1, eval_every=3, eval_batches=1,
+                      save_every=3, progress=False, peak_tflops=1.0, async_checkpoint=False)}
+RTOL = 1e-6  # Gloo and in-process all-reduces may add in different orders (seen: 1 ulp)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def base_env(tmp_path_factory):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAXLM_", "SLURM_"))}
+    env.update(JAX_PLATFORMS="cpu", PYTHON=sys.executable,
+               JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla_cache")),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.2", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return env
+
+
+def devices_env(env: dict, devices: int, **extra) -> dict:
+    return dict(env, XLA_FLAGS=f"{FAST_XLA} --xla_force_host_platform_device_count={devices}", **extra)
+
+
+def write_config(directory: Path, name: str, **distributed_keys) -> Path:
+    tree = json.loads(json.dumps(TINY))
+    tree["train"]["run_dir"] = str(directory / name)
+    if distributed_keys:
+        tree["distributed"] = distributed_keys
+    path = directory / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def one_process(env: dict, config: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "jaxlm", "pretrain", str(config)], env=devices_env(env, 8),
+                          capture_output=True, text=True, timeout=300)
+
+
+def start_processes(env: dict, argv: list[str], logs: Path, n=2, devices=4, per_process=None) -> list:
+    """n workers of `python argv...` joined through JAXLM_*; output in logs/{i}.out and {i}.err.
+
+    Callers end them with `stop` in a `finally`, so a failed test leaves no process behind.
+    """
+    port = free_port()
+    procs = []
+    for i in range(n):
+        penv = devices_env(env, devices, JAXLM_COORDINATOR=f"127.0.0.1:{port}", JAXLM_NUM_PROCESSES=str(n),
+                           JAXLM_PROCESS_ID=str(i), **(per_process or {}).get(i, {}))
+        with open(logs / f"{i}.out", "w") as out, open(logs / f"{i}.err", "w") as err:
+            procs.append(subprocess.Popen([sys.executable, *argv], env=penv, stdout=out, stderr=err))
+    return procs
+
+
+def stop(procs) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def losses(run_dir, key="loss"):
+    return {r["step"]: r[key] for r in read_metrics(run_dir) if key in r and "event" not in r}
+
+
+@pytest.fixture(scope="module")
+def single(base_env, tmp_path_factory):
+    """The reference: one process, 8 devices."""
+    tmp = tmp_path_factory.mktemp("single")
+    out = one_process(base_env, write_config(tmp, "run"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return tmp / "run"
+
+
+@pytest.fixture(scope="module")
+def double(base_env, tmp_path_factory):
+    """Two processes of 4 devices, started by launch/multiprocess_cpu.sh."""
+    tmp = tmp_path_factory.mktemp("double")
+    script = subprocess.Popen([str(LAUNCH / "multiprocess_cpu.sh"), "-n", "2", "-d", "4", "pretrain",
+                               str(write_config(tmp, "run"))], env=dict(base_env, XLA_FLAGS=FAST_XLA),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = script.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(script.pid, signal.SIGKILL)  # the script and both workers
+        raise
+    assert script.returncode == 0, stderr[-3000:]
+    return tmp / "run", stdout
+
+
+@pytest.fixture(scope="module")
+def killed(base_env, tmp_path_factory):
+    """Two processes; process 1 is SIGKILLed after step 5 (checkpoints at step 3)."""
+    tmp = tmp_path_factory.mktemp("killed")
+    config = write_config(tmp, "run", heartbeat_timeout_s=5)
+    procs = start_processes(base_env, ["-m", "jaxlm", "pretrain", str(config)], tmp,
+                            per_process={1: {"JAXLM_FAULT_KILL_AT_STEP": "5"}})
+    try:
+        rc1 = procs[1].wait(timeout=300)
+        died = time.monotonic()
+        try:
+            rc0 = procs[0].wait(timeout=120)  # a hang would run into this
+        except subprocess.TimeoutExpired:
+            pytest.fail("process 0 still running 120 s after process 1 died")
+        after_death_s = time.monotonic() - died
+    finally:
+        stop(procs)
+    return {"config": config, "run_dir": tmp / "run", "rc": (rc0, rc1), "after_death_s": after_death_s,
+            "stderr0": (tmp / "0.err").read_text()}
+
+
+@pytest.fixture(scope="module")
+def preempted(base_env, tmp_path_factory):
+    """Two processes; process 1 alone gets SIGTERM (a preemption notice) after step 2."""
+    tmp = tmp_path_factory.mktemp("preempted")
+    config = write_config(tmp, "run")
+    procs = start_processes(base_env, ["-m", "jaxlm", "pretrain", str(config)], tmp,
+                            per_process={1: {"JAXLM_FAULT_KILL_AT_STEP": "2", "JAXLM_FAULT_SIGNAL": "TERM"}})
+    try:
+        rcs = [p.wait(timeout=300) for p in procs]
+    finally:
+        stop(procs)
+    return {"config": config, "run_dir": tmp / "run", "rc": rcs, "stderr": [(tmp / f"{i}.err").read_text()
+                                                                           for i in range(2)]}
+
+
+def test_two_processes_train_like_one(single, double):
+    run_dir, stdout = double
+    rows = [r for r in read_metrics(run_dir) if "loss" in r and "event" not in r]
+    assert [r["step"] for r in rows] == list(range(1, 7))  # process 0 alone writes metrics
+    start = next(r for r in read_metrics(run_dir) if r.get("event") == "start")
+    assert start["processes"] == 2 and start["devices"] == 8
+    assert start["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+    for key in ("loss", "grad_norm", "eval_loss"):
+        got, want = losses(run_dir, key), losses(single, key)
+        assert sorted(got) == sorted(want)
+        np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=RTOL)
+    assert sum(line.startswith("{") for line in stdout.splitlines()) == 1  # one summary, process 0's
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["3", "6"]
+
+
+def test_processes_read_disjoint_rows_that_make_the_batch(base_env, tmp_path):
+    config = write_config(tmp_path, "data")
+    procs = start_processes(base_env, [str(WORKER), str(config), str(tmp_path)], tmp_path)
+    try:
+        rcs = [p.wait(timeout=300) for p in procs]
+    finally:
+        stop(procs)
+    assert rcs == [0, 0], [(tmp_path / f"{i}.err").read_text()[-3000:] for i in range(2)]
+    from jaxlm.train import pretrain
+
+    stage = pretrain.build(load_config(config))
+    outs = [json.loads((tmp_path / f"rows_{i}.json").read_text()) for i in range(2)]
+    assert [o["process"] for o in outs] == [0, 1] and outs[0]["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+    for b0, b1 in zip(outs[0]["batches"], outs[1]["batches"]):
+        reference = stage.train_data.batch(b0["cursor"], 8, 0, 1)["tokens"]  # one process reads it all
+        # Process p reads stream rows [cursor + 4p, cursor + 4p + 4): disjoint, and together the batch.
+        np.testing.assert_array_equal(b0["local"], reference[:4])
+        np.testing.assert_array_equal(b1["local"], reference[4:])
+        assert b0["global_shape"] == [8, 16]
+        np.testing.assert_array_equal(b0["global"], reference)  # assembled on the mesh, gathered back
+        np.testing.assert_array_equal(b1["global"], reference)
+
+
+def test_killed_process_stops_the_other_with_a_message(killed):
+    rc0, rc1 = killed["rc"]
+    assert rc1 == -signal.SIGKILL
+    assert rc0 != 0
+    # Whichever notices first: Gloo's broken connection (jaxlm's line, exit 1), or the missed
+    # heartbeats (JAX's coordination service aborts the survivor).
+    err = killed["stderr0"]
+    assert ("process 0 of 2 failed" in err and "another process died" in err
+            or "detected fatal errors" in err and "stopped sending heartbeats" in err), err[-3000:]
+    assert killed["after_death_s"] < 120  # heartbeat_timeout_s=5: seconds, not the 100 s default
+    steps = sorted(int(p.name) for p in (killed["run_dir"] / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [3]
+
+
+def test_two_process_checkpoint_resumes_in_one_process(killed, single, base_env):
+    out = one_process(base_env, killed["config"])  # same run dir: resumes where the pair stopped
+    assert out.returncode == 0, out.stderr[-3000:]
+    resume = [r for r in read_metrics(killed["run_dir"]) if r.get("event") == "resume"]
+    assert [(r["step"], r["cursor"]) for r in resume] == [(3, 24)]
+    start = [r for r in read_metrics(killed["run_dir"]) if r.get("event") == "start"]
+    assert [r["processes"] for r in start] == [2, 1]
+    got, want = losses(killed["run_dir"]), losses(single)  # steps 4-5 logged twice: the resumed values win
+    assert sorted(got) == list(range(1, 7))
+    np.testing.assert_allclose([got[s] for s in range(1, 7)], [want[s] for s in range(1, 7)], rtol=RTOL)
+    np.testing.assert_allclose(losses(killed["run_dir"], "eval_loss")[6], losses(single, "eval_loss")[6], rtol=RTOL)
+
+
+def test_sigterm_on_one_process_stops_all_at_one_step_with_a_checkpoint(preempted):
+    assert preempted["rc"] == [130, 130], preempted["stderr"][0][-3000:]
+    (event,) = [r for r in read_metrics(preempted["run_dir"]) if r.get("event") == "interrupted"]
+    assert 3 <= event["step"] < 6  # the first step that neither process had passed when they agreed
+    steps = sorted(int(p.name) for p in (preempted["run_dir"] / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] == event["step"]
+
+
+def test_two_process_checkpoint_restores_onto_fewer_devices(preempted):
+    """Restore reshards: the same values on a 4-device mesh as on the 8-device one."""
+    from jaxlm.checkpoint import Checkpointer
+    from jaxlm.train import pretrain
+    from jaxlm.train.loop import compile_stage
+
+    cfg = load_config(preempted["config"])
+    ckpt = Checkpointer(preempted["run_dir"] / "checkpoints")
+    step = ckpt.latest_step()
+    restored = {}
+    for n in (8, 4):
+        c = compile_stage(cfg, pretrain.lm_loss_fn(cfg.model), pretrain.token_count, jax.devices()[:n])
+        params, opt_state, meta = ckpt.restore(step, c.abstract_state["params"], c.abstract_state["opt_state"])
+        assert meta["step"] == step and meta["cursor"] == 8 * step
+        for leaf, target in zip(jax.tree.leaves(params), jax.tree.leaves(c.abstract_state["params"])):
+            assert leaf.sharding == target.sharding and len(leaf.sharding.device_set) == n
+        restored[n] = jax.tree.map(np.asarray, (params, opt_state))
+    ckpt.close()
+    jax.tree.map(np.testing.assert_array_equal, restored[8], restored[4])
+
+
+# --- where a process sits, and the mesh across processes: pure functions, no processes -------------
+
+
+def test_detect_reads_explicit_slurm_and_auto_environments():
+    explicit = {"JAXLM_COORDINATOR": "10.0.0.1:1234", "JAXLM_NUM_PROCESSES": "4", "JAXLM_PROCESS_ID": "3"}
+    assert distributed.detect(explicit) == distributed.Launch("env", "10.0.0.1:1234", 4, 3)
+    assert distributed.detect({}) is None
+    assert distributed.detect({**explicit, "JAXLM_NUM_PROCESSES": "1", "JAXLM_PROCESS_ID": "0"}) is None
+    assert distributed.detect({**explicit, "JAXLM_DISTRIBUTED": "off"}) is None
+    assert distributed.detect({"JAXLM_DISTRIBUTED": "auto"}) == distributed.Launch("auto")
+    slurm = {"SLURM_JOB_ID": "4097", "SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "1",
+             "SLURM_STEP_NODELIST": "gpu[07-08]"}
+    assert distributed.detect(slurm) == distributed.Launch("slurm", "gpu07:61441", 2, 1)
+    assert distributed.detect({**slurm, "JAXLM_COORDINATOR": "h:9"}).coordinator == "h:9"
+    assert distributed.detect({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "SLURM_PROCID": "0"}) is None  # not a step
+    for bad, needle in (({**explicit, "JAXLM_PROCESS_ID": "4"}, "JAXLM_PROCESS_ID=4"),
+                        ({**explicit, "JAXLM_COORDINATOR": "nohost"}, "JAXLM_COORDINATOR"),
+                        ({"JAXLM_COORDINATOR": "h:1"}, "JAXLM_NUM_PROCESSES"),
+                        ({"JAXLM_NUM_PROCESSES": "2", "JAXLM_COORDINATOR": "h:1"}, "JAXLM_PROCESS_ID"),
+                        ({"JAXLM_DISTRIBUTED": "yes"}, "JAXLM_DISTRIBUTED='yes'"),
+                        ({**explicit, "JAXLM_NUM_PROCESSES": "two"}, "JAXLM_NUM_PROCESSES='two'")):
+        with pytest.raises(ConfigError, match=needle):
+            distributed.detect(bad)
+
+
+def test_auto_mode_without_a_cluster_is_a_one_line_error(base_env, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "jaxlm", "pretrain", str(write_config(tmp_path, "auto"))],
+                         env=devices_env(base_env, 1, JAXLM_DISTRIBUTED="auto"), capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert out.returncode == 2, out.stderr[-2000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("jaxlm pretrain: error:")]
+    assert errors == ["jaxlm pretrain: error: JAXLM_DISTRIBUTED=auto but JAX detected no cluster "
+                      "(coordinator_address should be defined.); set JAXLM_COORDINATOR, JAXLM_NUM_PROCESSES "
+                      "and JAXLM_PROCESS_ID instead"], out.stderr[-2000:]
+
+
+def test_first_host_of_slurm_node_lists():
+    cases = {"node001": "node001", "node001,host2": "node001", "node[001-015],host2": "node001",
+             "node[007,009-015]": "node007", "a[3-4]-ib,b1": "a3-ib"}
+    assert {k: distributed.first_host(k) for k in cases} == cases
+
+
+class FakeDevice:
+    platform, device_kind = "cpu", "cpu"
+
+    def __init__(self, id, process_index):
+        self.id, self.process_index = id, process_index
+
+    def __repr__(self):
+        return f"d{self.id}@p{self.process_index}"
+
+
+def test_mesh_across_processes_puts_each_process_in_its_own_block():
+    devices = [FakeDevice(i, i // 4) for i in range(8)]  # 2 processes x 4 devices
+    process = np.vectorize(lambda d: d.process_index)
+    grid = sharding.device_grid([2, 4, 1], devices)  # data across the processes
+    np.testing.assert_array_equal(process(grid)[:, :, 0], [[0] * 4, [1] * 4])
+    grid = sharding.device_grid([1, 8, 1], devices)  # data=1: the processes split fsdp
+    np.testing.assert_array_equal(process(grid)[0, :, 0], [0] * 4 + [1] * 4)
+    grid = sharding.device_grid([4, 2, 1], devices)
+    np.testing.assert_array_equal(process(grid)[:, 0, 0], [0, 0, 1, 1])
+    assert sorted(d.id for d in grid.flat) == list(range(8))
+    with pytest.raises(ConfigError, match="mesh.data or mesh.fsdp must be a multiple of 2"):
+        sharding.device_grid([1, 1, 8], devices)  # tensor parallelism across hosts: refused
+
+
+def test_launch_scripts_parse_and_explain_themselves():
+    for name in ("local.sh", "multiprocess_cpu.sh", "slurm.sbatch", "tpu_pod.sh"):
+        path = LAUNCH / name
+        assert subprocess.run(["bash", "-n", str(path)]).returncode == 0, name
+        assert "usage:" in path.read_text().split("set -euo pipefail")[0], name
+    usage = subprocess.run([str(LAUNCH / "multiprocess_cpu.sh"), "-h"], capture_output=True, text=True)
+    assert usage.returncode == 0 and "usage:" in usage.stdout
