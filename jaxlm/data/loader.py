@@ -169,9 +169,9 @@ class _ConcatSource:
     """One source's endless stream of documents (eos-terminated, FIM applied), cut in windows."""
 
     def __init__(self, docs, name: str, seed: int, width: int, eos: int, fim_rate: float,
-                 specials: Optional[Specials], shuffle_block: int):
+                 specials: Optional[Specials], shuffle_block: int, fim_piece: int):
         self.docs, self.key, self.seed, self.width = docs, _stream_key(name), seed, width
-        self.shuffle_block = shuffle_block
+        self.shuffle_block, self.fim_piece = shuffle_block, fim_piece
         self.eos, self.fim_rate, self.specials = eos, fim_rate, specials
         self.n = len(docs)
         self._lengths = None
@@ -194,17 +194,23 @@ class _ConcatSource:
         fim = np.zeros(self.n, bool)
         if self.fim_rate > 0:
             fim = np.random.default_rng([self.seed, _FIM, self.key, e]).random(self.n) < self.fim_rate
-        cum = np.concatenate([[0], np.cumsum(self.lengths[order] + 3 * fim)])
+        lengths = self.lengths[order]
+        pieces = -(-(lengths - 1) // self.fim_piece) if self.fim_piece else np.ones_like(lengths)
+        # A FIM document: each piece gains 3 sentinels and all but the last an eos of its own.
+        cum = np.concatenate([[0], np.cumsum(lengths + fim * (4 * np.maximum(pieces, 1) - 1))])
         return order, fim, cum
 
     def doc(self, e: int, j: int) -> np.ndarray:
         """Slot j of epoch e as packed: the document body (FIM form if drawn) + eos."""
         order, fim, _ = self.epoch(e)
         body = _body(self.docs[int(order[j])], self.eos)
-        if fim[j]:
-            rng = np.random.default_rng([self.seed, _FIM_CUTS, self.key, e * self.n + j])
-            body = apply_fim(body, 1.0, rng, self.specials)
-        return np.append(body, np.int32(self.eos))
+        if not fim[j]:
+            return np.append(body, np.int32(self.eos))
+        rng = np.random.default_rng([self.seed, _FIM_CUTS, self.key, e * self.n + j])
+        step = self.fim_piece or max(len(body), 1)
+        pieces = [body[a:a + step] for a in range(0, len(body), step)] or [body]
+        eos = np.int32(self.eos)
+        return np.concatenate([np.append(apply_fim(piece, 1.0, rng, self.specials), eos) for piece in pieces])
 
     def _block_order(self, b: int) -> np.ndarray:
         return np.random.default_rng([self.seed, _WINDOWS, self.key, b]).permutation(self.shuffle_block)
@@ -287,14 +293,17 @@ class Loader:
     [(until, {source: weight}), ...]; a stage covers stream positions before its `until`
     (rows for concat, examples for first_fit; `curriculum_unit="tokens"` counts T per row),
     the last runs on forever. Without one, `Source.weight` is the mixture. `shuffle_block`:
-    concat windows are permuted within blocks of this many (1: in stream order). `stats` counts
+    concat windows are permuted within blocks of this many (1: in stream order). `fim_piece`:
+    a document drawn for FIM is cut into pieces of at most this many tokens, each moved to FIM
+    form and ended with eos on its own (0: the whole document is one piece), so that prefix,
+    suffix and middle fit in one context even when documents are far longer. `stats` counts
     the examples, truncated examples, rows and real tokens of the first_fit groups built so far.
     """
 
     def __init__(self, sources: Sequence[Source], seq_len: int, *, eos_id: int, seed: int = 0,
                  packing: str = "concat", curriculum=None, curriculum_unit: str = "examples",
                  objective_weights: Optional[dict] = None, specials: Optional[Specials] = None,
-                 lookahead: int = 256, shuffle_block: int = 1024):
+                 lookahead: int = 256, shuffle_block: int = 1024, fim_piece: int = 0):
         if packing not in PACKINGS:
             raise ValueError(f"packing={packing!r} is not a packing; allowed: {', '.join(PACKINGS)}")
         if seq_len < 4 or seed < 0 or lookahead < 1:
@@ -327,7 +336,7 @@ class Loader:
                       for s in sources]
         fim_rate = weights.get("fim", 0.0) / sum(weights.values())
         self._concat = [_ConcatSource(d, s.name, seed, seq_len + 1, eos_id, fim_rate, specials,
-                                      shuffle_block)
+                                      shuffle_block, fim_piece)
                         for d, s in zip(self._docs, sources)] if packing == "concat" else []
         self._group_rows, self._group_start = [0], [0]  # first_fit: rows / examples before group g
         self.stats = {"examples": 0, "truncated": 0, "rows": 0, "real_tokens": 0}

@@ -196,7 +196,8 @@ def build_lm_data(data_cfg: DataConfig, seq_len: int, *, batch_size: int = 1, ba
     curriculum, unit = _curriculum(data_cfg, batch_size, batch_ramp)
     common = dict(eos_id=tokenizer.eos_id, seed=data_cfg.seed, packing=packing,
                   objective_weights=dict(data_cfg.objective),
-                  specials=_specials(tokenizer, data_cfg.objective), lookahead=data_cfg.lookahead)
+                  specials=_specials(tokenizer, data_cfg.objective), lookahead=data_cfg.lookahead,
+                  fim_piece=data_cfg.fim_max_tokens or max(seq_len // 2, 1))
     try:
         train = Loader(train_sources, seq_len, curriculum=curriculum, curriculum_unit=unit, **common)
         heldout = Loader(heldout_sources, seq_len, **common) if heldout_sources else None

@@ -30,7 +30,7 @@ from jaxlm.objectives.span import corrupt, random_spans_noise_mask, reconstruct,
 
 __all__ = [
     "Specials", "Denoiser", "DEFAULT_UL2", "OBJECTIVES", "EXAMPLE_KEYS", "clm_example",
-    "prefix_lm_example", "fim_example", "span_corruption_example", "ul2_example",
+    "prefix_lm_example", "fim_example", "fim_infill_example", "span_corruption_example", "ul2_example",
     "sample_objective", "make_example", "apply_fim", "fim_permute", "fim_split", "corrupt",
     "random_spans_noise_mask", "reconstruct",
 ]
@@ -122,6 +122,18 @@ def fim_example(doc, T: int, sp: Specials, rng: np.random.Generator, mode: str =
     doc = _check(doc, T)[:T - 3]  # + 3 sentinels + eos = T + 1 tokens at most
     i, j = fim_split(len(doc), rng)
     return _example([], np.append(fim_permute(doc, i, j, sp, mode), np.int32(sp.eos)), T, sp.pad)
+
+
+def fim_infill_example(doc, i: int, j: int, T: int, sp: Specials) -> dict:
+    """The infilling task for evaluation: PSM input `<pre> doc[:i] <suf> doc[j:] <mid>`, target
+    `doc[i:j] + eos`; the loss only on the target, so its mean is the infill NLL per token
+    (eos counted: knowing where the middle ends is part of infilling). Run causally."""
+    doc = _check(doc, T)
+    if not 0 <= i <= j <= len(doc) or len(doc) + 4 > T + 1:
+        raise ValueError(f"need 0 <= i <= j <= len(doc) and len(doc) + 4 <= T + 1; got i={i}, j={j}, "
+                         f"len(doc)={len(doc)}, T={T}")
+    inputs = np.concatenate([[sp.fim_prefix], doc[:i], [sp.fim_suffix], doc[j:], [sp.fim_middle]])
+    return _example(inputs, np.append(doc[i:j], np.int32(sp.eos)), T, sp.pad)
 
 
 def _fit_span_doc(n: int, budget: int, noise_density: float, mean_span: float,

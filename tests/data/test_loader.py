@@ -200,6 +200,18 @@ def test_concat_every_document_token_once_per_epoch():
     assert orders[0] != orders[1]  # a fresh order each epoch
 
 
+def test_concat_fim_pieces_fit_a_context_each():
+    doc = np.arange(FIRST, FIRST + 50, dtype=np.int32)  # one document of 50 tokens, pieces of <= 16
+    loader = Loader([Source("d", [doc])], 8, eos_id=EOS, seed=3, specials=SP, shuffle_block=1,
+                    objective_weights={"fim": 1.0}, fim_piece=16)
+    first_epoch = _stream(loader.batch(0, 50))[:50 + 4 * 4]  # 4 pieces: 16 16 16 2, +4 tokens each
+    pieces = np.split(first_epoch, np.flatnonzero(first_epoch == EOS) + 1)[:4]
+    for k, piece in enumerate(pieces):
+        body = doc[16 * k:16 * (k + 1)]
+        assert piece[0] == SP.fim_prefix and piece[-1] == EOS and len(piece) == len(body) + 4
+        assert sorted(t for t in piece if t >= FIRST) == list(body)  # the piece's tokens, moved
+
+
 def test_concat_windows_are_shuffled_within_blocks_each_exactly_once():
     docs = [np.arange(FIRST + 100 * i, FIRST + 100 * i + 40 + 7 * i, dtype=np.int32) for i in range(30)]
     plain = Loader([Source("d", docs)], 8, eos_id=EOS, seed=4, shuffle_block=1).batch(0, 64)

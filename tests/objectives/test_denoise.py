@@ -101,6 +101,19 @@ def test_fim_layouts_match_hand_built():
         assert ex["prefix_len"] == 0
 
 
+def test_fim_infill_example_scores_only_the_middle_and_its_end():
+    doc = np.arange(201, 209)
+    pre, mid, suf = SP.fim_prefix, SP.fim_middle, SP.fim_suffix
+    ex = D.fim_infill_example(doc, 2, 5, 14, SP)
+    seq = [pre, 201, 202, suf, 206, 207, 208, mid, 203, 204, 205, SP.eos]
+    np.testing.assert_array_equal(ex["tokens"][:11], seq[:-1])
+    np.testing.assert_array_equal(ex["targets"][:11], seq[1:])
+    # Targets 203 204 205 eos (predicted from <mid> onward) and nothing else.
+    np.testing.assert_array_equal(ex["loss_mask"], [0.0] * 7 + [1.0] * 4 + [0.0] * 3)
+    with pytest.raises(ValueError, match="i=5, j=2"):
+        D.fim_infill_example(doc, 5, 2, 14, SP)
+
+
 @pytest.mark.parametrize("mode", ["psm", "spm"])
 def test_fim_summed_loss_is_the_sum_of_its_segment_terms(params, mode):
     """The example's masked log-likelihood equals log p(segment 1) + log p(segment 2) +
