@@ -54,8 +54,7 @@ def peak_bytes(compiled) -> int | None:
         return None
     if m is None:
         return None
-    peak = getattr(m, "peak_memory_in_bytes", 0) or 0
-    if peak:
-        return int(peak)
-    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-               - m.alias_size_in_bytes)
+    # XLA:CPU's peak_memory_in_bytes counts arguments and outputs only, so take the larger of
+    # it and arguments + outputs + temporaries (less what outputs alias from arguments).
+    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+    return int(max(getattr(m, "peak_memory_in_bytes", 0) or 0, total))

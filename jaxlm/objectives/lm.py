@@ -28,3 +28,35 @@ def lm_loss(logits_BTV: jax.Array, targets_BT: jax.Array, loss_mask_BT: jax.Arra
     correct = jnp.sum((jnp.argmax(logits_BTV, axis=-1) == targets_BT) * mask)
     loss = loss_sum / jnp.maximum(tokens, 1.0)
     return loss, {"loss_sum": loss_sum, "tokens": tokens, "correct": correct}
+
+
+def chunked_lm_loss(x_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Array,
+                    loss_mask_BT: jax.Array | None = None, chunk: int = 1024):
+    """`lm_loss(x @ w, ...)` without materialising the [B, T, V] logits.
+
+    The output projection and cross-entropy run over `chunk` positions at a time (a scan), each
+    chunk rematerialised in the backward pass, so at most [B, chunk, V] float32 logits live at
+    once. `x_BTD` are final-norm hidden states in the compute dtype; `w_DV` is cast to it. T must
+    be a multiple of `chunk` (or smaller). Same (loss, metrics) as `lm_loss`.
+    """
+    B, T, D = x_BTD.shape
+    if loss_mask_BT is None:
+        loss_mask_BT = jnp.ones(targets_BT.shape, jnp.float32)
+    C = min(chunk, T)
+    if T % C:
+        raise ValueError(f"sequence length {T} must be a multiple of the loss chunk {C}")
+    w_DV = w_DV.astype(x_BTD.dtype)
+
+    @jax.checkpoint
+    def piece(x_BCD, t_BC, m_BC):
+        logits_BCV = jnp.einsum("BCD,DV->BCV", x_BCD, w_DV).astype(jnp.float32)
+        m_BC = m_BC.astype(jnp.float32)
+        nll = -jnp.sum(token_log_probs(logits_BCV, t_BC) * m_BC)
+        hits = jnp.sum((jnp.argmax(logits_BCV, axis=-1) == t_BC) * m_BC)
+        return nll, hits
+
+    split = lambda a: a.reshape(B, T // C, C, *a.shape[2:]).swapaxes(0, 1)  # [n, B, C, ...]
+    nll_n, hits_n = jax.lax.map(lambda a: piece(*a), (split(x_BTD), split(targets_BT), split(loss_mask_BT)))
+    loss_sum, tokens = jnp.sum(nll_n), jnp.sum(loss_mask_BT.astype(jnp.float32))
+    correct = jax.lax.stop_gradient(jnp.sum(hits_n))
+    return loss_sum / jnp.maximum(tokens, 1.0), {"loss_sum": loss_sum, "tokens": tokens, "correct": correct}

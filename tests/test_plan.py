@@ -1,0 +1,49 @@
+"""`jaxlm plan`: per-device bytes against the real shardings, and the compute arithmetic."""
+import math
+
+import jax
+import pytest
+
+from jaxlm import cli, model, sharding
+from jaxlm.config import ConfigError, from_dict
+from jaxlm.plan import plan
+
+TREE = {"model": dict(vocab_size=96, d_model=48, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=80,
+                      max_seq_len=64),
+        "train": dict(batch_size=16, seq_len=64, grad_accum_steps=2)}
+
+
+@pytest.mark.parametrize("mesh", [dict(fsdp=8, rules="fsdp"), dict(fsdp=2, tensor=4, rules="fsdp_tp"),
+                                  dict(data=8, fsdp=1, rules="dp")])
+def test_param_and_optimizer_bytes_match_the_sharded_layout(mesh):
+    cfg = from_dict({**TREE, "mesh": mesh})
+    p = plan(cfg, devices=8)
+    shapes = model.abstract_params(cfg.model)
+    shards = sharding.param_shardings(sharding.make_mesh(cfg.mesh), cfg.mesh.rules, shapes,
+                                      model.logical_axes(cfg.model))
+    want = sum(math.prod(s.shard_shape(a.shape)) * 4 for a, s in zip(jax.tree.leaves(shapes), jax.tree.leaves(shards)))
+    assert p["bytes_params"] == p["bytes_grads"] == want
+    assert p["bytes_optimizer"] == 2 * want  # AdamW: two float32 moments
+    assert p["local_batch"] == max(16 // 2 // (p["mesh"]["data"] * p["mesh"]["fsdp"]), 1)
+
+
+def test_compute_and_time_follow_the_formulas():
+    cfg = from_dict(TREE)
+    p = plan(cfg, devices=4, mfu=0.5, peak_tflops=100.0, tokens=1e9)
+    n = p["params_matmul"]
+    assert p["compute_flops"] == 6 * n * 1e9 and p["chinchilla_tokens"] == 20 * n
+    fpt = 6 * n + 6 * 3 * 64 * 48
+    assert p["flops_per_token"] == fpt
+    assert p["seconds"] == pytest.approx(fpt * 1e9 / (0.5 * 100e12 * 4))
+    chunked = plan(from_dict({**TREE, "train": {**TREE["train"], "loss_chunk": 16}}), devices=4)
+    assert chunked["bytes_logits"] == p["bytes_logits"] / 4
+    with pytest.raises(ConfigError, match="--devices 6"):
+        plan(from_dict({**TREE, "mesh": dict(fsdp=4)}), devices=6)
+
+
+def test_plan_command_prints_the_table(capsys, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {preset: 1b}\ntrain: {seq_len: 2048, batch_size: 512}\n")
+    assert cli.main(["plan", str(path), "--devices", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "optimizer" in out and "Chinchilla" in out and "fsdp': 16" in out
