@@ -5,7 +5,8 @@ MFU against a given or measured peak, compile time and peak device bytes. With
 `--compare DIR`, runs the plain-JAX and PyTorch reference steps in DIR (../shared/bench)
 on identical shapes, alternating with jaxlm for `--rounds` rounds, and reports the median
 over rounds of jaxlm's tokens/s over each (shared machines are noisy: the ratio of runs
-taken side by side is what holds).
+taken side by side is what holds). Then times the KV-cache sampler (`sampler_report`):
+prefill and decode tokens/s (skip with --no-sampler).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def _random_batch(cfg: Config, rng: np.random.Generator) -> dict:
 
 def train_step_timer(cfg: Config, warmup: int = 2):
     """Compile the train step on random tokens; returns (time_steps(n) -> mean step seconds, info)."""
-    c = compile_stage(cfg, lm_loss_fn(cfg.model), token_count)
+    c = compile_stage(cfg, lm_loss_fn(cfg.model, cfg.train.loss_chunk), token_count)
     batch = sharding.put_batch(c.mesh, _random_batch(cfg, np.random.default_rng(0)), leading=1)
     box = {"state": c.init_state(jax.random.key(0))}
     t0 = time.perf_counter()
@@ -84,3 +85,35 @@ def run_reference(script: Path, args: list[str]) -> dict:
         return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
     line = out.stdout.strip().splitlines()[-1]
     return {k: float(v) for k, v in re.findall(r"(\w+)=([-\d.e+]+)", line)}
+
+
+def sampler_report(cfg: Config, rounds: int = 1, prompt_len: int = 0, new_tokens: int = 0) -> dict:
+    """Prefill and decode tokens/s of the KV-cache sampler (greedy, `jaxlm.generate`) on random
+    prompts: train.batch_size rows of prompt_len tokens (default seq_len / 2) then new_tokens
+    (default the rest of seq_len). Prefill time is that of a 1-token generation; decode time is
+    the rest of a full generation, over its new_tokens - 1 decode steps. Medians over rounds."""
+    import statistics
+
+    from jaxlm import generate, model
+
+    m, B = cfg.model, cfg.train.batch_size
+    P = prompt_len or max(cfg.train.seq_len // 2, 1)
+    N = new_tokens or max(min(cfg.train.seq_len, m.max_seq_len) - P, 2)
+    mesh = sharding.make_mesh(cfg.mesh)
+    shardings = sharding.param_shardings(mesh, cfg.mesh.rules, model.abstract_params(m), model.logical_axes(m))
+    params = jax.jit(model.init, static_argnums=0, out_shardings=shardings)(m, jax.random.key(0))
+    prompts = np.random.default_rng(0).integers(0, m.vocab_size, (B, P), dtype=np.int32)
+
+    def run(n: int) -> float:
+        t0 = time.perf_counter()
+        jax.block_until_ready(generate.generate(m, params, prompts, None, n, mesh=mesh, rules=cfg.mesh.rules))
+        return time.perf_counter() - t0
+
+    warmup_s = run(1) + run(N)  # compiles (and one run) of both shapes
+    prefill, decode = [], []
+    for _ in range(rounds):
+        first, full = run(1), run(N)
+        prefill.append(B * P / first)
+        decode.append(B * (N - 1) / max(full - first, 1e-9))
+    return {"prefill_tokens_per_s": statistics.median(prefill), "decode_tokens_per_s": statistics.median(decode),
+            "sampler_batch": B, "sampler_prompt": P, "sampler_new": N, "sampler_warmup_s": warmup_s}

@@ -15,10 +15,42 @@ import jax
 import jax.numpy as jnp
 
 
-def rope_tables(positions_BT: jax.Array, head_dim: int, theta: float):
-    """sin and cos tables [B, T, H/2] for rotate-half RoPE (the Hugging Face Llama layout)."""
+class RopeScaling(NamedTuple):
+    """RoPE frequency scaling (`ModelConfig.rope_scaling*`): kind none | linear | llama3."""
+
+    kind: str = "none"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_len: int = 8192
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling = RopeScaling()) -> jax.Array:
+    """Rotation frequencies [H/2] in radians per position, float32 as in Hugging Face.
+
+    linear: every frequency / factor. llama3 (Llama 3.1): frequencies whose wavelength exceeds
+    original_max_len / low_freq_factor are divided by factor, those shorter than
+    original_max_len / high_freq_factor are kept, and the band between blends the two linearly
+    in original_max_len / wavelength.
+    """
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    angle_BTh = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+    if scaling.kind == "linear":
+        return inv_freq / scaling.factor
+    if scaling.kind == "llama3":
+        wavelen = 2 * jnp.pi / inv_freq
+        low, high = scaling.low_freq_factor, scaling.high_freq_factor
+        # <= 0 in the low band (scaled), >= 1 in the high band (kept): clipping is the three cases.
+        smooth = jnp.clip((scaling.original_max_len / wavelen - low) / (high - low), 0.0, 1.0)
+        return (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    if scaling.kind != "none":
+        raise ValueError(f"rope scaling {scaling.kind!r} is not supported; allowed: none, linear, llama3")
+    return inv_freq
+
+
+def rope_tables(positions_BT: jax.Array, head_dim: int, theta: float,
+                scaling: RopeScaling = RopeScaling()):
+    """sin and cos tables [B, T, H/2] for rotate-half RoPE (the Hugging Face Llama layout)."""
+    angle_BTh = positions_BT.astype(jnp.float32)[..., None] * rope_inv_freq(head_dim, theta, scaling)
     return jnp.sin(angle_BTh), jnp.cos(angle_BTh)
 
 
@@ -64,11 +96,11 @@ def make_mask(T: int, segment_ids_BT: Optional[jax.Array] = None,
     return Mask(allowed)
 
 
-def dense_mask(mask: Mask, B: int, T: int) -> jax.Array:
-    """The boolean [B, T, S] form of any mask."""
+def dense_mask(mask: Mask, B: int, T: int, S: Optional[int] = None) -> jax.Array:
+    """The boolean [B, T, S] form of any mask (S = T unless keys come from a KV cache)."""
     if mask.dense_BTS is None:
         return jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))
-    return jnp.broadcast_to(mask.dense_BTS, (B, T, T))
+    return jnp.broadcast_to(mask.dense_BTS, (B, T, T if S is None else S))
 
 
 def attention_reference(q_BTNH, k_BSKH, v_BSKH, mask: Mask) -> jax.Array:
@@ -78,7 +110,7 @@ def attention_reference(q_BTNH, k_BSKH, v_BSKH, mask: Mask) -> jax.Array:
     q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
     logits_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH).astype(jnp.float32)
     logits_BKGTS = logits_BKGTS / jnp.sqrt(jnp.float32(H))
-    allowed_BTS = dense_mask(mask, B, T)
+    allowed_BTS = dense_mask(mask, B, T, k_BSKH.shape[1])
     logits_BKGTS = jnp.where(allowed_BTS[:, None, None], logits_BKGTS, jnp.finfo(jnp.float32).min)
     probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKH.dtype)
     out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
@@ -93,3 +125,38 @@ def attend(q_BTNH, k_BSKH, v_BSKH, mask: Mask, impl: str = "auto") -> jax.Array:
         return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, is_causal=True)
     return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask.dense_BTS[:, None],
                                         implementation="xla")
+
+
+# --- KV cache (generation) -------------------------------------------------------------------
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer for a batch of left-padded rows, filled up to `index`.
+
+    k_LBSKH, v_LBSKH: [L, B, S, K, H] in the compute dtype. Column s of row b holds the token
+    at position s - start_B[b]; columns before start_B[b] are padding and never attended to.
+    Rows are left-padded so that every row writes the same column at each step (one
+    `dynamic_update_slice`, no scatter). index: int32 [], the next column to write.
+    """
+
+    k_LBSKH: jax.Array
+    v_LBSKH: jax.Array
+    index: jax.Array
+    start_B: jax.Array
+
+
+def cache_mask(start_B: jax.Array, index, T: int, S: int, bidirectional: bool = False) -> Mask:
+    """What T new queries at columns index..index+T-1 see among S key columns [0, S).
+
+    Query column q sees key column s iff s holds a real token (s >= start_B) and s <= q; with
+    `bidirectional` (a prefix LM's prompt) it sees every real column before index + T. A
+    padding query sees itself only: its output is never used, and its softmax stays finite.
+    """
+    q_T = index + jnp.arange(T, dtype=jnp.int32)
+    s_S = jnp.arange(S, dtype=jnp.int32)
+    real_B1S = (s_S[None, :] >= start_B[:, None])[:, None, :]
+    if bidirectional:
+        seen_1TS = jnp.broadcast_to(s_S < index + T, (1, T, S))
+    else:
+        seen_1TS = (s_S[None, :] <= q_T[:, None])[None]
+    return Mask((real_B1S & seen_1TS) | (s_S[None, :] == q_T[:, None])[None])

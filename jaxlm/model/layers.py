@@ -68,6 +68,11 @@ class Attention(nnx.Module):
             self.q_bias = self.kv_bias = None
 
     def __call__(self, x_BTD, sin_BTH, cos_BTH, mask):
+        q_BTNH, k_BTKH, v_BTKH = self.project(x_BTD, sin_BTH, cos_BTH)
+        return self.output(attn_lib.attend(q_BTNH, k_BTKH, v_BTKH, mask, impl=self.attention))
+
+    def project(self, x_BTD, sin_BTH, cos_BTH):
+        """Queries [B, T, N, H], keys and values [B, T, K, H], RoPE applied to q and k."""
         cast = lambda p: p[...].astype(self.dtype)
         q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, cast(self.q))
         kv_BTCKH = jnp.einsum("BTD,DCKH->BTCKH", x_BTD, cast(self.kv))
@@ -77,8 +82,10 @@ class Attention(nnx.Module):
         k_BTKH, v_BTKH = kv_BTCKH[:, :, 0], kv_BTCKH[:, :, 1]
         q_BTNH = attn_lib.apply_rope(q_BTNH, sin_BTH, cos_BTH)
         k_BTKH = attn_lib.apply_rope(k_BTKH, sin_BTH, cos_BTH)
-        out_BTNH = attn_lib.attend(q_BTNH, k_BTKH, v_BTKH, mask, impl=self.attention)
-        return jnp.einsum("BTNH,NHD->BTD", out_BTNH, cast(self.o))
+        return q_BTNH, k_BTKH, v_BTKH
+
+    def output(self, out_BTNH):
+        return jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o[...].astype(self.dtype))
 
 
 class MLP(nnx.Module):

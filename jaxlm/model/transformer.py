@@ -24,6 +24,13 @@ def _dtypes(cfg: ModelConfig):
     return dict(dtype=jnp.dtype(cfg.compute_dtype), param_dtype=jnp.dtype(cfg.param_dtype))
 
 
+def _rope(cfg: ModelConfig, positions_BT):
+    """RoPE sin and cos tables [B, T, H/2], with the config's frequency scaling."""
+    scaling = attn_lib.RopeScaling(cfg.rope_scaling, cfg.rope_scaling_factor, cfg.rope_low_freq_factor,
+                                   cfg.rope_high_freq_factor, cfg.rope_original_max_len)
+    return attn_lib.rope_tables(positions_BT, cfg.head_dim, cfg.rope_theta, scaling)
+
+
 class Block(nnx.Module):
     """x + attn(norm(x)), then x + mlp(norm(x))."""
 
@@ -40,6 +47,34 @@ class Block(nnx.Module):
         x_BTD = sharding.constrain(x_BTD, ("act_batch", "act_seq", "act_embed"))
         x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
         return sharding.constrain(x_BTD, ("act_batch", "act_seq", "act_embed"))
+
+    def extend(self, x_BTD, sin, cos, mask, k_LBSKH, v_LBSKH, layer, index, first: bool):
+        """The block on T new columns: writes their keys and values into layer `layer` of the
+        cache at column `index` (in place), attends over the cache (or, when `first`, over
+        the chunk alone: nothing precedes it). Returns (x, k cache, v cache)."""
+        q_BTNH, k_BTKH, v_BTKH = self.attn.project(self.attn_norm(x_BTD), sin, cos)
+        at = (layer, 0, index, 0, 0)
+        k_LBSKH = jax.lax.dynamic_update_slice(k_LBSKH, k_BTKH[None].astype(k_LBSKH.dtype), at)
+        v_LBSKH = jax.lax.dynamic_update_slice(v_LBSKH, v_BTKH[None].astype(v_LBSKH.dtype), at)
+        if not first:
+            k_BTKH = jax.lax.dynamic_index_in_dim(k_LBSKH, layer, 0, keepdims=False)
+            v_BTKH = jax.lax.dynamic_index_in_dim(v_LBSKH, layer, 0, keepdims=False)
+        out_BTNH = attn_lib.attend(q_BTNH, k_BTKH, v_BTKH, mask, impl=self.attn.attention)
+        x_BTD = x_BTD + self.attn.output(out_BTNH)
+        x_BTD = sharding.constrain(x_BTD, ("act_batch", "act_seq", "act_embed"))
+        x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
+        return sharding.constrain(x_BTD, ("act_batch", "act_seq", "act_embed")), k_LBSKH, v_LBSKH
+
+
+CACHE_AXES = ("layers", "act_batch", "act_seq", "act_heads", "head_dim")
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, start_B=None) -> attn_lib.KVCache:
+    """An empty cache of `length` columns for `batch` rows (start_B: first real column per row)."""
+    shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+    zeros = sharding.constrain(jnp.zeros(shape, jnp.dtype(cfg.compute_dtype)), CACHE_AXES)
+    start_B = jnp.zeros((batch,), jnp.int32) if start_B is None else jnp.asarray(start_B, jnp.int32)
+    return attn_lib.KVCache(zeros, zeros, jnp.zeros((), jnp.int32), start_B)
 
 
 class Transformer(nnx.Module):
@@ -66,7 +101,7 @@ class Transformer(nnx.Module):
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         mask = attn_lib.make_mask(T, segment_ids_BT, positions_BT, prefix_len_B, prefix_mask_BT)
-        sin, cos = attn_lib.rope_tables(positions_BT, cfg.head_dim, cfg.rope_theta)
+        sin, cos = _rope(cfg, positions_BT)
         x_BTD = sharding.constrain(self.embed(tokens_BT), ("act_batch", "act_seq", "act_embed"))
 
         layer_def, layer_state = nnx.split(self.layers)
@@ -78,6 +113,47 @@ class Transformer(nnx.Module):
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
         x_BTD, _ = jax.lax.scan(body, x_BTD, layer_state, unroll=min(cfg.scan_unroll, cfg.n_layers))
         return self.final_norm(x_BTD)
+
+    def extend(self, tokens_BT, cache: attn_lib.KVCache, *, first: bool = False,
+               bidirectional: bool = False, layers=None):
+        """Final-norm hidden states [B, T, D] of T new tokens per row at columns cache.index..,
+        and the cache holding their keys and values (index advanced by T).
+
+        Row b's token at column c has position c - cache.start_B[b]. `first`: the chunk starts
+        at column 0, so it attends within itself only (prefill). `bidirectional`: the chunk
+        attends to itself both ways (a prefix LM's prompt). `layers`: per-layer params (a list,
+        `jaxlm.model.layer_params`) to run as an unrolled loop instead of the scan: a scan slices
+        (copies) every layer's weights out of the stack on each call, which dominates a one-token
+        decode step; slices made once before a decode loop are not copied again.
+        """
+        cfg = self.cfg
+        T = tokens_BT.shape[1]
+        L, _, S = cache.k_LBSKH.shape[:3]
+        columns_T = cache.index + jnp.arange(T, dtype=jnp.int32)
+        positions_BT = jnp.maximum(columns_T[None, :] - cache.start_B[:, None], 0)
+        mask = attn_lib.cache_mask(cache.start_B, cache.index, T, T if first else S, bidirectional)
+        sin, cos = _rope(cfg, positions_BT)
+        x_BTD = sharding.constrain(self.embed(tokens_BT), ("act_batch", "act_seq", "act_embed"))
+        layer_def, layer_state = nnx.split(self.layers)
+
+        def body(carry, xs):
+            x_BTD, k_LBSKH, v_LBSKH = carry
+            state, layer = xs
+            block = nnx.merge(layer_def, state)
+            return block.extend(x_BTD, sin, cos, mask, k_LBSKH, v_LBSKH, layer, cache.index, first), None
+
+        carry = (x_BTD, cache.k_LBSKH, cache.v_LBSKH)
+        if layers is None:
+            (x_BTD, k_LBSKH, v_LBSKH), _ = jax.lax.scan(body, carry, (layer_state, jnp.arange(L)),
+                                                        unroll=min(cfg.scan_unroll, L))
+        else:
+            for layer, state in enumerate(layers):
+                carry, _ = body(carry, (state, layer))
+            x_BTD, k_LBSKH, v_LBSKH = carry
+        k_LBSKH = sharding.constrain(k_LBSKH, CACHE_AXES)
+        v_LBSKH = sharding.constrain(v_LBSKH, CACHE_AXES)
+        return self.final_norm(x_BTD), cache._replace(k_LBSKH=k_LBSKH, v_LBSKH=v_LBSKH,
+                                                      index=cache.index + T)
 
     def logits(self, x_BTD):
         """Vocabulary logits [B, T, V] in float32."""

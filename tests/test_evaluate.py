@@ -1,0 +1,209 @@
+"""Evaluation: scoring windows by hand, perplexity against a direct sum and a uniform model,
+sharded == unsharded, exact match against an argmax loop; `jaxlm eval` and `jaxlm generate` on a
+run directory (config.yaml + an Orbax checkpoint)."""
+import dataclasses
+import json
+import math
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlm import cli, evaluate, model, sharding
+from jaxlm import generate as gen
+from jaxlm.checkpoint import Checkpointer
+from jaxlm.config import MeshConfig, ModelConfig, load_config, save_config
+from jaxlm.data.tokenizer import ByteTokenizer
+from jaxlm.train.metrics import read_metrics
+
+CFG = ModelConfig(vocab_size=37, d_model=24, n_layers=2, n_heads=6, n_kv_heads=2, d_ff=40,
+                  max_seq_len=64, rope_theta=100.0, dtype="float32")
+EOS = 2
+
+
+def _random_params(cfg, seed, scale=0.25):
+    rng = np.random.default_rng(seed)
+
+    def draw(path, a):
+        base = 1.0 if "scale" in jax.tree_util.keystr(path) else 0.0
+        return jnp.asarray(base + scale * rng.standard_normal(a.shape), a.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, model.abstract_params(cfg))
+
+
+@pytest.fixture(scope="module")
+def params():
+    return _random_params(CFG, 0)
+
+
+def _docs(lengths, seed=1):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, CFG.vocab_size, n).astype(np.int32) for n in lengths]
+
+
+def test_document_windows_by_hand():
+    w = evaluate.document_windows([np.array([10, 11, 12]), np.array([13, EOS]), np.array([], np.int32)],
+                                  seq_len=2, eos_id=EOS)
+    np.testing.assert_array_equal(w["tokens"], [[2, 10], [11, 12], [2, 13], [2, 0]])
+    np.testing.assert_array_equal(w["targets"], [[10, 11], [12, 2], [13, 2], [2, 0]])
+    np.testing.assert_array_equal(w["loss_mask"], [[1, 1], [1, 1], [1, 1], [1, 0]])
+
+
+_forward = jax.jit(lambda p, tokens: jax.nn.log_softmax(model.apply(CFG, p, tokens)))
+
+
+def _log_probs(params, seq):
+    """Log-probs [len(seq), V] by one causal forward over a fixed-width row (one compile)."""
+    buf = np.zeros((1, 24), np.int32)
+    buf[0, :len(seq)] = seq
+    return np.asarray(_forward(params, buf))[0, :len(seq)]
+
+
+def _direct_nll(params, doc):
+    """-log p(doc + eos | eos) by one forward over the whole document."""
+    seq = np.concatenate([[EOS], doc, [EOS]]).astype(np.int32)
+    return -float(np.take_along_axis(_log_probs(params, seq[:-1]), seq[1:, None], -1).sum())
+
+
+def test_perplexity_equals_a_direct_sum_for_any_batch_size(params):
+    docs = _docs([5, 13, 1, 9, 15])  # each fits one 16-token window
+    nll = sum(_direct_nll(params, d) for d in docs)
+    tokens = sum(len(d) + 1 for d in docs)
+    for batch_size in (1, 4):
+        r = evaluate.perplexity(CFG, params, docs, n_bytes=100, seq_len=16, eos_id=EOS, batch_size=batch_size)
+        assert r["tokens"] == tokens and r["documents"] == 5 and r["bytes"] == 100
+        np.testing.assert_allclose(r["nats_per_token"], nll / tokens, rtol=1e-5)
+        np.testing.assert_allclose(r["perplexity"], math.exp(nll / tokens), rtol=1e-5)
+        np.testing.assert_allclose(r["bits_per_byte"], nll / math.log(2) / 100, rtol=1e-5)
+
+
+def test_a_uniform_model_scores_log_vocab(params):
+    flat = dict(params, lm_head=jnp.zeros_like(params["lm_head"]))  # every logit 0
+    docs = _docs([7, 30])
+    r = evaluate.perplexity(CFG, flat, docs, n_bytes=37, seq_len=16, eos_id=EOS, batch_size=2)
+    assert r["tokens"] == 39
+    np.testing.assert_allclose(r["nats_per_token"], math.log(37), rtol=1e-6)
+    np.testing.assert_allclose(r["perplexity"], 37, rtol=1e-5)
+    np.testing.assert_allclose(r["bits_per_byte"], 39 * math.log2(37) / 37, rtol=1e-6)
+
+
+def test_sharded_perplexity_equals_unsharded(params):
+    mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=4, tensor=1))
+    docs = _docs([20, 3, 40, 11, 8])
+    plain = evaluate.perplexity(CFG, params, docs, 50, seq_len=16, eos_id=EOS, batch_size=8)
+    sharded = evaluate.perplexity(CFG, params, docs, 50, seq_len=16, eos_id=EOS, batch_size=8, mesh=mesh)
+    assert sharded["tokens"] == plain["tokens"] == 87
+    np.testing.assert_allclose(sharded["nats_per_token"], plain["nats_per_token"], rtol=1e-5)
+
+
+class _LetterTokenizer:
+    """ids 3..36 <-> letters; 0, 1, 2 are pad, bos, eos (dropped when decoding)."""
+
+    name = "letters"
+    eos_id = EOS
+    special_ids = types.SimpleNamespace(roles={})
+
+    def encode(self, text):
+        return np.array([ord(c) - ord("A") + 3 for c in text], np.int32)
+
+    def decode(self, ids):
+        return "".join(chr(int(i) - 3 + ord("A")) for i in ids if 3 <= int(i) < 37)
+
+
+def _greedy_reference(params, prompt, n_new):
+    """Argmax loop without a cache, to eos or n_new tokens; the text before eos."""
+    seq = list(prompt)
+    for _ in range(n_new):
+        nxt = int(np.argmax(_log_probs(params, seq)[-1]))
+        if nxt == EOS:
+            break
+        seq.append(nxt)
+    return _LetterTokenizer().decode(seq[len(prompt):])
+
+
+def test_exact_match_with_string_and_callable_checkers(params):
+    tok = _LetterTokenizer()
+    prompts = ["ABC", "HELLO", "Q"]
+    expected = [_greedy_reference(params, tok.encode(p), 6) for p in prompts]
+    pairs = [(prompts[0], f"  {expected[0]}\n"), (prompts[1], expected[1] + "X"),
+             (tok.encode(prompts[2]), lambda c: c == expected[2])]
+    r = evaluate.exact_match(CFG, params, tok, pairs, max_new_tokens=6, batch_size=2)
+    assert r["completions"] == expected
+    assert (r["correct"], r["total"]) == (2, 3)
+    assert r["exact_match"] == pytest.approx(2 / 3)
+
+
+# --- the commands on a run directory ------------------------------------------------------------
+
+RUN_MODEL = ModelConfig(vocab_size=ByteTokenizer.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                        d_ff=48, max_seq_len=96, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run directory as training leaves it: config.yaml and a checkpoint (random params)."""
+    run = tmp_path_factory.mktemp("run")
+    cfg = load_config(None, ["data.source=stdlib", "data.tokenizer=byte", "data.max_documents=40",
+                             "data.heldout_fraction=0.1", "train.seq_len=32", f"train.run_dir={run}",
+                             "optim.warmup_steps=0"])
+    cfg = dataclasses.replace(cfg, model=RUN_MODEL)
+    save_config(cfg, run / "config.yaml")
+    ckpt = Checkpointer(run / "checkpoints", async_save=False)
+    ckpt.save(7, _random_params(RUN_MODEL, 3, scale=0.1), {"count": jnp.zeros((), jnp.int32)}, {"step": 7})
+    ckpt.close()
+    return run
+
+
+def test_eval_command_scores_files_and_heldout_and_logs_metrics(run_dir, tmp_path, capsys):
+    text = tmp_path / "docs.jsonl"
+    texts = ["def f(x):\n    return x + 1\n", "héllo wörld"]
+    text.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    assert cli.main(["eval", str(run_dir), "--text", str(text), "--heldout", "--max-documents", "3",
+                     "--batch-size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "checkpoint step 7" in out and "bits_per_byte" in out and "docs.jsonl" in out and "heldout" in out
+    row = [r for r in read_metrics(run_dir) if "event" not in r][-1]
+    assert row["step"] == 7
+    # the file's numbers equal `perplexity` on the same documents (8 fake devices, fsdp)
+    cfg = load_config(run_dir / "config.yaml")
+    params, _, _ = gen.load_params(run_dir, cfg)
+    tok = ByteTokenizer()
+    ref = evaluate.perplexity(RUN_MODEL, params, [tok.encode(t) for t in texts],
+                              sum(len(t.encode()) for t in texts), seq_len=32, eos_id=tok.eos_id)
+    assert row["eval/docs.jsonl/tokens"] == ref["tokens"] == sum(len(t.encode()) + 1 for t in texts)
+    np.testing.assert_allclose(row["eval/docs.jsonl/bits_per_byte"], ref["bits_per_byte"], rtol=1e-5)
+    assert row["eval/heldout/documents"] == 3 and row["eval/heldout/bits_per_byte"] > 0
+
+
+def test_generate_command_streams_one_prompt_and_writes_jsonl_for_many(run_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "import ", "id": 1}) + "\n"
+                       + json.dumps({"prefix": "def f(", "suffix": "):\n"}) + "\n")
+    out_path = tmp_path / "out.jsonl"
+    common = ["--max-new-tokens", "12", "--batch-size", "2"]
+    assert cli.main(["generate", str(run_dir), "--prompts", str(prompts), "--out", str(out_path)] + common) == 0
+    rows = [json.loads(line) for line in out_path.read_text().splitlines()]
+    assert [r.get("id") for r in rows] == [1, None] and rows[1]["prefix"] == "def f("
+    for r in rows:
+        assert 1 <= r["new_tokens"] <= 12 and r["logprob"] < 0 and isinstance(r["completion"], str)
+    capsys.readouterr()
+    assert cli.main(["generate", str(run_dir), "--prompt", "import "] + common) == 0
+    # greedy: the streamed text is the prompt, then the same completion as in the batch
+    assert capsys.readouterr().out == "import " + rows[0]["completion"] + "\n"
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["generate", "{missing}", "--prompt", "x"], "has no config.yaml"),
+    (["eval", "{run}", "--text", "{missing}/nope.txt"], "nope.txt"),
+    (["generate", "{run}", "--prompt", "x", "--max-new-tokens", "500"], "max_seq_len"),
+    (["generate", "{run}", "--prompts", "{bad}"], "needs a string"),
+])
+def test_command_mistakes_are_one_line_errors(run_dir, tmp_path, capsys, argv, fragment):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "no prompt"}) + "\n")
+    argv = [a.format(run=run_dir, missing=tmp_path / "missing", bad=bad) for a in argv]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"jaxlm {argv[0]}: error: ") and fragment in err[0], err
