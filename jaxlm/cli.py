@@ -11,7 +11,12 @@ from jaxlm.config import ConfigError, load_config
 COMMANDS = {
     "data": "prepare raw documents: filter, scrub and deduplicate (data prepare)",
     "pretrain": "train a decoder from scratch (or resume) on a config",
+    "sft": "supervised fine-tuning on instruction / chat JSONL and built-in tasks (loss on responses)",
     "bench": "time the train step of a config; optionally side by side with reference steps",
+    "plan": "bytes per device, compute and training time of a config on N devices, before running it",
+    "generate": "sample text from a run's checkpoint: one prompt streamed, or a JSONL of prompts",
+    "eval": "perplexity and bits per byte on held-out text, exact match on question/answer files",
+    "convert": "Hugging Face checkpoints (Llama, Qwen2, Mistral) into a jaxlm run, and back",
 }
 
 
@@ -28,6 +33,11 @@ def parser() -> argparse.ArgumentParser:
                          ". Resumes from RUN_DIR's latest checkpoint; writes RUN_DIR/config.yaml, "
                          "metrics.jsonl, tensorboard/ and checkpoints/.")
     _common(pre)
+    sft = sub.add_parser("sft", help=COMMANDS["sft"], description=COMMANDS["sft"] +
+                         ". Starts from train.init_from (a pretrained or converted run), resumes from "
+                         "RUN_DIR's latest checkpoint; counts unusable records; with sft.tasks, reports "
+                         "exact-match accuracy per task before and after training.")
+    _common(sft)
     data = sub.add_parser("data", help=COMMANDS["data"], description="Data preparation commands.")
     data_sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
     prep = data_sub.add_parser("prepare", help="filter, scrub and deduplicate raw documents per source",
@@ -52,13 +62,149 @@ def parser() -> argparse.ArgumentParser:
                    help="repeat the timing (alternating with the references); medians are reported")
     b.add_argument("--compare", metavar="DIR", default=None,
                    help="directory holding jax_llama_ref.py and torch_llama_ref.py (e.g. ../shared/bench)")
+    b.add_argument("--no-sampler", action="store_true",
+                   help="skip timing the KV-cache sampler (prefill_tokens_per_s, decode_tokens_per_s)")
+    pl = sub.add_parser("plan", help=COMMANDS["plan"], description=COMMANDS["plan"] +
+                        ". Parameter, gradient, optimizer and activation bytes per device for the "
+                        "config's mesh, C = 6 N D, the Chinchilla-optimal tokens (~20 N) and the time "
+                        "to train at a given MFU. Uses no devices.")
+    _common(pl)
+    pl.add_argument("--devices", type=int, required=True, help="devices the run will have")
+    pl.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation to assume")
+    pl.add_argument("--peak-tflops", type=float, default=0.0,
+                    help="peak TFLOP/s per device (default: 989, an H100 SXM in bf16)")
+    pl.add_argument("--tokens", type=float, default=0.0, help="training tokens (default: 20 N)")
+    conv = sub.add_parser("convert", help=COMMANDS["convert"], description=COMMANDS["convert"] +
+                          ". --from-hf DIR --out RUN_DIR writes RUN_DIR/config.yaml, a checkpoint that "
+                          "train.init_from, generate and eval read, and RUN_DIR/hf/ (config and tokenizer "
+                          "files); --to-hf RUN_DIR --out DIR writes the run's latest params as config.json "
+                          "and safetensors. Takes no CONFIG.")
+    way = conv.add_mutually_exclusive_group(required=True)
+    way.add_argument("--from-hf", metavar="DIR", help="a Hugging Face checkpoint directory (safetensors)")
+    way.add_argument("--to-hf", metavar="RUN_DIR", help="a jaxlm run directory")
+    conv.add_argument("--out", required=True, help="the directory to write (must not hold a run or checkpoint)")
+    conv.add_argument("--param-dtype", choices=("float32", "bfloat16"), default="float32",
+                      help="--from-hf: dtype the params are stored in (model.param_dtype)")
+    conv.add_argument("--max-seq-len", type=int, default=None,
+                      help="--from-hf: model.max_seq_len (default: the checkpoint's max_position_embeddings)")
+    conv.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                      help="--to-hf: dtype of the written tensors (default: the params')")
+    conv.add_argument("--family", choices=("llama", "qwen2", "mistral"), default=None,
+                      help="--to-hf: architecture to write (default: the imported one, else qwen2 with "
+                      "q/k/v biases, llama without)")
+    _run_parsers(sub)
     return p
+
+
+def _run_common(p: argparse.ArgumentParser):
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a training run's directory (config.yaml + checkpoints/)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="overrides of RUN_DIR/config.yaml, e.g. mesh.fsdp=1 mesh.tensor=2")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per compiled batch")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per prompt at most")
+    p.add_argument("--raw", action="store_true",
+                   help="feed prompts as written (default: lead with eos, the document separator of pretraining)")
+
+
+def _run_parsers(sub):
+    g = sub.add_parser("generate", help=COMMANDS["generate"], description=COMMANDS["generate"] +
+                       ". Special symbols written in a prompt (e.g. <|fim_prefix|>) encode to their ids. "
+                       "Stops at eos (or <|end_turn|>) or --max-new-tokens.")
+    _run_common(g)
+    what = g.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="one prompt; its continuation streams to stdout")
+    what.add_argument("--prompts", metavar="FILE.jsonl",
+                      help='JSONL of {"prompt": ...} or {"prefix": ..., "suffix": ...} (infill) records')
+    what.add_argument("--infill", nargs=2, metavar=("PREFIX", "SUFFIX"),
+                      help="fill in the middle between PREFIX and SUFFIX (FIM-trained models)")
+    g.add_argument("--fim-mode", choices=("psm", "spm"), default="psm", help="infill prompt layout")
+    g.add_argument("--out", metavar="FILE.jsonl", default=None, help="--prompts: write here (default: stdout)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same text)")
+    g.add_argument("--prefix-lm", action="store_true", help="the prompt is a bidirectional prefix (prefix-LM models)")
+    e = sub.add_parser("eval", help=COMMANDS["eval"], description=COMMANDS["eval"] +
+                       ". Without --text or --qa, scores the run's held-out documents. Prints a table; "
+                       "appends the numbers to RUN_DIR/metrics.jsonl.")
+    _run_common(e)
+    e.add_argument("--text", action="append", default=[], metavar="FILE",
+                   help="text, JSONL or Parquet documents to score (repeatable; globs allowed)")
+    e.add_argument("--text-field", default="text", help="field holding the text in JSONL/Parquet")
+    e.add_argument("--qa", action="append", default=[], metavar="FILE.jsonl",
+                   help='exact match on {"prompt", "answer"} records (greedy; repeatable)')
+    e.add_argument("--heldout", action="store_true", help="also score the held-out documents")
+    e.add_argument("--seq-len", type=int, default=None, help="scoring window (default: train.seq_len)")
+    e.add_argument("--max-documents", type=int, default=0, help="per dataset; 0: all")
+    e.add_argument("--tasks", nargs="*", default=None, metavar="TASK",
+                   help="exact match per built-in task (add, reverse, sort, recall) on its test split, "
+                   "prompted as `jaxlm sft` trains; no names: the run's sft.tasks (all if none); "
+                   "sft.task_eval_examples problems per task unless --max-documents")
+
+
+def _generate(cfg, args) -> int:
+    from jaxlm import generate
+    from jaxlm.data import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    params, _, mesh = generate.load_params(args.run_dir, cfg, args.step)
+    generate.run(cfg, params, mesh, tokenizer, prompt=args.prompt, prompts_path=args.prompts,
+                 infill=args.infill, out_path=args.out, batch_size=args.batch_size,
+                 max_new_tokens=args.max_new_tokens, seed=args.seed, doc_start=not args.raw,
+                 fim_mode=args.fim_mode, temperature=args.temperature, top_k=args.top_k,
+                 top_p=args.top_p, prefix_lm=args.prefix_lm)
+    return 0
+
+
+def _eval(cfg, args) -> int:
+    from jaxlm import evaluate, generate
+    from jaxlm.data import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    params, step, mesh = generate.load_params(args.run_dir, cfg, args.step)
+    rows = evaluate.run_eval(args.run_dir, cfg, params, step, mesh, tokenizer, texts=args.text,
+                             text_field=args.text_field, qa=args.qa, heldout=args.heldout or None,
+                             seq_len=args.seq_len, batch_size=args.batch_size,
+                             max_documents=args.max_documents, max_new_tokens=args.max_new_tokens,
+                             doc_start=not args.raw, tasks=args.tasks)
+    if _process_index() == 0:
+        print(f"checkpoint step {step} of {args.run_dir}")
+        print(evaluate.format_table(rows))
+    return 0
+
+
+def _sft(cfg, args) -> int:
+    from jaxlm.train import sft
+
+    summary = sft.main(cfg)
+    if _process_index() != 0:
+        return 0
+    print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (list, dict))}))
+    for key in ("counts_train", "counts_eval"):
+        print(f"{key.split('_')[1]} records: {json.dumps(summary[key])}")
+    after, before = summary.get("task_accuracy", {}), summary.get("task_accuracy_before", {})
+    for name, acc in after.items():
+        start = f"{before[name]:.3f} -> " if name in before else ""
+        print(f"task {name}: exact match {start}{acc:.3f}")
+    return 0
+
+
+def _plan(cfg, args) -> int:
+    from jaxlm import plan
+
+    if args.devices < 1 or not 0 < args.mfu <= 1:
+        raise ConfigError(f"--devices={args.devices} must be >= 1 and --mfu={args.mfu} in (0, 1]")
+    print(plan.format_plan(plan.plan(cfg, args.devices, args.mfu, args.peak_tflops, args.tokens)))
+    return 0
 
 
 def _pretrain(cfg, args) -> int:
     from jaxlm.train import pretrain
 
     summary = pretrain.main(cfg)
+    if _process_index() != 0:  # one summary per run, from process 0
+        return 0
     print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (list, dict))}))
     if "eval_loss" in summary:
         ln2 = math.log(2)
@@ -91,6 +237,8 @@ def _bench(cfg, args) -> int:
               + " ".join(f"{k}={v[-1]:.3f}" for k, v in ratios.items()))
     result = bench.report(cfg, statistics.median(step_times), info)
     result.update({k: statistics.median(v) for k, v in ratios.items()})
+    if not args.no_sampler:
+        result.update(bench.sampler_report(cfg, args.rounds))
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
     return 0
 
@@ -153,19 +301,79 @@ def _data(cfg, args) -> int:
     return 0
 
 
+# Commands that use JAX devices join the other processes of a multi-process run first,
+# before any device use (jaxlm/distributed.py; the environment says whether there are any).
+DISTRIBUTED_COMMANDS = ("pretrain", "sft", "reward", "rejection-sample", "dpo", "ppo", "eval", "bench")
+
+
+def _process_index() -> int:
+    import jax
+
+    return jax.process_index()
+
+
+def _convert(args) -> int:
+    from jaxlm import interop
+    from jaxlm.interop.hf_config import describe
+
+    if args.from_hf:
+        cfg, notes = interop.import_run(args.from_hf, args.out, param_dtype=args.param_dtype,
+                                        max_seq_len=args.max_seq_len)
+        print(f"imported {args.from_hf} -> {args.out}: {describe(cfg.model)}; data.tokenizer={cfg.data.tokenizer}")
+    else:
+        files, notes = interop.export_run(args.to_hf, args.out, dtype=args.dtype, family=args.family)
+        print(f"exported {args.to_hf} -> {args.out}: {', '.join(files)}")
+    for note in notes:
+        print(f"note: {note}")
+    return 0
+
+
 def main(argv=None) -> int:
 
     args = parser().parse_args(argv)
+    joined = False
     try:
+        if args.command == "convert":
+            return _convert(args)
+        if args.command in ("generate", "eval"):
+            from jaxlm.generate import run_config_path
+
+            args.config = run_config_path(args.run_dir)
         cfg = load_config(args.config, args.overrides)
-        return {"pretrain": _pretrain, "bench": _bench, "data": _data}[args.command](cfg, args)
+        if args.command in DISTRIBUTED_COMMANDS:
+            from jaxlm import distributed
+
+            joined = distributed.initialize(cfg.distributed) is not None
+        return {"pretrain": _pretrain, "sft": _sft, "bench": _bench, "data": _data, "generate": _generate,
+                "eval": _eval, "plan": _plan}[args.command](cfg, args)
     except (ConfigError, FileNotFoundError) as e:
         name = args.command if args.command != "data" else f"data {args.data_command}"
         print(f"jaxlm {name}: error: {e}", file=sys.stderr)
+        if joined:
+            _leave_run(2)
         return 2
     except KeyboardInterrupt:
         print(f"jaxlm {args.command}: interrupted; the last checkpoint is kept", file=sys.stderr)
         return 130
+    except Exception:
+        if not joined:
+            raise
+        import traceback
+
+        import jax
+
+        traceback.print_exc()
+        print(f"jaxlm {args.command}: process {jax.process_index()} of {jax.process_count()} failed (above; "
+              "a failed collective means another process died: see its log); leaving the run so the "
+              "others stop too", file=sys.stderr)
+        _leave_run(1)
+
+
+def _leave_run(code: int):
+    """Exit at once: waiting for the others at shutdown could wait on a collective that never ends."""
+    from jaxlm import distributed
+
+    distributed.exit_now(code)
 
 
 if __name__ == "__main__":

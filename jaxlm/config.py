@@ -33,6 +33,14 @@ class ModelConfig:
     d_ff: int = 352
     max_seq_len: int = 256
     rope_theta: float = 10_000.0
+    # RoPE frequency scaling for long context (the Hugging Face `rope_scaling` kinds):
+    # none | linear (every frequency / factor) | llama3 (Llama 3.1: low frequencies / factor,
+    # high ones kept, a smooth blend between, by wavelength relative to rope_original_max_len).
+    rope_scaling: str = "none"
+    rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0  # llama3 only
+    rope_high_freq_factor: float = 4.0  # llama3 only
+    rope_original_max_len: int = 8192  # llama3 only: the context length before scaling
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     qkv_bias: bool = False
@@ -123,13 +131,14 @@ class StageConfig:
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     source: str = "stdlib"  # stdlib: the standard library's .py files in memory | shards: `sources`
-    tokenizer: str = "byte"  # byte (UTF-8 bytes and jaxlm's specials), or a SentencePiece .model
+    tokenizer: str = "byte"  # byte (UTF-8 bytes and jaxlm's specials), SentencePiece .model, tokenizer.json
     sources: tuple[MixSourceConfig, ...] = ()
     curriculum: tuple[StageConfig, ...] = ()  # empty: the sources' weights throughout
     curriculum_unit: str = "tokens"  # tokens | steps (concat packing) | examples
     objective: dict = dataclasses.field(default_factory=lambda: {"clm": 1.0})  # name -> weight
     packing: str = "auto"  # auto: concat for clm/fim objectives, first_fit otherwise
     lookahead: int = 256  # first_fit: examples packed together
+    fim_max_tokens: int = 0  # FIM: documents are cut into pieces this long, each FIM'd alone; 0: seq_len // 2
     heldout_fraction: float = 0.02
     max_documents: int = 0  # 0: all (per source)
     seed: int = 0
@@ -212,6 +221,31 @@ class TrainConfig:
     max_bad_steps: int = 3  # consecutive non-finite or spiking steps before a restore
     progress: bool = True
     peak_tflops: float = 0.0  # device peak for MFU; 0: measured with a large matmul
+    loss_chunk: int = 0  # > 0: output projection + cross-entropy this many positions at a time
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-process runs. Which process this is comes from the environment (jaxlm/distributed.py)."""
+
+    init_timeout_s: int = 300  # wait this long for every process to join
+    heartbeat_timeout_s: int = 100  # a process silent this long is dead: the others exit
+    shutdown_timeout_s: int = 300  # at a clean exit, wait this long for the others to finish
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    """`jaxlm sft`: instruction / chat JSONL and built-in tasks; the longest example is train.seq_len."""
+
+    train_files: tuple[str, ...] = ()  # JSONL of instruction or chat records (globs allowed)
+    eval_files: tuple[str, ...] = ()  # held-out records; empty: data.heldout_fraction of train_files
+    tasks: tuple[str, ...] = ()  # built-in verifiable tasks (jaxlm.data.tasks): add, reverse, sort, recall
+    task_examples: int = 20_000  # training examples drawn per built-in task
+    task_eval_examples: int = 100  # distinct test problems per task: eval loss and exact-match accuracy
+    template: str = "### Instruction:\n{prompt}\n\n### Response:\n"  # instruction records
+    truncation: str = "trim_context"  # trim_context (keep the response, cut the oldest context) | drop
+    packing: bool = True  # several examples per row (segment ids, restarted positions)
+    max_new_tokens: int = 16  # generation budget of the accuracy eval
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,6 +258,8 @@ class Config:
     prepare: PrepareConfig = PrepareConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     tokenize: TokenizeConfig = TokenizeConfig()
+    sft: SFTConfig = SFTConfig()
+    distributed: DistributedConfig = DistributedConfig()
 
 
 _CHOICES = {
@@ -231,6 +267,7 @@ _CHOICES = {
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "dots", "full"),
     "model.attention": ("auto", "reference"),
+    "model.rope_scaling": ("none", "linear", "llama3"),
     "mesh.rules": ("dp", "fsdp", "fsdp_tp"),
     "optim.name": ("adamw", "adafactor"),
     "optim.decay": ("cosine", "linear", "inverse_sqrt", "constant"),
@@ -238,6 +275,7 @@ _CHOICES = {
     "data.curriculum_unit": ("tokens", "steps", "examples"),
     "data.packing": ("auto", "concat", "first_fit"),
     "tokenizer.model_type": ("bpe", "unigram"),
+    "sft.truncation": ("trim_context", "drop"),
 }
 
 
@@ -398,6 +436,14 @@ def validate(cfg: Config) -> None:
            f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads}")
     _check(m.head_dim % 2 == 0, f"model.d_model/n_heads={m.head_dim} must be even for RoPE")
     _check(m.rope_theta > 0, f"model.rope_theta={m.rope_theta} must be positive")
+    if m.rope_scaling != "none":
+        _check(m.rope_scaling_factor > 0, f"model.rope_scaling_factor={m.rope_scaling_factor} must be positive")
+    if m.rope_scaling == "llama3":
+        _check(0 < m.rope_low_freq_factor < m.rope_high_freq_factor,
+               f"model.rope_low_freq_factor={m.rope_low_freq_factor} and model.rope_high_freq_factor="
+               f"{m.rope_high_freq_factor} must satisfy 0 < low < high")
+        _check(m.rope_original_max_len > 0,
+               f"model.rope_original_max_len={m.rope_original_max_len} must be positive")
     for key in ("data", "fsdp", "tensor"):
         v = getattr(mesh, key)
         _check(v == -1 or v >= 1, f"mesh.{key}={v} must be >= 1, or -1 for the rest of the devices")
@@ -407,6 +453,8 @@ def validate(cfg: Config) -> None:
                 "save_every", "keep_checkpoints", "max_bad_steps"):
         _check(getattr(t, key) > 0, f"train.{key}={getattr(t, key)} must be positive")
     _check(t.eval_batches >= 0, f"train.eval_batches={t.eval_batches} must be >= 0")
+    _check(t.loss_chunk >= 0 and (t.loss_chunk == 0 or t.seq_len % min(t.loss_chunk, t.seq_len) == 0),
+           f"train.loss_chunk={t.loss_chunk} must be 0 (off) or divide train.seq_len={t.seq_len}")
     _check(t.seq_len <= m.max_seq_len,
            f"train.seq_len={t.seq_len} must be <= model.max_seq_len={m.max_seq_len}")
     _check(t.batch_size % t.grad_accum_steps == 0,
@@ -424,10 +472,14 @@ def validate(cfg: Config) -> None:
     _check(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
     _check(o.clip_norm >= 0, f"optim.clip_norm={o.clip_norm} must be >= 0 (0 disables)")
     for key, value in (("data.tokenizer", cfg.data.tokenizer), ("tokenize.tokenizer", cfg.tokenize.tokenizer)):
-        _check(value == "byte" or value.endswith(".model"),
-               f"{key}={value!r} is not a tokenizer; allowed: byte, or the path of a SentencePiece .model")
+        _check(value == "byte" or value.endswith((".model", ".json")),
+               f"{key}={value!r} is not a tokenizer; allowed: byte, the path of a SentencePiece .model, "
+               "or of a Hugging Face tokenizer.json")
     _check(cfg.tokenizer.vocab_size > 0, f"tokenizer.vocab_size={cfg.tokenizer.vocab_size} must be positive")
     _check(cfg.tokenize.workers >= 0, f"tokenize.workers={cfg.tokenize.workers} must be >= 0 (0: all cores)")
+    for key in ("init_timeout_s", "heartbeat_timeout_s", "shutdown_timeout_s"):
+        v = getattr(cfg.distributed, key)
+        _check(v > 0, f"distributed.{key}={v} must be positive (seconds)")
     _check(cfg.tokenize.docs_per_shard > 0,
            f"tokenize.docs_per_shard={cfg.tokenize.docs_per_shard} must be positive")
     from jaxlm.objectives.denoise import OBJECTIVES
@@ -438,6 +490,16 @@ def validate(cfg: Config) -> None:
         _check(isinstance(w, (int, float)) and w > 0, f"data.objective.{name}={w!r} must be a positive weight")
     _check(bool(cfg.data.objective), f"data.objective is empty; give weights to some of: {', '.join(OBJECTIVES)}")
     _check(cfg.data.lookahead > 0, f"data.lookahead={cfg.data.lookahead} must be positive")
+    _check(cfg.data.fim_max_tokens >= 0, f"data.fim_max_tokens={cfg.data.fim_max_tokens} must be >= 0 "
+           "(0: half of train.seq_len)")
     _check(cfg.data.max_documents >= 0, f"data.max_documents={cfg.data.max_documents} must be >= 0 (0: all)")
     _check(0 <= cfg.data.heldout_fraction < 1,
            f"data.heldout_fraction={cfg.data.heldout_fraction} must be in [0, 1)")
+    from jaxlm.data.tasks import TASK_NAMES
+
+    for name in cfg.sft.tasks:
+        _check(name in TASK_NAMES, f"sft.tasks has {name!r}, not a built-in task; allowed: {', '.join(TASK_NAMES)}")
+    for key in ("task_examples", "task_eval_examples", "max_new_tokens"):
+        _check(getattr(cfg.sft, key) > 0, f"sft.{key}={getattr(cfg.sft, key)} must be positive")
+    _check(cfg.sft.template.count("{prompt}") == 1,
+           f"sft.template={cfg.sft.template!r} must hold {{prompt}} exactly once")

@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from jaxlm import model, perf, sharding
+from jaxlm import distributed, model, perf, sharding
 from jaxlm.checkpoint import Checkpointer, restore_params
 from jaxlm.config import Config, ConfigError, save_config
 from jaxlm.optim import BatchRamp, lr_schedule, make_optimizer
@@ -47,6 +47,10 @@ class Stage:
 
 class _Interrupted(Exception):
     pass
+
+
+class _Preempted(_Interrupted):
+    """SIGTERM reached some process of a multi-process run; all stop at the same step."""
 
 
 def _raise_interrupt(signum, frame):
@@ -131,6 +135,9 @@ def run(cfg: Config, stage: Stage) -> dict:
     if t.batch_size % (accum * shards) or (t.batch_size // accum) % pcount:
         raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of train.grad_accum_steps "
                           f"({accum}) x the batch shards of the mesh ({shards})")
+    if shards % pcount:
+        raise ConfigError(f"the mesh splits the batch {shards} ways (mesh.data*mesh.fsdp), not a multiple of "
+                          f"the {pcount} processes; each process must load rows of its own")
     ramp = BatchRamp(t, accum * shards)
     schedule = lr_schedule(cfg.optim, t.steps)
 
@@ -168,10 +175,15 @@ def run(cfg: Config, stage: Stage) -> dict:
     flops_tok = perf.flops_per_token(cfg.model, t.seq_len)
     peak = t.peak_tflops * 1e12 or perf.measure_peak_flops()
 
+    saved_steps = {latest}  # steps with a checkpoint already (Orbax refuses to write one twice)
+
     def save(step, cursor):
+        if step in saved_steps:  # e.g. a stop right after a periodic save: that checkpoint is it
+            return
         meta = {"step": step, "cursor": cursor, "rng": jax.random.key_data(seed_key).tolist(),
                 **counters}
         ckpt.save(step, state["params"], state["opt_state"], meta)
+        saved_steps.add(step)
 
     def evaluate():
         if stage.eval_data is None or t.eval_batches == 0:
@@ -192,11 +204,12 @@ def run(cfg: Config, stage: Stage) -> dict:
     window = {"loss_sum": 0.0, "tokens": 0.0, "correct": 0.0, "t0": time.perf_counter(),
               "seqs": 0}
     fault_step = int(os.environ.get("JAXLM_FAULT_KILL_AT_STEP", "0"))
+    fault_signal = getattr(signal, "SIG" + os.environ.get("JAXLM_FAULT_SIGNAL", "KILL"))
     progress = _progress(t.steps, step, enabled=main and t.progress)
     summary: dict = {}
 
-    def handle(done_step, start_cursor, metrics) -> bool:
-        """Log one finished step; True if the run must restore its last checkpoint."""
+    def handle(done_step, start_cursor, metrics, seqs) -> bool:
+        """Log one finished step (of `seqs` sequences); True if the run must restore its last checkpoint."""
         nonlocal loss_mean, bad_run
         m = jax.device_get(metrics)
         loss = float(m["loss_sum"] / max(m["tokens"], 1))
@@ -216,6 +229,7 @@ def run(cfg: Config, stage: Stage) -> dict:
         else:
             bad_run += 1
         progress.update(1)
+        window["seqs"] += seqs
         if done_step % t.log_every == 0 or done_step == t.steps:
             dt = time.perf_counter() - window["t0"]
             tok_s = window["seqs"] * t.seq_len / max(dt, 1e-9)
@@ -229,7 +243,7 @@ def run(cfg: Config, stage: Stage) -> dict:
             summary.update(row)
             window.update(loss_sum=0.0, tokens=0.0, correct=0.0, seqs=0, t0=time.perf_counter())
         if fault_step and done_step == fault_step:
-            os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the resume tests
+            os.kill(os.getpid(), fault_signal)  # fault injection for the resume tests (KILL or TERM)
         return bad_run >= t.max_bad_steps
 
     def restore_last_good(bad_step):
@@ -249,16 +263,21 @@ def run(cfg: Config, stage: Stage) -> dict:
         step, bad_run = meta["step"], 0
         progress.n = step
 
-    old_handler = signal.signal(signal.SIGTERM, _raise_interrupt) if main else None
+    # One process: SIGTERM raises here. Several: JAX's preemption sync manager owns SIGTERM and
+    # `distributed.preempted` turns True on every process at the same iteration, so all save together.
+    old_handler = signal.signal(signal.SIGTERM, _raise_interrupt) if main and pcount == 1 else None
     pending = None
+    iteration = step  # counts up, never back after a restore: the sync point needs a monotone id
     try:
         while step < t.steps:
+            if distributed.preempted(iteration):
+                raise _Preempted("SIGTERM (preemption) on some process")
+            iteration += 1
             B = ramp(step)
             local = stage.train_data.batch(cursor, B, pidx, pcount)
             batch = sharding.put_batch(mesh, _stack_micro(local, accum), leading=1)
             state, metrics = train_step(state, batch)
-            window["seqs"] += B
-            previous, pending = pending, (step + 1, cursor, metrics)
+            previous, pending = pending, (step + 1, cursor, metrics, B)
             step, cursor = step + 1, cursor + B
             if previous is not None and handle(*previous):
                 pending = None  # computed from the state being discarded
@@ -280,7 +299,8 @@ def run(cfg: Config, stage: Stage) -> dict:
                     summary.update(ev)
     except (_Interrupted, KeyboardInterrupt) as e:
         log.event("interrupted", step=step, reason=str(e) or "keyboard interrupt")
-        if pending is None or not handle(*pending):
+        # A save is collective: with several processes only an agreed stop may save.
+        if (pcount == 1 or isinstance(e, _Preempted)) and (pending is None or not handle(*pending)):
             save(step, cursor)
         raise KeyboardInterrupt from None
     finally:

@@ -72,6 +72,9 @@ def test_run_writes_resolved_config_and_learns(straight_run):
     got = losses(straight_run)
     assert got[20] < got[1] - 1.0
     assert (straight_run / "tensorboard").is_dir()
+    # Every logged row counts the sequences of its own steps, also next to saves and evals.
+    rows = [r for r in read_metrics(straight_run) if "tokens_per_s" in r and "event" not in r]
+    assert len(rows) == 20 and all(r["tokens_per_s"] > 0 and r["mfu"] > 0 for r in rows)
 
 
 def test_init_from_starts_from_another_runs_params(straight_run, tmp_path):
