@@ -1,4 +1,6 @@
-"""Data: the embedded stdlib corpus, tokenizers, packing, and Grain batches with exact resume."""
+"""Data: the embedded stdlib corpus, tokenizers, packing, and Grain batches with exact resume;
+SFT formats (`formats`) and built-in verifiable tasks (`tasks`)."""
+from jaxlm.data import formats, tasks
 from jaxlm.data.corpus import (
     Corpus,
     bits_to_nats,
@@ -15,11 +17,13 @@ __all__ = [
     "ByteTokenizer",
     "Corpus",
     "bits_to_nats",
+    "formats",
     "build_lm_data",
     "load_tokenizer",
     "nats_to_bits",
     "split_documents",
     "stdlib_documents",
+    "tasks",
     "unigram_entropy_bits",
     "unigram_entropy_nats",
 ]

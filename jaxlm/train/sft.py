@@ -1,0 +1,173 @@
+"""Supervised fine-tuning: the LM loss on response tokens of instruction and chat examples.
+
+Data: `sft.train_files` (JSONL instruction or chat records, `jaxlm.data.formats`) and the
+built-in verifiable tasks `sft.tasks` (`jaxlm.data.tasks`), rendered to examples whose
+loss mask covers responses only, then packed several per row by first-fit decreasing
+(`jaxlm.data.loader`: segment ids, restarted positions) or one per row (`sft.packing=false`).
+The step is pretraining's: `pretrain.lm_loss_fn` summed over the micro-batch, normalised
+by the response-token count of the whole global batch (`pretrain.token_count`), so the loss
+is the mean over response tokens whether the batch is packed, accumulated or sharded.
+
+Held-out: `sft.eval_files` (or `data.heldout_fraction` of the train files' records) and the
+tasks' test splits, for the eval loss; at the end, exact-match accuracy per task by
+greedy generation on `sft.task_eval_examples` distinct test problems, before (the
+`train.init_from` params) and after training.
+"""
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import yaml
+
+from jaxlm.config import Config, ConfigError
+from jaxlm.data import formats, tasks
+from jaxlm.train.loop import Stage, run
+from jaxlm.train.pretrain import lm_loss_fn, token_count
+
+
+def _file_records(paths):
+    try:
+        return list(formats.read_records(paths))
+    except FileNotFoundError as e:
+        raise ConfigError(f"sft: {e}") from None
+
+
+def _split_heldout(examples: list, fraction: float):
+    """(train, held out): a fixed hash of each usable example's index picks `fraction` of them."""
+    from jaxlm.data.pipeline import heldout_indices
+
+    held = heldout_indices("sft", len(examples), fraction)
+    return [x for x, h in zip(examples, held) if not h], [x for x, h in zip(examples, held) if h]
+
+
+def _counts_line(counts) -> str:
+    bad = {k: v for k, v in counts.items() if k not in ("records", "used", "truncated")}
+    return (f"{counts['used']} of {counts['records']} records used, {counts['truncated']} truncated; "
+            f"unusable: {dict(sorted(bad.items())) or 'none'}")
+
+
+def task_test_records(names, n: int) -> list[dict]:
+    """`n` distinct test problems of each named task; seed 0, so every run sees the same set."""
+    return tasks.mixed(names, "test", n, seed=0, distinct=True)
+
+
+def load_examples(cfg: Config, tok):
+    """(train examples, eval examples, info) for `cfg.sft`.
+
+    A file holding no usable record, or no data at all, is a `ConfigError`.
+    """
+    s, T = cfg.sft, cfg.train.seq_len
+    if not s.train_files and not s.tasks:
+        raise ConfigError("sft needs data: set sft.train_files (JSONL) and/or sft.tasks "
+                          f"(built-in: {', '.join(tasks.TASK_NAMES)})")
+    r = formats.Renderer.from_tokenizer(tok, s.template)
+    try:
+        train, train_counts = formats.render_all(r, _file_records(s.train_files) if s.train_files else [],
+                                                 T, s.truncation)
+        evals, eval_counts = formats.render_all(r, _file_records(s.eval_files) if s.eval_files else [],
+                                                T, s.truncation)
+    except ValueError as e:  # e.g. chat records and a tokenizer without role markers
+        raise ConfigError(f"sft: {e}") from None
+    for key, found, counts in (("train_files", train, train_counts), ("eval_files", evals, eval_counts)):
+        if getattr(s, key) and not found:
+            raise ConfigError(f"sft.{key}={list(getattr(s, key))} hold no usable record: " + _counts_line(counts))
+    if not s.eval_files and len(train) >= 2:
+        train, evals = _split_heldout(train, cfg.data.heldout_fraction)
+    task_train, task_counts = formats.render_all(
+        r, tasks.mixed(s.tasks, "train", s.task_examples, cfg.data.seed), T, s.truncation)
+    task_eval, _ = formats.render_all(r, task_test_records(s.tasks, s.task_eval_examples), T, s.truncation)
+    if s.tasks and not task_train:
+        raise ConfigError(f"sft.tasks: no example fits train.seq_len={T}: " + _counts_line(task_counts))
+    info = {"records_train": _counts_line(train_counts), "records_eval": _counts_line(eval_counts),
+            "task_examples": _counts_line(task_counts),
+            "counts_train": dict(train_counts), "counts_eval": dict(eval_counts)}
+    return train + task_train, evals + task_eval, info
+
+
+def _check_init_from(cfg: Config) -> None:
+    """The starting run must have this model and tokenizer (else Orbax fails far less clearly)."""
+    path = Path(cfg.train.init_from) / "config.yaml"
+    if not cfg.train.init_from or not path.is_file():
+        return
+    theirs = yaml.safe_load(path.read_text()) or {}
+    ours = {"model": vars(cfg.model), "data": {"tokenizer": cfg.data.tokenizer}}
+    for section, fields in ours.items():
+        for key, value in fields.items():
+            if key in ("dtype", "remat", "scan_unroll", "attention"):  # free to differ
+                continue
+            other = (theirs.get(section) or {}).get(key, value)
+            if other != value:
+                raise ConfigError(f"{section}.{key}={value!r} differs from the train.init_from run "
+                                  f"{cfg.train.init_from!r} ({other!r}); set it to the same value")
+
+
+def build(cfg: Config) -> Stage:
+    from jaxlm.data.loader import Loader, Source
+    from jaxlm.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(cfg.data.tokenizer)
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                          f"vocabulary ({tok.vocab_size})")
+    _check_init_from(cfg)
+    train, evals, info = load_examples(cfg, tok)
+    lookahead = cfg.data.lookahead if cfg.sft.packing else 1  # 1: one example per row
+    common = dict(eos_id=tok.eos_id, seed=cfg.data.seed, packing="first_fit", lookahead=lookahead)
+    train_data = Loader([Source("sft", train)], cfg.train.seq_len, **common)
+    eval_data = Loader([Source("sft", evals)], cfg.train.seq_len, **common) if evals else None
+    info.update(examples_train=len(train), examples_eval=len(evals), tasks=list(cfg.sft.tasks),
+                response_tokens_train=int(sum(x["loss_mask"].sum() for x in train)),
+                tokens_train=int(sum(len(x["tokens"]) for x in train)))
+    return Stage("sft", lm_loss_fn(cfg.model), token_count, train_data, eval_data, info)
+
+
+def task_accuracy(cfg: Config, params, tokenizer=None, names=None, n: int = 0, *, batch_size: int = 64,
+                  mesh=None) -> dict:
+    """{task: {"exact_match", "correct", "total"}}: greedy completions of each task's test problems
+    (`n` distinct ones, default `sft.task_eval_examples`; `task_test_records`),
+    prompted as SFT renders them (`sft.template`), checked by `jaxlm.data.tasks.check`."""
+    import functools
+
+    from jaxlm.evaluate import exact_match
+
+    if tokenizer is None:
+        from jaxlm.data.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.data.tokenizer)
+    names = list(names or cfg.sft.tasks or tasks.TASK_NAMES)
+    unknown = [name for name in names if name not in tasks.TASKS]
+    if unknown:
+        raise ConfigError(f"tasks {unknown} are not built-in tasks; allowed: {', '.join(tasks.TASK_NAMES)}")
+    records = task_test_records(names, n or cfg.sft.task_eval_examples)
+    r = formats.Renderer.from_tokenizer(tokenizer, cfg.sft.template)
+    pairs = [(formats.prompt_ids(r, rec), functools.partial(tasks.check, rec)) for rec in records]
+    res = exact_match(cfg.model, params, tokenizer, pairs, max_new_tokens=cfg.sft.max_new_tokens,
+                      batch_size=batch_size, stop_tokens=[tokenizer.eos_id], mesh=mesh, rules=cfg.mesh.rules)
+    hits, totals = collections.Counter(), collections.Counter()
+    for rec, text in zip(records, res["completions"]):
+        totals[rec["task"]] += 1
+        hits[rec["task"]] += tasks.check(rec, text)
+    return {name: {"exact_match": hits[name] / totals[name], "correct": hits[name], "total": totals[name]}
+            for name in names}
+
+
+def _run_accuracy(cfg: Config, run_dir: str) -> dict:
+    from jaxlm.generate import load_params
+
+    params, _, mesh = load_params(run_dir, cfg)
+    return {name: res["exact_match"] for name, res in task_accuracy(cfg, params, mesh=mesh).items()}
+
+
+def main(cfg: Config) -> dict:
+    """Run SFT; with built-in tasks, the summary adds exact-match accuracy per task before
+    (the `train.init_from` params) and after training."""
+    stage = build(cfg)
+    before = _run_accuracy(cfg, cfg.train.init_from) if cfg.sft.tasks and cfg.train.init_from else {}
+    summary = run(cfg, stage)
+    summary.update(counts_train=stage.info["counts_train"], counts_eval=stage.info["counts_eval"])
+    if cfg.sft.tasks:
+        summary["task_accuracy"] = _run_accuracy(cfg, cfg.train.run_dir)
+        if before:
+            summary["task_accuracy_before"] = before
+    return summary
