@@ -137,20 +137,26 @@ def test_accumulated_and_sharded_losses_equal_the_plain_one(examples):
     rows = unpacked_rows(examples[:8])  # 8 rows with very different response counts
     counts = rows["loss_mask"].sum(1)
     assert counts.max() > 3 * counts.min()
-    plain_p, plain = one_step(config(mesh=dict(fsdp=1)), {k: v[None] for k, v in rows.items()},
+    # Adam eps well above float noise: its first step is then a smooth function of the gradient,
+    # not sign(g), which would blow up round-off on near-zero gradient entries.
+    optim = dict(lr=1e-2, warmup_steps=0, decay="constant", eps=1e-4)
+    plain_p, plain = one_step(config(mesh=dict(fsdp=1), optim=optim), {k: v[None] for k, v in rows.items()},
                               devices=jax.devices()[:1])
     # 2 micro-batches of 4 rows, each split over 4 batch shards (and 2 tensor-parallel ways):
     # micro-batches and devices hold different response counts, yet the mean is the global one.
     micro = {k: v.reshape(2, 4, *v.shape[1:]) for k, v in rows.items()}
     assert micro["loss_mask"][0].sum() != micro["loss_mask"][1].sum()
-    cfg = config(train=dict(grad_accum_steps=2), mesh=dict(fsdp=4, tensor=2, rules="fsdp_tp"))
+    cfg = config(train=dict(grad_accum_steps=2), mesh=dict(fsdp=4, tensor=2, rules="fsdp_tp"), optim=optim)
     other_p, other = one_step(cfg, micro)
     mean = lambda m: float(m["loss_sum"] / m["tokens"])
     assert plain["tokens"] == other["tokens"] == counts.sum()
     np.testing.assert_allclose(mean(other), mean(plain), rtol=1e-5)
     np.testing.assert_allclose(other["grad_norm"], plain["grad_norm"], rtol=1e-4)
+    # Adam's first step moves each param by about lr * sign(g) (lr = 1e-2), so where g is ~0 a
+    # float32 reordering of the sums can move it visibly: compare at 1% of lr. The normalisation
+    # itself is checked above, by the loss mean and the gradient norm.
     for a, b in zip(jax.tree.leaves(other_p), jax.tree.leaves(plain_p)):
-        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
 def write_base_run(run_dir, cfg):
@@ -241,3 +247,15 @@ def test_unusable_inputs_stop_with_one_line(tmp_path):
     cfg = config(train=dict(init_from=str(tmp_path / "base")), sft=dict(tasks=["add"], task_examples=2))
     with pytest.raises(ConfigError, match=r"model.d_model=32 differs from the train.init_from run"):
         sft.build(cfg)
+
+
+def test_cli_has_sft_and_eval_tasks(capsys):
+    from jaxlm import cli
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["sft", "--help"])
+    assert info.value.code == 0 and "init_from" in capsys.readouterr().out
+    p = cli.parser()
+    assert p.parse_args(["eval", "runs/x"]).tasks is None  # no task eval unless asked
+    assert p.parse_args(["eval", "runs/x", "--tasks"]).tasks == []  # the run's sft.tasks
+    assert p.parse_args(["eval", "runs/x", "--tasks", "add", "sort"]).tasks == ["add", "sort"]
