@@ -28,6 +28,7 @@ Bad records are not errors: `render` returns a reason (`BAD_REASONS`) and the ca
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Optional, Union
 
 import numpy as np
@@ -136,11 +137,18 @@ def check_record(record) -> Optional[str]:
     return _check_chat(record) if kind == "chat" else _check_instruction(record)
 
 
+@functools.lru_cache(maxsize=64)
+def _template_ids(encode, template: str) -> tuple[np.ndarray, np.ndarray]:
+    """Ids of the template's text before and after {prompt}, encoded once per template."""
+    head, tail = template.split("{prompt}")
+    return _ids(encode(head)), _ids(encode(tail))
+
+
 def _instruction_pieces(r: Renderer, record: dict, with_response: bool) -> list[Piece]:
-    head, tail = r.template.split("{prompt}")
-    pieces = [Piece(_ids(r.encode(head)), False, False, 0, "user"),
+    head, tail = _template_ids(r.encode, r.template)
+    pieces = [Piece(head, False, False, 0, "user"),
               Piece(_ids(r.encode(instruction_prompt(record))), False, True, 0, "user"),
-              Piece(_ids(r.encode(tail)), False, False, 0, "user")]
+              Piece(tail, False, False, 0, "user")]
     if with_response:
         pieces += [Piece(_ids(r.encode(record["output"])), True, True, 1, "assistant"),
                    Piece(_ids([r.eos]), True, False, 1, "assistant")]
@@ -233,7 +241,7 @@ def fit(pieces: list[Piece], max_ids: int, policy: str = "trim_context") -> tupl
 def to_example(pieces: list[Piece]) -> dict:
     """tokens, targets int32 [n] and loss_mask float32 [n] from rendered pieces (n = ids - 1)."""
     seq = np.concatenate([p.ids for p in pieces]).astype(np.int32)
-    trained = np.concatenate([np.full(len(p.ids), p.trained, np.float32) for p in pieces])
+    trained = np.repeat(np.array([p.trained for p in pieces], np.float32), [len(p.ids) for p in pieces])
     return {"tokens": seq[:-1], "targets": seq[1:], "loss_mask": trained[1:]}
 
 
