@@ -161,23 +161,10 @@ def text_documents(paths, tokenizer, text_field: str = "text", max_documents: in
 
 def read_qa(path) -> list[tuple[str, str]]:
     """(prompt, answer) pairs from a JSONL file of {"prompt": ..., "answer": ...} records."""
-    import json
-    from pathlib import Path
+    from jaxlm.generate import read_jsonl
 
-    from jaxlm.config import ConfigError
-
-    pairs = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            raise ConfigError(f"{path}:{n} is not valid JSON") from None
-        if not (isinstance(rec, dict) and isinstance(rec.get("prompt"), str) and isinstance(rec.get("answer"), str)):
-            raise ConfigError(f"{path}:{n} needs string fields \"prompt\" and \"answer\"")
-        pairs.append((rec["prompt"], rec["answer"]))
-    return pairs
+    valid = lambda r: isinstance(r.get("prompt"), str) and isinstance(r.get("answer"), str)
+    return [(r["prompt"], r["answer"]) for r in read_jsonl(path, valid, 'string fields "prompt" and "answer"')]
 
 
 def format_table(rows: list[dict]) -> str:

@@ -363,14 +363,18 @@ def generate_texts(cfg, params, tokenizer, prompts: Sequence[np.ndarray], *, bat
     return results
 
 
-def _read_prompt_records(path) -> list[dict]:
+def read_jsonl(path, valid, expected: str) -> list[dict]:
+    """The records of a JSONL file of prompts; `valid(record)` says whether one is usable.
+
+    A missing file, a line that is not JSON or a record that is not `valid` stops with one line
+    naming the file and line (`expected` says what a record must hold)."""
     import json
     from pathlib import Path
 
     from jaxlm.config import ConfigError
 
     if not Path(path).is_file():
-        raise ConfigError(f"prompts file {str(path)!r} does not exist")
+        raise ConfigError(f"file {str(path)!r} does not exist")
     records = []
     for n, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():
@@ -379,12 +383,16 @@ def _read_prompt_records(path) -> list[dict]:
             rec = json.loads(line)
         except json.JSONDecodeError:
             raise ConfigError(f"{path}:{n} is not valid JSON") from None
-        ok = isinstance(rec, dict) and (isinstance(rec.get("prompt"), str) or (
-            isinstance(rec.get("prefix"), str) and isinstance(rec.get("suffix"), str)))
-        if not ok:
-            raise ConfigError(f"{path}:{n} needs a string \"prompt\", or string \"prefix\" and \"suffix\" (infill)")
+        if not (isinstance(rec, dict) and valid(rec)):
+            raise ConfigError(f"{path}:{n} needs {expected}")
         records.append(rec)
     return records
+
+
+def _read_prompt_records(path) -> list[dict]:
+    text = lambda rec, key: isinstance(rec.get(key), str)
+    return read_jsonl(path, lambda r: text(r, "prompt") or (text(r, "prefix") and text(r, "suffix")),
+                      'a string "prompt", or string "prefix" and "suffix" (infill)')
 
 
 def run(cfg, params, mesh, tokenizer, *, prompt: Optional[str] = None, prompts_path=None, infill=None,
