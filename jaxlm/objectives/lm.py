@@ -7,25 +7,36 @@ import jax.numpy as jnp
 
 def token_log_probs(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
     """log p(target) per token [B, T], computed in float32."""
+    return _log_probs_and_hits(logits_BTV, targets_BT)[0]
+
+
+def _log_probs_and_hits(logits_BTV, targets_BT):
+    """log p(target) [B, T] float32, and whether the target's logit is the largest [B, T].
+
+    The hit reuses the max that the log-sum-exp needs, instead of a second pass over the
+    vocabulary for an argmax (ties count as hits, where argmax would pick the first index).
+    """
     logits_BTV = logits_BTV.astype(jnp.float32)
-    logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    max_BT = jax.lax.stop_gradient(jnp.max(logits_BTV, axis=-1))
+    logz_BT = max_BT + jnp.log(jnp.sum(jnp.exp(logits_BTV - max_BT[..., None]), axis=-1))
     target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
-    return target_logit_BT - logz_BT
+    return target_logit_BT - logz_BT, target_logit_BT >= max_BT
 
 
 def lm_loss(logits_BTV: jax.Array, targets_BT: jax.Array, loss_mask_BT: jax.Array | None = None):
     """Mean negative log-likelihood over masked-in tokens.
 
     Returns (loss, metrics) with metrics `loss_sum` (nats), `tokens` (mask sum) and
-    `correct` (argmax hits): sums that add across micro-batches and devices without bias.
+    `correct` (tokens whose target has the largest logit): sums that add across
+    micro-batches and devices without bias.
     """
     if loss_mask_BT is None:
         loss_mask_BT = jnp.ones(targets_BT.shape, jnp.float32)
     mask = loss_mask_BT.astype(jnp.float32)
-    nll_BT = -token_log_probs(logits_BTV, targets_BT)
-    loss_sum = jnp.sum(nll_BT * mask)
+    logp_BT, hit_BT = _log_probs_and_hits(logits_BTV, targets_BT)
+    loss_sum = -jnp.sum(logp_BT * mask)
     tokens = jnp.sum(mask)
-    correct = jnp.sum((jnp.argmax(logits_BTV, axis=-1) == targets_BT) * mask)
+    correct = jax.lax.stop_gradient(jnp.sum(hit_BT * mask))
     loss = loss_sum / jnp.maximum(tokens, 1.0)
     return loss, {"loss_sum": loss_sum, "tokens": tokens, "correct": correct}
 
@@ -51,8 +62,9 @@ def chunked_lm_loss(x_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Array,
     def piece(x_BCD, t_BC, m_BC):
         logits_BCV = jnp.einsum("BCD,DV->BCV", x_BCD, w_DV).astype(jnp.float32)
         m_BC = m_BC.astype(jnp.float32)
-        nll = -jnp.sum(token_log_probs(logits_BCV, t_BC) * m_BC)
-        hits = jnp.sum((jnp.argmax(logits_BCV, axis=-1) == t_BC) * m_BC)
+        logp_BC, hit_BC = _log_probs_and_hits(logits_BCV, t_BC)
+        nll = -jnp.sum(logp_BC * m_BC)
+        hits = jnp.sum(hit_BC * m_BC)
         return nll, hits
 
     split = lambda a: a.reshape(B, T // C, C, *a.shape[2:]).swapaxes(0, 1)  # [n, B, C, ...]

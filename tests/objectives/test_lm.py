@@ -6,6 +6,7 @@ import pytest
 
 from jaxlm import model, perf
 from jaxlm.config import ModelConfig
+from jaxlm.objectives.lm import lm_loss
 from jaxlm.train.pretrain import lm_loss_fn
 
 
@@ -14,6 +15,26 @@ def _batch(rng, B, T, V):
     mask = (rng.random((B, T)) < 0.7).astype(np.float32)
     return {"tokens": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:]),
             "loss_mask": jnp.asarray(mask)}
+
+
+def test_lm_loss_matches_numpy():
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((3, 5, 11)) * 3).astype(np.float32)
+    targets = rng.integers(0, 11, (3, 5))
+    targets[0] = logits[0].argmax(-1)  # a row of hits
+    mask = (rng.random((3, 5)) < 0.8).astype(np.float32)
+    loss_of = lambda x: lm_loss(x, jnp.asarray(targets), jnp.asarray(mask))
+    (loss, metrics), grad = jax.value_and_grad(loss_of, has_aux=True)(jnp.asarray(logits))
+
+    x = logits.astype(np.float64)
+    logp = x - x.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    onehot = np.eye(11)[targets]
+    nll = -(logp * onehot).sum(-1)
+    np.testing.assert_allclose(loss, (nll * mask).sum() / mask.sum(), rtol=1e-6)
+    assert float(metrics["correct"]) == ((x.argmax(-1) == targets) * mask).sum()
+    expected = (np.exp(logp) - onehot) * mask[..., None] / mask.sum()  # softmax - onehot
+    np.testing.assert_allclose(grad, expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("tied", [False, True])
