@@ -47,8 +47,16 @@ class ModelConfig:
     dtype: str = "auto"  # compute dtype; auto: bfloat16 on GPU/TPU, float32 on CPU
     param_dtype: str = "float32"
     remat: str = "none"  # none | dots | full
+    # true: the layers run as one jax.lax.scan over their stacked params (compile time does
+    # not grow with depth); false: a Python loop over per-layer slices, which compiles longer
+    # but saves the scan's copies of every layer's activations into stacked buffers (faster
+    # for shallow models; same params and checkpoints either way).
+    scan_layers: bool = True
     scan_unroll: int = 1  # layers per scan iteration: more compiles longer, may run faster
-    attention: str = "auto"  # auto (jax.nn.dot_product_attention) | reference (einsum)
+    # auto: jax.nn.dot_product_attention (cuDNN flash on GPU for a plain causal mask), and on
+    # CPU causal blocks where the mask allows | blocks (causal blocks, skipping the upper
+    # triangle) | reference (plain einsum)
+    attention: str = "auto"
     init_std: float = 0.02
     value_head: bool = False  # a scalar-per-token head (reward model, PPO critic)
 
@@ -266,7 +274,7 @@ _CHOICES = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "dots", "full"),
-    "model.attention": ("auto", "reference"),
+    "model.attention": ("auto", "blocks", "reference"),
     "model.rope_scaling": ("none", "linear", "llama3"),
     "mesh.rules": ("dp", "fsdp", "fsdp_tp"),
     "optim.name": ("adamw", "adafactor"),

@@ -2,7 +2,9 @@
 
 `attend` routes to `jax.nn.dot_product_attention`, whose fast paths (cuDNN flash attention
 on GPU) need a plain causal mask; packed or prefix masks go through its XLA path with an
-explicit mask. `attention_reference` is a plain einsum version the tests compare against.
+explicit mask. On CPU, masks inside the causal triangle (causal, packed, padded) go through
+`attention_causal_blocks`, which skips the key blocks above the diagonal.
+`attention_reference` is a plain einsum version the tests compare against.
 
 Shapes: B batch, T query positions, S key positions, N query heads, K kv heads,
 G = N // K query heads per kv head, H head dim.
@@ -63,9 +65,13 @@ def apply_rope(x_BTNH: jax.Array, sin_BTh: jax.Array, cos_BTh: jax.Array) -> jax
 
 
 class Mask(NamedTuple):
-    """What a query may see. `dense_BTS` is None for the plain causal mask (fast path)."""
+    """What a query may see. `dense_BTS` is None for the plain causal mask (fast path).
+
+    `causal`: no query sees a later column (true unless a bidirectional prefix is open).
+    """
 
     dense_BTS: Optional[jax.Array]
+    causal: bool = True
 
 
 def make_mask(T: int, segment_ids_BT: Optional[jax.Array] = None,
@@ -93,7 +99,7 @@ def make_mask(T: int, segment_ids_BT: Optional[jax.Array] = None,
         allowed = allowed | (in_prefix_BT[:, :, None] & in_prefix_BT[:, None, :])
     if segment_ids_BT is not None:
         allowed = allowed & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
-    return Mask(allowed)
+    return Mask(allowed, causal=in_prefix_BT is None)
 
 
 def dense_mask(mask: Mask, B: int, T: int, S: Optional[int] = None) -> jax.Array:
@@ -117,10 +123,35 @@ def attention_reference(q_BTNH, k_BSKH, v_BSKH, mask: Mask) -> jax.Array:
     return out_BTKGH.reshape(B, T, N, H)
 
 
+def attention_causal_blocks(q_BTNH, k_BSKH, v_BSKH, mask: Mask, block: int = 64) -> jax.Array:
+    """`attention_reference` for a mask inside the causal triangle, by blocks of queries.
+
+    Query block i sees keys [0, (i + 1) * block) only: with n = T / block blocks, the logits,
+    softmax and both matmuls cover (n + 1) / 2n of the [T, T] square instead of all of it, and
+    each block's probabilities are smaller. Needs T == S, T a multiple of `block`, mask.causal.
+    """
+    B, T, N, H = q_BTNH.shape
+    if not mask.causal or k_BSKH.shape[1] != T or T % block:
+        raise ValueError(f"causal blocks need a causal mask, T == S and T % {block} == 0; "
+                         f"got T={T}, S={k_BSKH.shape[1]}, causal={mask.causal}")
+    allowed_BTS = dense_mask(mask, B, T)
+    outs = []
+    for i in range(T // block):
+        rows, S = slice(i * block, (i + 1) * block), (i + 1) * block
+        block_mask = Mask(allowed_BTS[:, rows, :S])
+        outs.append(attention_reference(q_BTNH[:, rows], k_BSKH[:, :S], v_BSKH[:, :S], block_mask))
+    return jnp.concatenate(outs, axis=1)
+
+
 def attend(q_BTNH, k_BSKH, v_BSKH, mask: Mask, impl: str = "auto") -> jax.Array:
-    """Attention through `jax.nn.dot_product_attention` ("auto") or the reference."""
+    """Attention through `jax.nn.dot_product_attention` ("auto" off CPU), causal blocks ("auto"
+    on CPU where the mask allows, or "blocks"), or the reference."""
     if impl == "reference":
         return attention_reference(q_BTNH, k_BSKH, v_BSKH, mask)
+    T, block = q_BTNH.shape[1], 64
+    blocks_fit = mask.causal and k_BSKH.shape[1] == T and T % block == 0 and T > block
+    if impl == "blocks" or (blocks_fit and jax.default_backend() == "cpu"):
+        return attention_causal_blocks(q_BTNH, k_BSKH, v_BSKH, mask, block)
     if mask.dense_BTS is None:
         return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, is_causal=True)
     return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask.dense_BTS[:, None],
@@ -159,4 +190,4 @@ def cache_mask(start_B: jax.Array, index, T: int, S: int, bidirectional: bool = 
         seen_1TS = jnp.broadcast_to(s_S < index + T, (1, T, S))
     else:
         seen_1TS = (s_S[None, :] <= q_T[:, None])[None]
-    return Mask((real_B1S & seen_1TS) | (s_S[None, :] == q_T[:, None])[None])
+    return Mask((real_B1S & seen_1TS) | (s_S[None, :] == q_T[:, None])[None], causal=not bidirectional)

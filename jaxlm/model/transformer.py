@@ -111,7 +111,11 @@ class Transformer(nnx.Module):
 
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        x_BTD, _ = jax.lax.scan(body, x_BTD, layer_state, unroll=min(cfg.scan_unroll, cfg.n_layers))
+        if cfg.scan_layers:
+            x_BTD, _ = jax.lax.scan(body, x_BTD, layer_state, unroll=min(cfg.scan_unroll, cfg.n_layers))
+        else:
+            for layer in range(cfg.n_layers):
+                x_BTD, _ = body(x_BTD, jax.tree.map(lambda a: a[layer], layer_state))
         return self.final_norm(x_BTD)
 
     def extend(self, tokens_BT, cache: attn_lib.KVCache, *, first: bool = False,
@@ -143,6 +147,8 @@ class Transformer(nnx.Module):
             return block.extend(x_BTD, sin, cos, mask, k_LBSKH, v_LBSKH, layer, cache.index, first), None
 
         carry = (x_BTD, cache.k_LBSKH, cache.v_LBSKH)
+        if layers is None and not cfg.scan_layers:
+            layers = [jax.tree.map(lambda a, i=i: a[i], layer_state) for i in range(L)]
         if layers is None:
             (x_BTD, k_LBSKH, v_LBSKH), _ = jax.lax.scan(body, carry, (layer_state, jnp.arange(L)),
                                                         unroll=min(cfg.scan_unroll, L))

@@ -94,7 +94,7 @@ def _check_init_from(cfg: Config) -> None:
     ours = {"model": vars(cfg.model), "data": {"tokenizer": cfg.data.tokenizer}}
     for section, fields in ours.items():
         for key, value in fields.items():
-            if key in ("dtype", "remat", "scan_unroll", "attention"):  # free to differ
+            if key in ("dtype", "remat", "scan_layers", "scan_unroll", "attention"):  # free to differ
                 continue
             other = (theirs.get(section) or {}).get(key, value)
             if other != value:

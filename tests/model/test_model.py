@@ -260,6 +260,47 @@ def test_dot_product_attention_matches_reference(params, tokens, w_BTV, kind):
         assert float(jnp.abs(out["auto"][0] - causal).max()) > 1e-3
 
 
+@pytest.mark.parametrize("kind", ["causal", "packed", "padded", "prefix"])
+def test_causal_blocks_match_reference_with_gradients(kind):
+    B, N, K, H, block = 2, 6, 2, 4, 4  # T = 12: three query blocks
+    q, k, v, g = (jnp.asarray(np.random.default_rng(i).standard_normal((B, T, n, H)), jnp.float32)
+                  for i, n in enumerate((N, K, K, N)))
+    segment_ids, positions, prefix_len = (MASKS[kind] or _masked()) if kind != "prefix" else _masked(prefix_len=[5, 0])
+    mask = attention.make_mask(T, None if kind == "causal" else segment_ids, positions,
+                               prefix_len if kind == "prefix" else None)
+    if kind == "prefix":  # keys after the query: blocks cannot skip them
+        with pytest.raises(ValueError, match="causal"):
+            attention.attention_causal_blocks(q, k, v, mask, block)
+        return
+    outs = {}
+    for name, fn in (("blocks", functools.partial(attention.attention_causal_blocks, block=block)),
+                     ("reference", attention.attention_reference)):
+        out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, mask), q, k, v)
+        outs[name] = (out, vjp(g))
+    np.testing.assert_allclose(outs["blocks"][0], outs["reference"][0], rtol=1e-5, atol=1e-6)
+    _assert_trees_close(outs["blocks"][1], outs["reference"][1], rtol=1e-5, atol=1e-5)
+
+
+def test_auto_attention_on_cpu_takes_blocks_and_matches_reference():
+    # T = 128 is two blocks of 64: "auto" on CPU runs attention_causal_blocks (packed rows here).
+    cfg = dataclasses.replace(ODD, max_seq_len=128)
+    params = _random_params(cfg, 0)
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(0, cfg.vocab_size, (2, 128)).astype(np.int32)
+    segment_ids = np.repeat(np.array([[1, 2, 3, 0], [1, 1, 2, 2]], np.int32), 32, axis=1)
+    positions = np.tile(np.arange(32, dtype=np.int32), (2, 4))
+    w = rng.standard_normal((2, 128, cfg.vocab_size)).astype(np.float32)
+    q = k = v = jnp.ones((2, 128, 2, 4))
+    mask = attention.make_mask(128, jnp.asarray(segment_ids), jnp.asarray(positions))
+    takes_blocks = str(jax.make_jaxpr(lambda q: attention.attend(q, k, v, mask))(q)) == str(
+        jax.make_jaxpr(lambda q: attention.attention_causal_blocks(q, k, v, mask))(q))
+    assert takes_blocks == (jax.default_backend() == "cpu")
+    out = {impl: _run(dataclasses.replace(cfg, attention=impl), params, tokens, w, segment_ids, positions,
+                      np.zeros(2, np.int32)) for impl in ("auto", "reference")}
+    np.testing.assert_allclose(out["auto"][0], out["reference"][0], rtol=1e-5, atol=1e-5)
+    _assert_trees_close(out["auto"][2], out["reference"][2], rtol=1e-4, atol=1e-5)
+
+
 def test_remat_policies_give_the_same_loss_and_gradients(params, tokens, w_BTV):
     out = {r: _run(dataclasses.replace(ODD, remat=r), params, tokens, w_BTV) for r in ("none", "dots", "full")}
     for r in ("dots", "full"):
@@ -268,12 +309,13 @@ def test_remat_policies_give_the_same_loss_and_gradients(params, tokens, w_BTV):
     assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(out["none"][2]))
 
 
-def test_scan_unroll_gives_the_same_logits(params, tokens, w_BTV):
+@pytest.mark.parametrize("change", [dict(scan_unroll=2), dict(scan_unroll=3), dict(scan_layers=False),
+                                    dict(scan_layers=False, remat="full")])
+def test_scan_unroll_and_unscanned_layers_give_the_same_logits(params, tokens, w_BTV, change):
     base = _run(ODD, params, tokens, w_BTV)
-    for unroll in (2, 3):
-        out = _run(dataclasses.replace(ODD, scan_unroll=unroll), params, tokens, w_BTV)
-        np.testing.assert_allclose(out[0], base[0], rtol=1e-5, atol=1e-6)
-        _assert_trees_close(out[2], base[2], rtol=1e-5, atol=1e-6)
+    out = _run(dataclasses.replace(ODD, **change), params, tokens, w_BTV)
+    np.testing.assert_allclose(out[0], base[0], rtol=1e-5, atol=1e-6)
+    _assert_trees_close(out[2], base[2], rtol=1e-5, atol=1e-6)
 
 
 # --- variants ------------------------------------------------------------------------------
