@@ -146,6 +146,10 @@ class DataConfig:
     objective: dict = dataclasses.field(default_factory=lambda: {"clm": 1.0})  # name -> weight
     packing: str = "auto"  # auto: concat for clm/fim objectives, first_fit otherwise
     lookahead: int = 256  # first_fit: examples packed together
+    # concat: sequences are drawn in a random order within blocks of this many (each exactly
+    # once per block); 1: in stream order. Small blocks keep a batch to a few documents for many
+    # steps (train loss falls below held-out); the default covers 16.8M tokens at seq_len 256.
+    shuffle_block: int = 65536
     fim_max_tokens: int = 0  # FIM: documents are cut into pieces this long, each FIM'd alone; 0: seq_len // 2
     heldout_fraction: float = 0.02
     max_documents: int = 0  # 0: all (per source)
@@ -498,6 +502,7 @@ def validate(cfg: Config) -> None:
         _check(isinstance(w, (int, float)) and w > 0, f"data.objective.{name}={w!r} must be a positive weight")
     _check(bool(cfg.data.objective), f"data.objective is empty; give weights to some of: {', '.join(OBJECTIVES)}")
     _check(cfg.data.lookahead > 0, f"data.lookahead={cfg.data.lookahead} must be positive")
+    _check(cfg.data.shuffle_block > 0, f"data.shuffle_block={cfg.data.shuffle_block} must be positive")
     _check(cfg.data.fim_max_tokens >= 0, f"data.fim_max_tokens={cfg.data.fim_max_tokens} must be >= 0 "
            "(0: half of train.seq_len)")
     _check(cfg.data.max_documents >= 0, f"data.max_documents={cfg.data.max_documents} must be >= 0 (0: all)")

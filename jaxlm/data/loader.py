@@ -303,7 +303,7 @@ class Loader:
     def __init__(self, sources: Sequence[Source], seq_len: int, *, eos_id: int, seed: int = 0,
                  packing: str = "concat", curriculum=None, curriculum_unit: str = "examples",
                  objective_weights: Optional[dict] = None, specials: Optional[Specials] = None,
-                 lookahead: int = 256, shuffle_block: int = 1024, fim_piece: int = 0):
+                 lookahead: int = 256, shuffle_block: int = 65536, fim_piece: int = 0):
         if packing not in PACKINGS:
             raise ValueError(f"packing={packing!r} is not a packing; allowed: {', '.join(PACKINGS)}")
         if seq_len < 4 or seed < 0 or lookahead < 1:

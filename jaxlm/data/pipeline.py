@@ -197,6 +197,7 @@ def build_lm_data(data_cfg: DataConfig, seq_len: int, *, batch_size: int = 1, ba
     common = dict(eos_id=tokenizer.eos_id, seed=data_cfg.seed, packing=packing,
                   objective_weights=dict(data_cfg.objective),
                   specials=_specials(tokenizer, data_cfg.objective), lookahead=data_cfg.lookahead,
+                  shuffle_block=data_cfg.shuffle_block,
                   fim_piece=data_cfg.fim_max_tokens or max(seq_len // 2, 1))
     try:
         train = Loader(train_sources, seq_len, curriculum=curriculum, curriculum_unit=unit, **common)
