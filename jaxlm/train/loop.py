@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxlm import distributed, model, perf, sharding
 from jaxlm.checkpoint import Checkpointer, restore_params
@@ -139,7 +140,9 @@ def run(cfg: Config, stage: Stage) -> dict:
         raise ConfigError(f"the mesh splits the batch {shards} ways (mesh.data*mesh.fsdp), not a multiple of "
                           f"the {pcount} processes; each process must load rows of its own")
     ramp = BatchRamp(t, accum * shards)
-    schedule = lr_schedule(cfg.optim, t.steps)
+    # The learning rate of every step, computed once: an eager jnp op at each log row would wait
+    # for the step in flight and cost the loop its one step of lead over the device.
+    lr_by_step = np.asarray(lr_schedule(cfg.optim, t.steps)(jnp.arange(t.steps)))
 
     ckpt = Checkpointer(run_dir / "checkpoints", keep=t.keep_checkpoints, async_save=t.async_checkpoint)
     if main:
@@ -235,7 +238,7 @@ def run(cfg: Config, stage: Stage) -> dict:
             tok_s = window["seqs"] * t.seq_len / max(dt, 1e-9)
             row = {"step": done_step, "loss": window["loss_sum"] / max(window["tokens"], 1),
                    "accuracy": window["correct"] / max(window["tokens"], 1),
-                   "grad_norm": float(m["grad_norm"]), "lr": float(schedule(done_step - 1)),
+                   "grad_norm": float(m["grad_norm"]), "lr": float(lr_by_step[done_step - 1]),
                    "tokens_per_s": tok_s, "mfu": flops_tok * tok_s / peak,
                    "skipped": counters["skipped"], "cursor": start_cursor}
             log.scalars(row)

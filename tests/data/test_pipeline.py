@@ -1,5 +1,6 @@
 """Byte tokenizer, stdlib corpus, split, and the pretraining data built from config (stdlib or shards)."""
 import collections
+import dataclasses
 import math
 import random
 
@@ -147,6 +148,9 @@ def test_build_lm_data_counts_and_resume(full_corpus):
     for cursor in (0, 48, 100_003):
         np.testing.assert_array_equal(train.batch(cursor, 8)["tokens"], train2.batch(cursor, 8)["tokens"])
     np.testing.assert_array_equal(heldout.batch(0, 2)["tokens"], heldout2.batch(0, 2)["tokens"])
+    # data.shuffle_block reaches the loader: in stream order the rows differ from the shuffled ones.
+    in_order, _, _ = build_lm_data(dataclasses.replace(cfg, shuffle_block=1), seq_len=64)
+    assert not np.array_equal(in_order.batch(0, 8)["tokens"], batch["tokens"])
 
 
 def test_build_lm_data_rejects_bad_config():

@@ -1,5 +1,6 @@
 """The loop: exact resume after a hard kill, recovery from bad steps, init_from, outputs."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -75,6 +76,11 @@ def test_run_writes_resolved_config_and_learns(straight_run):
     # Every logged row counts the sequences of its own steps, also next to saves and evals.
     rows = [r for r in read_metrics(straight_run) if "tokens_per_s" in r and "event" not in r]
     assert len(rows) == 20 and all(r["tokens_per_s"] > 0 and r["mfu"] > 0 for r in rows)
+    # The logged lr is the one step s used: linear warmup over 2 steps, cosine to 10% at step 20.
+    peak, final = 3e-3, 3e-4
+    want = [peak * s / 2 if s < 2 else final + (peak - final) * 0.5 * (1 + math.cos(math.pi * (s - 2) / 18))
+            for s in range(20)]
+    np.testing.assert_allclose([r["lr"] for r in rows], want, rtol=1e-6)
 
 
 def test_init_from_starts_from_another_runs_params(straight_run, tmp_path):
