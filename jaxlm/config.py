@@ -380,7 +380,11 @@ def parse_overrides(overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
         key, raw = item.split("=", 1)
-        flat[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            flat[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"override {item!r}: the value {raw!r} is not valid YAML (a number, true/false, "
+                              "a string, [a, list] or {a: mapping}; quote strings with special characters)") from None
     return _nest(flat)
 
 

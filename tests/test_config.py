@@ -47,6 +47,7 @@ BAD = {
     "unknown preset": (["model.preset=3b"], ["model.preset='3b'", "tiny", "7b", "70b"]),
     "two -1 mesh": (["mesh.data=-1", "mesh.fsdp=-1"], ["mesh.data", "mesh.fsdp", "-1"]),
     "not key=value": (["train.steps"], ["'train.steps'", "key.sub=value"]),
+    "value not YAML": (["train.steps=[1,"], ["'train.steps=[1,'", "'[1,'", "not valid YAML"]),
     "attention choice": (["model.attention=flash"], ["model.attention='flash'", "auto, blocks, reference"]),
     "shuffle block": (["data.shuffle_block=0"], ["data.shuffle_block=0", "positive"]),
 }
