@@ -212,12 +212,15 @@ def test_objective_mixtures_reach_the_rows():
     tok = ByteTokenizer()
     sp = tok.special_ids
     cfg = DataConfig(max_documents=20, heldout_fraction=0.0, objective={"clm": 0.5, "fim": 0.5})
-    train, _, info = build_lm_data(cfg, seq_len=128)
-    rows = train.batch(0, info["tokens_train"] // 129)["tokens"]  # about one epoch: 20 documents
+    n = build_lm_data(cfg, seq_len=128)[2]["tokens_train"] // 129  # windows in about one epoch
+    # Shuffle blocks of n windows: 4 blocks of rows cover the first 4n windows of the stream once
+    # each (4 epochs: which documents are FIM'd is drawn per document, so one epoch of 20 varies).
+    train, _, info = build_lm_data(dataclasses.replace(cfg, shuffle_block=n), seq_len=128)
+    rows = train.batch(0, 4 * n)["tokens"]
     n_fim = [(rows == t).sum() for t in (sp.fim_prefix, sp.fim_middle, sp.fim_suffix)]
     # About half the documents in FIM form, each cut into pieces of seq_len // 2 = 64 tokens
-    # that are FIM'd alone: about (tokens / 2) / 64 pieces, each with its three sentinels.
-    expected = info["tokens_train"] / 2 / 64
+    # that are FIM'd alone: about (tokens / 2) / 64 pieces per epoch, each with its three sentinels.
+    expected = 4 * info["tokens_train"] / 2 / 64
     assert info["packing"] == "concat" and max(n_fim) - min(n_fim) <= 2
     assert 0.3 * expected < n_fim[0] < 1.7 * expected
     cfg = DataConfig(max_documents=20, heldout_fraction=0.0, objective={"ul2": 1.0})
