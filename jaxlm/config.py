@@ -55,7 +55,8 @@ class ModelConfig:
     scan_unroll: int = 1  # layers per scan iteration: more compiles longer, may run faster
     # auto: jax.nn.dot_product_attention (cuDNN flash on GPU for a plain causal mask), and on
     # CPU causal blocks where the mask allows | blocks (causal blocks, skipping the upper
-    # triangle) | reference (plain einsum)
+    # triangle, on any backend where the mask allows; dot_product_attention elsewhere) |
+    # reference (plain einsum)
     attention: str = "auto"
     init_std: float = 0.02
     value_head: bool = False  # a scalar-per-token head (reward model, PPO critic)

@@ -144,13 +144,13 @@ def attention_causal_blocks(q_BTNH, k_BSKH, v_BSKH, mask: Mask, block: int = 64)
 
 
 def attend(q_BTNH, k_BSKH, v_BSKH, mask: Mask, impl: str = "auto") -> jax.Array:
-    """Attention through `jax.nn.dot_product_attention` ("auto" off CPU), causal blocks ("auto"
-    on CPU where the mask allows, or "blocks"), or the reference."""
+    """Attention through causal blocks where the mask allows ("blocks" on any backend, "auto" on
+    CPU), else `jax.nn.dot_product_attention` (decode steps, prefix masks); or the reference."""
     if impl == "reference":
         return attention_reference(q_BTNH, k_BSKH, v_BSKH, mask)
     T, block = q_BTNH.shape[1], 64
     blocks_fit = mask.causal and k_BSKH.shape[1] == T and T % block == 0 and T > block
-    if impl == "blocks" or (blocks_fit and jax.default_backend() == "cpu"):
+    if blocks_fit and (impl == "blocks" or jax.default_backend() == "cpu"):
         return attention_causal_blocks(q_BTNH, k_BSKH, v_BSKH, mask, block)
     if mask.dense_BTS is None:
         return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, is_causal=True)

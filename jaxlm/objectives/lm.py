@@ -36,7 +36,7 @@ def lm_loss(logits_BTV: jax.Array, targets_BT: jax.Array, loss_mask_BT: jax.Arra
     logp_BT, hit_BT = _log_probs_and_hits(logits_BTV, targets_BT)
     loss_sum = -jnp.sum(logp_BT * mask)
     tokens = jnp.sum(mask)
-    correct = jax.lax.stop_gradient(jnp.sum(hit_BT * mask))
+    correct = jnp.sum(hit_BT * mask)
     loss = loss_sum / jnp.maximum(tokens, 1.0)
     return loss, {"loss_sum": loss_sum, "tokens": tokens, "correct": correct}
 
