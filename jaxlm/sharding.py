@@ -132,6 +132,19 @@ def activate(mesh: Mesh, rules: str):
         _active = previous
 
 
+def splits(names) -> bool:
+    """Whether the active mesh and rules split any of these logical axes across devices."""
+    if _active is None:
+        return False
+    mesh, rules = _active
+    for name in names:
+        axes = RULES[rules].get(name)
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        if any(mesh.shape[a] > 1 for a in axes):
+            return True
+    return False
+
+
 def constrain(x: jax.Array, names) -> jax.Array:
     """Sharding constraint by logical names; the identity outside `activate`."""
     if _active is None:

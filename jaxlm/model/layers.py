@@ -6,10 +6,13 @@ the compute `dtype` at use.
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlm import sharding
 from jaxlm.model import attention as attn_lib
 
 
@@ -31,6 +34,23 @@ class RMSNorm(nnx.Module):
         return (y * self.scale[...].astype(jnp.float32)).astype(x_BTD.dtype)
 
 
+def dense(x: jax.Array, w: jax.Array, n_in: int = 1, w_axes: tuple = ()) -> jax.Array:
+    """x [B, T, *in] @ w [*in, *out] -> [B, T, *out], run as one [B*T, in] x [in, out] matmul.
+
+    XLA:CPU runs the einsum form of this slower: for a [B, T, D] input the weight gradient
+    contracts two axes, and where `out` has several axes the backward transposes the cotangent
+    (a copy the size of the activations). On flattened rows both gradients are plain matmuls
+    (README, Benchmarks). Merging weight axes that the mesh splits (tensor parallelism) would
+    reshard the weight, so where `w_axes` (w's logical names) says so the einsum stays.
+    """
+    lead, ins, outs = x.shape[:-n_in], w.shape[:n_in], w.shape[n_in:]
+    merged = (w_axes[:n_in] if n_in > 1 else ()) + (w_axes[n_in:] if len(outs) > 1 else ())
+    if sharding.splits(merged):
+        return jnp.tensordot(x, w, axes=n_in)
+    y = x.reshape(math.prod(lead), math.prod(ins)) @ w.reshape(math.prod(ins), math.prod(outs))
+    return y.reshape(*lead, *outs)
+
+
 class Embed(nnx.Module):
     """Token embedding table [V, D]; `attend` is the tied output projection."""
 
@@ -43,7 +63,7 @@ class Embed(nnx.Module):
         return jnp.take(self.embedding[...].astype(self.dtype), tokens_BT, axis=0)
 
     def attend(self, x_BTD: jax.Array) -> jax.Array:
-        return jnp.einsum("BTD,VD->BTV", x_BTD, self.embedding[...].astype(self.dtype))
+        return dense(x_BTD, self.embedding[...].astype(self.dtype).T)
 
 
 class Attention(nnx.Module):
@@ -74,18 +94,19 @@ class Attention(nnx.Module):
     def project(self, x_BTD, sin_BTH, cos_BTH):
         """Queries [B, T, N, H], keys and values [B, T, K, H], RoPE applied to q and k."""
         cast = lambda p: p[...].astype(self.dtype)
-        q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, cast(self.q))
-        kv_BTCKH = jnp.einsum("BTD,DCKH->BTCKH", x_BTD, cast(self.kv))
+        q_BTNH = dense(x_BTD, cast(self.q), w_axes=self.q.axes)
+        kv_BTCKH = dense(x_BTD, cast(self.kv), w_axes=self.kv.axes)
         if self.q_bias is not None:
             q_BTNH = q_BTNH + cast(self.q_bias)
             kv_BTCKH = kv_BTCKH + cast(self.kv_bias)
-        k_BTKH, v_BTKH = kv_BTCKH[:, :, 0], kv_BTCKH[:, :, 1]
+        # a split, not two slices: its gradient is one concatenate instead of two padded adds
+        k_BTKH, v_BTKH = (a[:, :, 0] for a in jnp.split(kv_BTCKH, 2, axis=2))
         q_BTNH = attn_lib.apply_rope(q_BTNH, sin_BTH, cos_BTH)
         k_BTKH = attn_lib.apply_rope(k_BTKH, sin_BTH, cos_BTH)
         return q_BTNH, k_BTKH, v_BTKH
 
     def output(self, out_BTNH):
-        return jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o[...].astype(self.dtype))
+        return dense(out_BTNH, self.o[...].astype(self.dtype), n_in=2, w_axes=self.o.axes)
 
 
 class MLP(nnx.Module):
@@ -98,6 +119,6 @@ class MLP(nnx.Module):
         self.down = nnx.Param(_normal(rngs, (hidden, dim), std, param_dtype), axes=("mlp", "embed"))
 
     def __call__(self, x_BTD):
-        h_BTCF = jnp.einsum("BTD,DCF->BTCF", x_BTD, self.gate_up[...].astype(self.dtype))
-        h_BTF = jax.nn.silu(h_BTCF[:, :, 0]) * h_BTCF[:, :, 1]
-        return jnp.einsum("BTF,FD->BTD", h_BTF, self.down[...].astype(self.dtype))
+        h_BTCF = dense(x_BTD, self.gate_up[...].astype(self.dtype), w_axes=self.gate_up.axes)
+        gate_BTF, up_BTF = (a[:, :, 0] for a in jnp.split(h_BTCF, 2, axis=2))
+        return dense(jax.nn.silu(gate_BTF) * up_BTF, self.down[...].astype(self.dtype))

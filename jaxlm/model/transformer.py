@@ -12,7 +12,7 @@ from flax import nnx
 from jaxlm import sharding
 from jaxlm.config import ModelConfig
 from jaxlm.model import attention as attn_lib
-from jaxlm.model.layers import MLP, Attention, Embed, RMSNorm, _normal
+from jaxlm.model.layers import MLP, Attention, Embed, RMSNorm, _normal, dense
 
 _REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -166,7 +166,7 @@ class Transformer(nnx.Module):
         if self.lm_head is None:
             logits_BTV = self.embed.attend(x_BTD)
         else:
-            logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, self.lm_head[...].astype(x_BTD.dtype))
+            logits_BTV = dense(x_BTD, self.lm_head[...].astype(x_BTD.dtype))
         return sharding.constrain(logits_BTV, ("act_batch", "act_seq", "act_vocab")).astype(jnp.float32)
 
     def values(self, x_BTD):

@@ -4,6 +4,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxlm.model.layers import dense
+
 
 def token_log_probs(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
     """log p(target) per token [B, T], computed in float32."""
@@ -60,7 +62,7 @@ def chunked_lm_loss(x_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Array,
 
     @jax.checkpoint
     def piece(x_BCD, t_BC, m_BC):
-        logits_BCV = jnp.einsum("BCD,DV->BCV", x_BCD, w_DV).astype(jnp.float32)
+        logits_BCV = dense(x_BCD, w_DV).astype(jnp.float32)
         m_BC = m_BC.astype(jnp.float32)
         logp_BC, hit_BC = _log_probs_and_hits(logits_BCV, t_BC)
         nll = -jnp.sum(logp_BC * m_BC)

@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm import model
-from jaxlm.config import PRESET_NAMES, ModelConfig, model_preset
-from jaxlm.model import attention
+from jaxlm import model, sharding
+from jaxlm.config import PRESET_NAMES, MeshConfig, ModelConfig, model_preset
+from jaxlm.model import attention, layers
 
 ODD = ModelConfig(vocab_size=37, d_model=24, n_layers=3, n_heads=6, n_kv_heads=2, d_ff=40,
                   max_seq_len=64, rope_theta=100.0)
@@ -416,3 +416,37 @@ def test_matches_numpy_reference(n_heads, n_kv_heads, qkv_bias):
     assert np.abs(expected).max() > 0.5  # the logits are far from fp32 noise
     actual = _jit(model.apply)(cfg, p, tokens)
     np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("x_shape,w_shape,n_in", [((2, 5, 24), (24, 2, 40), 1),    # gate_up
+                                                  ((2, 5, 6, 4), (6, 4, 24), 2),     # o
+                                                  ((2, 5, 24), (24, 37), 1)])        # the head
+def test_dense_matches_einsum_with_gradients(x_shape, w_shape, n_in):
+    rng = np.random.default_rng(0)
+    x, w = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in (x_shape, w_shape))
+    g = jnp.asarray(rng.standard_normal(x_shape[:2] + w_shape[n_in:]), jnp.float32)
+    outs = {}
+    for name, fn in (("dense", functools.partial(layers.dense, n_in=n_in)),
+                     ("einsum", lambda x, w: jnp.tensordot(x, w, axes=n_in))):
+        out, vjp = jax.vjp(fn, x, w)
+        outs[name] = (out, vjp(g))
+    assert outs["dense"][0].shape == x_shape[:2] + w_shape[n_in:]
+    np.testing.assert_allclose(outs["dense"][0], outs["einsum"][0], rtol=1e-5, atol=1e-5)
+    _assert_trees_close(outs["dense"][1], outs["einsum"][1], rtol=1e-5, atol=1e-5)
+
+
+def test_dense_keeps_weights_whole_where_the_mesh_splits_a_merged_axis():
+    # Merging [D, 2, F] into [D, 2F] with F split over "tensor" would reshard the weight: under
+    # fsdp_tp with tensor=2, dense contracts the 3-D weight; under fsdp (F whole) it flattens it.
+    x, w = jnp.ones((2, 4, 8)), jnp.ones((8, 2, 6))
+    axes = ("embed", "gate", "mlp")
+
+    def reshapes_w(rules):
+        mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=4, tensor=2, rules=rules))
+        with sharding.activate(mesh, rules):
+            jaxpr = jax.make_jaxpr(lambda x, w: layers.dense(x, w, w_axes=axes))(x, w)
+        return any(e.primitive.name == "reshape" and e.invars[0] is jaxpr.jaxpr.invars[1]
+                   for e in jaxpr.jaxpr.eqns)
+
+    assert sharding.splits(("mlp",)) is False  # no mesh active
+    assert reshapes_w("fsdp") and not reshapes_w("fsdp_tp")
