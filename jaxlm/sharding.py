@@ -78,14 +78,17 @@ def device_grid(sizes: list[int], devices: list) -> np.ndarray:
     return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=not by_slice)
 
 
+def _mesh_axes(rules: str, name) -> tuple:
+    """The mesh axes that `rules` maps the logical axis `name` to (none: replicated)."""
+    axes = RULES[rules].get(name)
+    return (axes,) if isinstance(axes, str) else tuple(axes or ())
+
+
 def spec(mesh: Mesh, rules: str, shape, names) -> P:
     """PartitionSpec for an array of `shape` with logical axis `names`."""
-    table = RULES[rules]
     out, used = [], set()
     for dim, name in zip(shape, names):
-        axes = table.get(name)
-        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
+        axes = tuple(a for a in _mesh_axes(rules, name) if a not in used and mesh.shape[a] > 1)
         size = math.prod(mesh.shape[a] for a in axes)
         if not axes or dim % size:
             out.append(None)
@@ -137,12 +140,7 @@ def splits(names) -> bool:
     if _active is None:
         return False
     mesh, rules = _active
-    for name in names:
-        axes = RULES[rules].get(name)
-        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        if any(mesh.shape[a] > 1 for a in axes):
-            return True
-    return False
+    return any(mesh.shape[a] > 1 for name in names for a in _mesh_axes(rules, name))
 
 
 def constrain(x: jax.Array, names) -> jax.Array:
