@@ -11,10 +11,12 @@ G = N // K query heads per kv head, H head dim.
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class RopeScaling(NamedTuple):
@@ -127,20 +129,103 @@ def attention_causal_blocks(q_BTNH, k_BSKH, v_BSKH, mask: Mask, block: int = 64)
     """`attention_reference` for a mask inside the causal triangle, by blocks of queries.
 
     Query block i sees keys [0, (i + 1) * block) only: with n = T / block blocks, the logits,
-    softmax and both matmuls cover (n + 1) / 2n of the [T, T] square instead of all of it, and
-    each block's probabilities are smaller. Needs T == S, T a multiple of `block`, mask.causal.
+    softmax and matmuls cover (n + 1) / 2n of the [T, T] square instead of all of it. As in
+    flash attention, the forward keeps only the output and each row's log-sum-exp, and the
+    backward recomputes each block's probabilities from them: no [T, S] tensor is saved, and
+    the softmax backward is one elementwise pass, P * (dP - rowsum(dO * O)).
+    Needs T == S, T a multiple of `block`, mask.causal.
     """
-    B, T, N, H = q_BTNH.shape
+    T = q_BTNH.shape[1]
     if not mask.causal or k_BSKH.shape[1] != T or T % block:
         raise ValueError(f"causal blocks need a causal mask, T == S and T % {block} == 0; "
                          f"got T={T}, S={k_BSKH.shape[1]}, causal={mask.causal}")
-    allowed_BTS = dense_mask(mask, B, T)
-    outs = []
-    for i in range(T // block):
+    return _causal_blocks(q_BTNH, k_BSKH, v_BSKH, mask.dense_BTS, block)
+
+
+# Layout inside the blocks: heads grouped by kv head, [B, K, G, T, H] and [B, K, S, H], so that
+# every matmul is a batched [rows, H] x [H, S] or [rows, S] x [S, H] over (B, K).
+
+
+def _grouped(x_BTNH, K: int):
+    B, T, N, H = x_BTNH.shape
+    return x_BTNH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
+
+
+def _ungrouped(x_BKGTH):
+    B, K, G, T, H = x_BKGTH.shape
+    return x_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, K * G, H)
+
+
+def _block_logits(q_BKGbH, k_BKSH, allowed_BbS, i: int, block: int):
+    """Scaled, masked float32 logits [B, K, G, b, S] of query block i against keys [0, S)."""
+    S = k_BKSH.shape[2]
+    if allowed_BbS is None:  # plain causal: only the diagonal block masks anything
+        t, s = i * block + jnp.arange(block), jnp.arange(S)
+        allowed_BbS = (s[None, :] <= t[:, None])[None]
+    logits = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGbH, k_BKSH, preferred_element_type=jnp.float32)
+    logits = logits * (1 / np.sqrt(q_BKGbH.shape[-1])).astype(np.float32)
+    return jnp.where(allowed_BbS[:, None, None], logits, jnp.finfo(jnp.float32).min)
+
+
+def _blocks_of(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, block: int):
+    """Per query block i: (i, q [B, K, G, b, H], k and v [B, K, S_i, H], mask [B, b, S_i] or None)."""
+    K = k_BSKH.shape[2]
+    q_BKGTH = _grouped(q_BTNH, K)
+    k_BKSH, v_BKSH = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
+    for i in range(q_BTNH.shape[1] // block):
         rows, S = slice(i * block, (i + 1) * block), (i + 1) * block
-        block_mask = Mask(allowed_BTS[:, rows, :S])
-        outs.append(attention_reference(q_BTNH[:, rows], k_BSKH[:, :S], v_BSKH[:, :S], block_mask))
-    return jnp.concatenate(outs, axis=1)
+        yield (i, rows, q_BKGTH[:, :, :, rows], k_BKSH[:, :, :S], v_BKSH[:, :, :S],
+               None if allowed_BTS is None else allowed_BTS[:, rows, :S])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _causal_blocks(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, block: int):
+    return _causal_blocks_fwd(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, block)[0]
+
+
+def _causal_blocks_fwd(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, block: int):
+    outs, lses = [], []
+    for i, _, q, k, v, allowed in _blocks_of(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, block):
+        logits_BKGbS = _block_logits(q, k, allowed, i, block)
+        max_BKGb1 = jnp.max(logits_BKGbS, axis=-1, keepdims=True)
+        unnorm_BKGbS = jnp.exp(logits_BKGbS - max_BKGb1)
+        sum_BKGb1 = jnp.sum(unnorm_BKGbS, axis=-1, keepdims=True)
+        out = jnp.einsum("BKGTS,BKSH->BKGTH", unnorm_BKGbS.astype(v.dtype), v,
+                         preferred_element_type=jnp.float32) / sum_BKGb1
+        outs.append(out.astype(q_BTNH.dtype))
+        lses.append((max_BKGb1 + jnp.log(sum_BKGb1))[..., 0])
+    out_BTNH = _ungrouped(jnp.concatenate(outs, axis=3))
+    return out_BTNH, (q_BTNH, k_BSKH, v_BSKH, allowed_BTS, out_BTNH, lses)
+
+
+def _causal_blocks_bwd(block: int, res, dout_BTNH):
+    q_BTNH, k_BSKH, v_BSKH, allowed_BTS, out_BTNH, lses = res
+    B, T, K, H = k_BSKH.shape
+    # dLogits = P * (dP - D) with D = rowsum(P * dP) = rowsum(dO * O), one number per query row.
+    dout_BKGTH = _grouped(dout_BTNH, K)
+    D_BKGT = _grouped(jnp.sum(dout_BTNH.astype(jnp.float32) * out_BTNH.astype(jnp.float32), axis=-1,
+                              keepdims=True), K)[..., 0]
+    dqs = []
+    dk_BKHS = jnp.zeros((B, K, H, T), jnp.float32)
+    dv_BKHS = jnp.zeros((B, K, H, T), jnp.float32)
+    for i, rows, q, k, v, allowed in _blocks_of(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, block):
+        S = k.shape[2]
+        probs_BKGbS = jnp.exp(_block_logits(q, k, allowed, i, block) - lses[i][..., None])
+        dout = dout_BKGTH[:, :, :, rows]
+        dprobs = jnp.einsum("BKGTH,BKSH->BKGTS", dout, v, preferred_element_type=jnp.float32)
+        dlogits = (probs_BKGbS * (dprobs - D_BKGT[:, :, :, rows, None])).astype(q.dtype)
+        dq = jnp.einsum("BKGTS,BKSH->BKGTH", dlogits, k, preferred_element_type=jnp.float32)
+        dqs.append(dq * (1 / np.sqrt(H)).astype(np.float32))
+        dk_BKHS = dk_BKHS.at[..., :S].add(jnp.einsum("BKGTH,BKGTS->BKHS", q, dlogits,
+                                                     preferred_element_type=jnp.float32))
+        dv_BKHS = dv_BKHS.at[..., :S].add(jnp.einsum("BKGTH,BKGTS->BKHS", dout, probs_BKGbS.astype(v.dtype),
+                                                     preferred_element_type=jnp.float32))
+    dq_BTNH = _ungrouped(jnp.concatenate(dqs, axis=3)).astype(q_BTNH.dtype)
+    dk_BSKH = (dk_BKHS * (1 / np.sqrt(H)).astype(np.float32)).transpose(0, 3, 1, 2).astype(k_BSKH.dtype)
+    return dq_BTNH, dk_BSKH, dv_BKHS.transpose(0, 3, 1, 2).astype(v_BSKH.dtype), None
+
+
+_causal_blocks.defvjp(_causal_blocks_fwd, _causal_blocks_bwd)
 
 
 def attend(q_BTNH, k_BSKH, v_BSKH, mask: Mask, impl: str = "auto") -> jax.Array:

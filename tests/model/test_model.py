@@ -281,6 +281,25 @@ def test_causal_blocks_match_reference_with_gradients(kind):
     _assert_trees_close(outs["blocks"][1], outs["reference"][1], rtol=1e-5, atol=1e-5)
 
 
+def test_causal_blocks_save_no_probabilities_and_match_reference_in_bfloat16():
+    # The custom VJP keeps q, k, v, the output and one log-sum-exp per query row: nothing of
+    # size [T, S] (the autodiff version kept every block's probabilities).
+    B, N, K, H, block = 2, 6, 2, 4, 4
+    q, k, v, g = (jnp.asarray(np.random.default_rng(i).standard_normal((B, T, n, H)), jnp.bfloat16)
+                  for i, n in enumerate((N, K, K, N)))
+    mask = attention.make_mask(T, jnp.asarray(MASKS["packed"][0]))
+    blocks = functools.partial(attention.attention_causal_blocks, mask=mask, block=block)
+    residuals = jax.vjp(blocks, q, k, v)[1]
+    sizes = [x.size for x in jax.tree.leaves(residuals) if x.dtype != bool]
+    assert sum(sizes) == 2 * q.size + k.size + v.size + B * T * N, sizes
+    outs = {}
+    for name, fn in (("blocks", blocks), ("reference", lambda q, k, v: attention.attention_reference(q, k, v, mask))):
+        out, vjp = jax.vjp(fn, q, k, v)
+        outs[name] = [np.asarray(x, np.float32) for x in (out, *vjp(g))]
+    for got, want in zip(outs["blocks"], outs["reference"]):  # bfloat16: 8 bits of mantissa
+        np.testing.assert_allclose(got, want, rtol=2e-2, atol=3e-2)
+
+
 def test_auto_attention_on_cpu_takes_blocks_and_matches_reference():
     # T = 128 is two blocks of 64: "auto" on CPU runs attention_causal_blocks (packed rows here).
     cfg = dataclasses.replace(ODD, max_seq_len=128)
