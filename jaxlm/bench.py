@@ -10,6 +10,7 @@ prefill and decode tokens/s (skip with --no-sampler).
 """
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -68,7 +69,7 @@ def report(cfg: Config, step_s: float, info: dict) -> dict:
             "platform": jax.devices()[0].platform, "step_s": step_s, "tokens_per_s": tokens / step_s,
             "flops_per_token": fpt, "tflops": achieved / 1e12, "peak_tflops": peak / 1e12,
             "mfu": achieved / peak, "compile_s": info["compile_s"], "peak_bytes": info["peak_bytes"],
-            "loss": info["loss"]}
+            "loss": info["loss"], "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "unset")}
 
 
 def reference_args(cfg: Config, steps: int) -> list[str]:

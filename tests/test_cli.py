@@ -1,4 +1,5 @@
-"""The `jaxlm` command line: help texts, and one-line errors with exit status 2."""
+"""The `jaxlm` command line: help texts, one-line errors with exit status 2, the huge-page restart."""
+import json
 import os
 import subprocess
 import sys
@@ -74,3 +75,32 @@ def test_bad_override_as_a_process(config_file, tmp_path):
     assert "'model.n_layer'" in lines[0] and "n_layers" in lines[0]
     assert proc.stdout == ""
     assert not (tmp_path / "run").exists()
+
+
+def _huge_pages_apply() -> bool:
+    try:
+        name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+        with open(cli.THP_SETTING) as f:
+            return name == "glibc" and tuple(map(int, version.split(".")[:2])) >= (2, 35) and "[madvise]" in f.read()
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+@pytest.mark.skipif(not _huge_pages_apply(), reason="needs glibc >= 2.35 and transparent huge pages on madvise")
+@pytest.mark.parametrize("preset, starts", [(None, [None, cli.HUGE_PAGES]), ("", [""])])
+def test_the_command_restarts_itself_once_with_huge_pages_unless_tunables_are_set(preset, starts, tmp_path):
+    # A sitecustomize records every interpreter start of the process: its pid and GLIBC_TUNABLES.
+    (tmp_path / "sitecustomize.py").write_text(
+        "import json, os\n"
+        f"with open({str(tmp_path / 'starts.jsonl')!r}, 'a') as f:\n"
+        "    f.write(json.dumps([os.getpid(), os.environ.get('GLIBC_TUNABLES')]) + '\\n')\n")
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), str(REPO), os.environ.get("PYTHONPATH")]))
+    if preset is not None:
+        env["GLIBC_TUNABLES"] = preset
+    proc = subprocess.run([sys.executable, "-m", "jaxlm", "--help"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "usage: jaxlm" in proc.stdout, proc.stderr
+    records = [json.loads(line) for line in (tmp_path / "starts.jsonl").read_text().splitlines()]
+    assert [tunables for _, tunables in records] == starts
+    assert len({pid for pid, _ in records}) == 1  # exec: the same process, not a child
