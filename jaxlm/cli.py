@@ -349,7 +349,7 @@ def restart_with_huge_pages(argv: list[str]) -> None:
         with open(THP_SETTING) as f:
             opt_in = "[madvise]" in f.read()
         has_tunable = name == "glibc" and tuple(map(int, version.split(".")[:2])) >= (2, 35)
-    except (OSError, ValueError):
+    except (AttributeError, OSError, ValueError):  # no os.confstr, no such name, no THP file
         return
     if not (opt_in and has_tunable):
         return
