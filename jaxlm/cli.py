@@ -340,18 +340,20 @@ HUGE_PAGES = "glibc.malloc.hugetlb=1"
 THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
-def restart_with_huge_pages(argv: list[str]) -> None:
-    """Re-run `python -m jaxlm argv` with HUGE_PAGES set, where it helps; else return."""
-    if "GLIBC_TUNABLES" in os.environ or not sys.executable:
-        return
+def huge_pages_help() -> bool:
+    """glibc >= 2.35 (it has the hugetlb tunable) and transparent huge pages on madvise."""
     try:
         name, version = (os.confstr("CS_GNU_LIBC_VERSION") or "none 0").split()
         with open(THP_SETTING) as f:
             opt_in = "[madvise]" in f.read()
-        has_tunable = name == "glibc" and tuple(map(int, version.split(".")[:2])) >= (2, 35)
     except (AttributeError, OSError, ValueError):  # no os.confstr, no such name, no THP file
-        return
-    if not (opt_in and has_tunable):
+        return False
+    return opt_in and name == "glibc" and tuple(map(int, version.split(".")[:2])) >= (2, 35)
+
+
+def restart_with_huge_pages(argv: list[str]) -> None:
+    """Re-run `python -m jaxlm argv` with HUGE_PAGES set, where it helps; else return."""
+    if "GLIBC_TUNABLES" in os.environ or not sys.executable or not huge_pages_help():
         return
     os.execve(sys.executable, [sys.executable, "-m", "jaxlm", *argv],
               {**os.environ, "GLIBC_TUNABLES": HUGE_PAGES})

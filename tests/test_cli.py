@@ -77,16 +77,7 @@ def test_bad_override_as_a_process(config_file, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def _huge_pages_apply() -> bool:
-    try:
-        name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
-        with open(cli.THP_SETTING) as f:
-            return name == "glibc" and tuple(map(int, version.split(".")[:2])) >= (2, 35) and "[madvise]" in f.read()
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-@pytest.mark.skipif(not _huge_pages_apply(), reason="needs glibc >= 2.35 and transparent huge pages on madvise")
+@pytest.mark.skipif(not cli.huge_pages_help(), reason="needs glibc >= 2.35 and transparent huge pages on madvise")
 @pytest.mark.parametrize("preset, starts", [(None, [None, cli.HUGE_PAGES]), ("", [""])])
 def test_the_command_restarts_itself_once_with_huge_pages_unless_tunables_are_set(preset, starts, tmp_path):
     # A sitecustomize records every interpreter start of the process: its pid and GLIBC_TUNABLES.
