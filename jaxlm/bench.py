@@ -6,7 +6,8 @@ MFU against a given or measured peak, compile time and peak device bytes. With
 on identical shapes, alternating with jaxlm for `--rounds` rounds, and reports the median
 over rounds of jaxlm's tokens/s over each (shared machines are noisy: the ratio of runs
 taken side by side is what holds). Then times the KV-cache sampler (`sampler_report`):
-prefill and decode tokens/s (skip with --no-sampler).
+prefill and decode tokens/s, and decode against the memory-bandwidth bound of
+`jaxlm.perf.decode_bytes` (skip with --no-sampler).
 """
 from __future__ import annotations
 
@@ -92,7 +93,11 @@ def sampler_report(cfg: Config, rounds: int = 1, prompt_len: int = 0, new_tokens
     """Prefill and decode tokens/s of the KV-cache sampler (greedy, `jaxlm.generate`) on random
     prompts: train.batch_size rows of prompt_len tokens (default seq_len / 2) then new_tokens
     (default the rest of seq_len). Prefill time is that of a 1-token generation; decode time is
-    the rest of a full generation, over its new_tokens - 1 decode steps. Medians over rounds."""
+    the rest of a full generation, over its new_tokens - 1 decode steps. Medians over rounds.
+
+    decode_limit_tokens_per_s: B * bandwidth / `perf.decode_bytes` at the decode steps' mean
+    context, P + N / 2 (train.peak_bandwidth_gbs, or measured); decode_of_limit: the fraction
+    of it reached."""
     import statistics
 
     from jaxlm import generate, model
@@ -116,5 +121,10 @@ def sampler_report(cfg: Config, rounds: int = 1, prompt_len: int = 0, new_tokens
         first, full = run(1), run(N)
         prefill.append(B * P / first)
         decode.append(B * (N - 1) / max(full - first, 1e-9))
-    return {"prefill_tokens_per_s": statistics.median(prefill), "decode_tokens_per_s": statistics.median(decode),
-            "sampler_batch": B, "sampler_prompt": P, "sampler_new": N, "sampler_warmup_s": warmup_s}
+    bandwidth = cfg.train.peak_bandwidth_gbs * 1e9 or perf.measure_bandwidth()
+    limit = B * bandwidth / perf.decode_bytes(m, B, P + N / 2)
+    decode_tps = statistics.median(decode)
+    return {"prefill_tokens_per_s": statistics.median(prefill), "decode_tokens_per_s": decode_tps,
+            "decode_limit_tokens_per_s": limit, "decode_of_limit": decode_tps / limit,
+            "bandwidth_gbs": bandwidth / 1e9, "sampler_batch": B, "sampler_prompt": P, "sampler_new": N,
+            "sampler_warmup_s": warmup_s}

@@ -234,6 +234,8 @@ class TrainConfig:
     max_bad_steps: int = 3  # consecutive non-finite or spiking steps before a restore
     progress: bool = True
     peak_tflops: float = 0.0  # device peak for MFU; 0: measured with a large matmul
+    # device memory bandwidth for the decode bound of `jaxlm bench`; 0: measured (jaxlm.perf)
+    peak_bandwidth_gbs: float = 0.0
     loss_chunk: int = 0  # > 0: output projection + cross-entropy this many positions at a time
 
 
@@ -470,6 +472,8 @@ def validate(cfg: Config) -> None:
                 "save_every", "keep_checkpoints", "max_bad_steps"):
         _check(getattr(t, key) > 0, f"train.{key}={getattr(t, key)} must be positive")
     _check(t.eval_batches >= 0, f"train.eval_batches={t.eval_batches} must be >= 0")
+    for key in ("peak_tflops", "peak_bandwidth_gbs"):
+        _check(getattr(t, key) >= 0, f"train.{key}={getattr(t, key)} must be >= 0 (0: measured)")
     _check(t.loss_chunk >= 0 and (t.loss_chunk == 0 or t.seq_len % min(t.loss_chunk, t.seq_len) == 0),
            f"train.loss_chunk={t.loss_chunk} must be 0 (off) or divide train.seq_len={t.seq_len}")
     _check(t.seq_len <= m.max_seq_len,

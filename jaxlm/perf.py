@@ -1,10 +1,15 @@
-"""FLOP counting, the device's peak, and compiled memory: the numbers behind MFU.
+"""FLOP counting, the device's peak, and compiled memory: the numbers behind MFU; and the
+bytes a decode step must read, against the device's memory bandwidth.
 
 Model FLOPs per trained token (forward + backward) = 6 * N + 6 * L * T * D, where
 N counts every parameter that takes part in a matmul (all parameters but the input
 embedding table, which is a gather; with tied embeddings the table is the output
 projection and is counted once), and 6 * L * T * D is attention's score and value
 matmuls (12 * L * T * D) halved because the mask is causal. T is the sequence length.
+
+A decode step (one new token for each of B rows) reads at least every weight once, in the
+compute dtype, and the keys and values of every cached position of every row: at a memory
+bandwidth of W bytes/s, decoding cannot pass B * W / bytes tokens/s.
 """
 from __future__ import annotations
 
@@ -44,6 +49,29 @@ def measure_peak_flops(dtype: str | None = None, n: int | None = None, repeats: 
         f(a, b).block_until_ready()
         best = min(best, time.perf_counter() - t0)
     return 2.0 * n**3 / best
+
+
+def measure_bandwidth(n_bytes: int | None = None, repeats: int = 5) -> float:
+    """Bytes/s of a large elementwise pass (reads n_bytes, writes n_bytes) on the default device:
+    the 'measured bandwidth'. Default size: 256 MiB on CPU (past the caches), 2 GiB elsewhere."""
+    n_bytes = n_bytes or ((256 if jax.devices()[0].platform == "cpu" else 2048) << 20)
+    f = jax.jit(lambda a: a + 1.0, donate_argnums=0)  # in place: no fresh pages to fault in
+    x = f(jnp.zeros((n_bytes // 4,), jnp.float32)).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x = f(x).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * x.nbytes / best
+
+
+def decode_bytes(cfg: ModelConfig, batch: int, context: float) -> float:
+    """The fewest bytes one decode step can read: every weight but the input embedding table
+    (it gives only `batch` rows; a tied table is read whole as the output projection) once in
+    the compute dtype, and the keys and values of `context` cached positions for each row."""
+    item = jnp.dtype(cfg.compute_dtype).itemsize
+    kv = 2 * cfg.n_layers * batch * context * cfg.n_kv_heads * cfg.head_dim
+    return (matmul_params(cfg) + kv) * item
 
 
 def peak_bytes(compiled) -> int | None:

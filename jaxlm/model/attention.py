@@ -249,16 +249,37 @@ def attend(q_BTNH, k_BSKH, v_BSKH, mask: Mask, impl: str = "auto") -> jax.Array:
 class KVCache(NamedTuple):
     """Keys and values of every layer for a batch of left-padded rows, filled up to `index`.
 
-    k_LBSKH, v_LBSKH: [L, B, S, K, H] in the compute dtype. Column s of row b holds the token
-    at position s - start_B[b]; columns before start_B[b] are padding and never attended to.
-    Rows are left-padded so that every row writes the same column at each step (one
+    k_LBKSH, v_LBKSH: [L, B, K, S, H] in the compute dtype, heads before columns: a layer's
+    [B, K, S, H] slice is already in the layout of `attention_cached`'s matmuls, so a decode
+    step reads the cache without copying it. Column s of row b holds the token at position
+    s - start_B[b]; columns before start_B[b] are padding and never attended to. Rows are
+    left-padded so that every row writes the same column at each step (one
     `dynamic_update_slice`, no scatter). index: int32 [], the next column to write.
     """
 
-    k_LBSKH: jax.Array
-    v_LBSKH: jax.Array
+    k_LBKSH: jax.Array
+    v_LBKSH: jax.Array
     index: jax.Array
     start_B: jax.Array
+
+
+def attention_cached(q_BTNH, k_BKSH, v_BKSH, mask: Mask) -> jax.Array:
+    """`attention_reference` over keys and values in the cache's [B, K, S, H] layout.
+
+    With the heads ahead of the columns, both matmuls batch over (B, K) as the operands lie;
+    over a [B, S, K, H] cache XLA copies every layer's keys and values transposed at every
+    decode step (README, sampler speed). Logits and softmax in float32.
+    """
+    B, T, N, H = q_BTNH.shape
+    K, S = k_BKSH.shape[1:3]
+    q_BKGTH = _grouped(q_BTNH, K)
+    logits_BKGTS = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH, k_BKSH, preferred_element_type=jnp.float32)
+    logits_BKGTS = logits_BKGTS * np.float32(1 / np.sqrt(H))
+    allowed_BTS = dense_mask(mask, B, T, S)
+    logits_BKGTS = jnp.where(allowed_BTS[:, None, None], logits_BKGTS, jnp.finfo(jnp.float32).min)
+    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BKSH.dtype)
+    out_BKGTH = jnp.einsum("BKGTS,BKSH->BKGTH", probs_BKGTS, v_BKSH, preferred_element_type=jnp.float32)
+    return _ungrouped(out_BKGTH).astype(q_BTNH.dtype)
 
 
 def cache_mask(start_B: jax.Array, index, T: int, S: int, bidirectional: bool = False) -> Mask:

@@ -300,6 +300,24 @@ def test_causal_blocks_save_no_probabilities_and_match_reference_in_bfloat16():
         np.testing.assert_allclose(got, want, rtol=2e-2, atol=3e-2)
 
 
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)])
+def test_cached_attention_matches_reference_over_the_cache_layout(bidirectional, dtype, tol):
+    # Two new columns (index 9, 10) against a cache of 12, rows left-padded by 0 and 4 columns.
+    B, N, K, H, S = 2, 6, 2, 4, 12
+    q = jnp.asarray(np.random.default_rng(0).standard_normal((B, 2, N, H)), dtype)
+    k, v = (jnp.asarray(np.random.default_rng(i).standard_normal((B, S, K, H)), dtype) for i in (1, 2))
+    mask = attention.cache_mask(jnp.asarray([0, 4]), 9, 2, S, bidirectional)
+    got = attention.attention_cached(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
+    want = attention.attention_reference(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), mask)
+    assert got.dtype == dtype
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=tol, atol=tol)
+    # The mask matters: row 1 would differ if its padding columns were attended to.
+    unpadded = attention.attention_reference(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+                                             attention.cache_mask(jnp.asarray([0, 0]), 9, 2, S, bidirectional))
+    assert float(jnp.abs(want[1] - unpadded[1]).max()) > 1e-2
+
+
 def test_auto_attention_on_cpu_takes_blocks_and_matches_reference():
     # T = 128 is two blocks of 64: "auto" on CPU runs attention_causal_blocks (packed rows here).
     cfg = dataclasses.replace(ODD, max_seq_len=128)
