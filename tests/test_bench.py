@@ -24,8 +24,9 @@ def test_decode_bytes_are_the_weights_and_the_filled_cache(tied, dtype):
                   if tied or "embed" not in jax.tree_util.keystr(path)) * item
     B, S, context = 3, 40, 17.5
     cache = jax.eval_shape(lambda: model.init_cache(cfg, B, S))
-    kv = (cache.k_LBKSH.size + cache.v_LBKSH.size) * np.dtype(cache.k_LBKSH.dtype).itemsize * context / S
-    assert np.dtype(cache.k_LBKSH.dtype).itemsize == item
+    arrays = jax.tree.leaves((cache.k_BKSH, cache.v_BKSH))
+    assert len(arrays) == 2 * cfg.n_layers and {np.dtype(a.dtype).itemsize for a in arrays} == {item}
+    kv = sum(a.size for a in arrays) * item * context / S
     assert perf.decode_bytes(cfg, B, context) == pytest.approx(weights + kv)
 
 

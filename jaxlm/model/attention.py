@@ -249,16 +249,17 @@ def attend(q_BTNH, k_BSKH, v_BSKH, mask: Mask, impl: str = "auto") -> jax.Array:
 class KVCache(NamedTuple):
     """Keys and values of every layer for a batch of left-padded rows, filled up to `index`.
 
-    k_LBKSH, v_LBKSH: [L, B, K, S, H] in the compute dtype, heads before columns: a layer's
-    [B, K, S, H] slice is already in the layout of `attention_cached`'s matmuls, so a decode
-    step reads the cache without copying it. Column s of row b holds the token at position
-    s - start_B[b]; columns before start_B[b] are padding and never attended to. Rows are
-    left-padded so that every row writes the same column at each step (one
+    k_BKSH, v_BKSH: one [B, K, S, H] array per layer (tuples of L), in the compute dtype, heads
+    before columns: a decode step hands each layer's keys and values to `attention_cached`'s
+    matmuls as they lie, where slices of one stacked [L, ...] array, or a [B, S, K, H] layout,
+    cost a copy per layer and step (README, sampler speed). Column s of row b holds the token
+    at position s - start_B[b]; columns before start_B[b] are padding and never attended to.
+    Rows are left-padded so that every row writes the same column at each step (one
     `dynamic_update_slice`, no scatter). index: int32 [], the next column to write.
     """
 
-    k_LBKSH: jax.Array
-    v_LBKSH: jax.Array
+    k_BKSH: tuple
+    v_BKSH: tuple
     index: jax.Array
     start_B: jax.Array
 

@@ -48,34 +48,34 @@ class Block(nnx.Module):
         x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
         return sharding.constrain(x_BTD, ("act_batch", "act_seq", "act_embed"))
 
-    def extend(self, x_BTD, sin, cos, mask, k_LBKSH, v_LBKSH, layer, index, first: bool):
-        """The block on T new columns: writes their keys and values into layer `layer` of the
-        cache at column `index` (in place), attends over the cache (or, when `first`, over
-        the chunk alone: nothing precedes it). Returns (x, k cache, v cache)."""
+    def extend(self, x_BTD, sin, cos, mask, k_BKSH, v_BKSH, index, first: bool):
+        """The block on T new columns: writes their keys and values into this layer's cache at
+        column `index` (in place), attends over the cache (or, when `first`, over the chunk
+        alone: nothing precedes it). Returns (x, k cache, v cache)."""
         q_BTNH, k_BTKH, v_BTKH = self.attn.project(self.attn_norm(x_BTD), sin, cos)
-        def write(cache_LBKSH, x_BTKH):
-            x_1BKTH = x_BTKH.transpose(0, 2, 1, 3)[None].astype(cache_LBKSH.dtype)
-            return jax.lax.dynamic_update_slice(cache_LBKSH, x_1BKTH, (layer, 0, 0, index, 0))
 
-        k_LBKSH, v_LBKSH = write(k_LBKSH, k_BTKH), write(v_LBKSH, v_BTKH)
+        def write(cache_BKSH, x_BTKH):
+            x_BKTH = x_BTKH.transpose(0, 2, 1, 3).astype(cache_BKSH.dtype)
+            return jax.lax.dynamic_update_slice(cache_BKSH, x_BKTH, (0, 0, index, 0))
+
+        k_BKSH, v_BKSH = write(k_BKSH, k_BTKH), write(v_BKSH, v_BTKH)
         if first:
             out_BTNH = attn_lib.attend(q_BTNH, k_BTKH, v_BTKH, mask, impl=self.attn.attention)
         else:
-            layer_of = lambda cache_LBKSH: jax.lax.dynamic_index_in_dim(cache_LBKSH, layer, 0, keepdims=False)
-            out_BTNH = attn_lib.attention_cached(q_BTNH, layer_of(k_LBKSH), layer_of(v_LBKSH), mask)
+            out_BTNH = attn_lib.attention_cached(q_BTNH, k_BKSH, v_BKSH, mask)
         x_BTD = x_BTD + self.attn.output(out_BTNH)
         x_BTD = sharding.constrain(x_BTD, ("act_batch", "act_seq", "act_embed"))
         x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
-        return sharding.constrain(x_BTD, ("act_batch", "act_seq", "act_embed")), k_LBKSH, v_LBKSH
+        return sharding.constrain(x_BTD, ("act_batch", "act_seq", "act_embed")), k_BKSH, v_BKSH
 
 
-CACHE_AXES = ("layers", "act_batch", "act_heads", "act_seq", "head_dim")
+CACHE_AXES = ("act_batch", "act_heads", "act_seq", "head_dim")
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, start_B=None) -> attn_lib.KVCache:
     """An empty cache of `length` columns for `batch` rows (start_B: first real column per row)."""
-    shape = (cfg.n_layers, batch, cfg.n_kv_heads, length, cfg.head_dim)
-    zeros = sharding.constrain(jnp.zeros(shape, jnp.dtype(cfg.compute_dtype)), CACHE_AXES)
+    shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
+    zeros = (sharding.constrain(jnp.zeros(shape, jnp.dtype(cfg.compute_dtype)), CACHE_AXES),) * cfg.n_layers
     start_B = jnp.zeros((batch,), jnp.int32) if start_B is None else jnp.asarray(start_B, jnp.int32)
     return attn_lib.KVCache(zeros, zeros, jnp.zeros((), jnp.int32), start_B)
 
@@ -135,7 +135,7 @@ class Transformer(nnx.Module):
         """
         cfg = self.cfg
         T = tokens_BT.shape[1]
-        L, S = cache.k_LBKSH.shape[0], cache.k_LBKSH.shape[3]
+        L, S = len(cache.k_BKSH), cache.k_BKSH[0].shape[2]
         columns_T = cache.index + jnp.arange(T, dtype=jnp.int32)
         positions_BT = jnp.maximum(columns_T[None, :] - cache.start_B[:, None], 0)
         mask = attn_lib.cache_mask(cache.start_B, cache.index, T, T if first else S, bidirectional)
@@ -143,25 +143,27 @@ class Transformer(nnx.Module):
         x_BTD = sharding.constrain(self.embed(tokens_BT), ("act_batch", "act_seq", "act_embed"))
         layer_def, layer_state = nnx.split(self.layers)
 
-        def body(carry, xs):
-            x_BTD, k_LBKSH, v_LBKSH = carry
-            state, layer = xs
+        def body(x_BTD, xs):
+            state, k_BKSH, v_BKSH = xs
             block = nnx.merge(layer_def, state)
-            return block.extend(x_BTD, sin, cos, mask, k_LBKSH, v_LBKSH, layer, cache.index, first), None
+            x_BTD, k_BKSH, v_BKSH = block.extend(x_BTD, sin, cos, mask, k_BKSH, v_BKSH, cache.index, first)
+            return x_BTD, (k_BKSH, v_BKSH)
 
-        carry = (x_BTD, cache.k_LBKSH, cache.v_LBKSH)
         if layers is None and not cfg.scan_layers:
             layers = [jax.tree.map(lambda a, i=i: a[i], layer_state) for i in range(L)]
-        if layers is None:
-            (x_BTD, k_LBKSH, v_LBKSH), _ = jax.lax.scan(body, carry, (layer_state, jnp.arange(L)),
-                                                        unroll=min(cfg.scan_unroll, L))
+        if layers is None:  # the scan takes and gives the layers' caches stacked
+            x_BTD, (k_LBKSH, v_LBKSH) = jax.lax.scan(
+                body, x_BTD, (layer_state, jnp.stack(cache.k_BKSH), jnp.stack(cache.v_BKSH)),
+                unroll=min(cfg.scan_unroll, L))
+            k_BKSH, v_BKSH = jnp.unstack(k_LBKSH), jnp.unstack(v_LBKSH)
         else:
-            for layer, state in enumerate(layers):
-                carry, _ = body(carry, (state, layer))
-            x_BTD, k_LBKSH, v_LBKSH = carry
-        k_LBKSH = sharding.constrain(k_LBKSH, CACHE_AXES)
-        v_LBKSH = sharding.constrain(v_LBKSH, CACHE_AXES)
-        return self.final_norm(x_BTD), cache._replace(k_LBKSH=k_LBKSH, v_LBKSH=v_LBKSH,
+            k_BKSH, v_BKSH = [], []
+            for state, k, v in zip(layers, cache.k_BKSH, cache.v_BKSH):
+                x_BTD, (k, v) = body(x_BTD, (state, k, v))
+                k_BKSH.append(k)
+                v_BKSH.append(v)
+        constrain = lambda caches: tuple(sharding.constrain(c, CACHE_AXES) for c in caches)
+        return self.final_norm(x_BTD), cache._replace(k_BKSH=constrain(k_BKSH), v_BKSH=constrain(v_BKSH),
                                                       index=cache.index + T)
 
     def logits(self, x_BTD):
