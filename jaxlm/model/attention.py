@@ -156,6 +156,15 @@ def _ungrouped(x_BKGTH):
     return x_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, K * G, H)
 
 
+def _scale(H: int) -> np.float32:
+    return np.float32(1 / np.sqrt(H))
+
+
+def _scaled_masked(logits_BKGTS, allowed_BTS, H: int):
+    """float32 logits / sqrt(H), and float32's lowest where `allowed` [B, T, S] is false."""
+    return jnp.where(allowed_BTS[:, None, None], logits_BKGTS * _scale(H), jnp.finfo(jnp.float32).min)
+
+
 def _block_logits(q_BKGbH, k_BKSH, allowed_BbS, i: int, block: int):
     """Scaled, masked float32 logits [B, K, G, b, S] of query block i against keys [0, S)."""
     S = k_BKSH.shape[2]
@@ -163,8 +172,7 @@ def _block_logits(q_BKGbH, k_BKSH, allowed_BbS, i: int, block: int):
         t, s = i * block + jnp.arange(block), jnp.arange(S)
         allowed_BbS = (s[None, :] <= t[:, None])[None]
     logits = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGbH, k_BKSH, preferred_element_type=jnp.float32)
-    logits = logits * (1 / np.sqrt(q_BKGbH.shape[-1])).astype(np.float32)
-    return jnp.where(allowed_BbS[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    return _scaled_masked(logits, allowed_BbS, q_BKGbH.shape[-1])
 
 
 def _blocks_of(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, block: int):
@@ -215,13 +223,13 @@ def _causal_blocks_bwd(block: int, res, dout_BTNH):
         dprobs = jnp.einsum("BKGTH,BKSH->BKGTS", dout, v, preferred_element_type=jnp.float32)
         dlogits = (probs_BKGbS * (dprobs - D_BKGT[:, :, :, rows, None])).astype(q.dtype)
         dq = jnp.einsum("BKGTS,BKSH->BKGTH", dlogits, k, preferred_element_type=jnp.float32)
-        dqs.append(dq * (1 / np.sqrt(H)).astype(np.float32))
+        dqs.append(dq * _scale(H))
         dk_BKHS = dk_BKHS.at[..., :S].add(jnp.einsum("BKGTH,BKGTS->BKHS", q, dlogits,
                                                      preferred_element_type=jnp.float32))
         dv_BKHS = dv_BKHS.at[..., :S].add(jnp.einsum("BKGTH,BKGTS->BKHS", dout, probs_BKGbS.astype(v.dtype),
                                                      preferred_element_type=jnp.float32))
     dq_BTNH = _ungrouped(jnp.concatenate(dqs, axis=3)).astype(q_BTNH.dtype)
-    dk_BSKH = (dk_BKHS * (1 / np.sqrt(H)).astype(np.float32)).transpose(0, 3, 1, 2).astype(k_BSKH.dtype)
+    dk_BSKH = (dk_BKHS * _scale(H)).transpose(0, 3, 1, 2).astype(k_BSKH.dtype)
     return dq_BTNH, dk_BSKH, dv_BKHS.transpose(0, 3, 1, 2).astype(v_BSKH.dtype), None
 
 
@@ -275,9 +283,7 @@ def attention_cached(q_BTNH, k_BKSH, v_BKSH, mask: Mask) -> jax.Array:
     K, S = k_BKSH.shape[1:3]
     q_BKGTH = _grouped(q_BTNH, K)
     logits_BKGTS = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH, k_BKSH, preferred_element_type=jnp.float32)
-    logits_BKGTS = logits_BKGTS * np.float32(1 / np.sqrt(H))
-    allowed_BTS = dense_mask(mask, B, T, S)
-    logits_BKGTS = jnp.where(allowed_BTS[:, None, None], logits_BKGTS, jnp.finfo(jnp.float32).min)
+    logits_BKGTS = _scaled_masked(logits_BKGTS, dense_mask(mask, B, T, S), H)
     probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BKSH.dtype)
     out_BKGTH = jnp.einsum("BKGTS,BKSH->BKGTH", probs_BKGTS, v_BKSH, preferred_element_type=jnp.float32)
     return _ungrouped(out_BKGTH).astype(q_BTNH.dtype)
