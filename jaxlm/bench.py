@@ -61,16 +61,22 @@ def train_step_timer(cfg: Config, warmup: int = 2):
 
 
 def report(cfg: Config, step_s: float, info: dict) -> dict:
-    """The named numbers of one timing: tokens/s, TFLOP/s, MFU, memory."""
-    tokens = cfg.train.batch_size * cfg.train.seq_len
-    fpt = perf.flops_per_token(cfg.model, cfg.train.seq_len)
+    """The named numbers of one timing: tokens/s, TFLOP/s, MFU, memory, and the attention kernel
+    that the step's plain causal mask ran through (`jaxlm.model.attention.kernel`)."""
+    from jaxlm.model import attention
+
+    m, T = cfg.model, cfg.train.seq_len
+    tokens = cfg.train.batch_size * T
+    fpt = perf.flops_per_token(m, T)
     peak = cfg.train.peak_tflops * 1e12 or perf.measure_peak_flops()
     achieved = fpt * tokens / step_s
     return {"params": info["params"], "devices": jax.device_count(),
             "platform": jax.devices()[0].platform, "step_s": step_s, "tokens_per_s": tokens / step_s,
             "flops_per_token": fpt, "tflops": achieved / 1e12, "peak_tflops": peak / 1e12,
             "mfu": achieved / peak, "compile_s": info["compile_s"], "peak_bytes": info["peak_bytes"],
-            "loss": info["loss"], "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "unset")}
+            "loss": info["loss"], "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "unset"),
+            "attention": attention.kernel(m.attention, attention.Mask(None), T, T, m.compute_dtype,
+                                          m.head_dim, jax.default_backend(), attention.cudnn_head_dim())}
 
 
 def reference_args(cfg: Config, steps: int) -> list[str]:

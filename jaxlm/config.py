@@ -53,10 +53,11 @@ class ModelConfig:
     # for shallow models; same params and checkpoints either way).
     scan_layers: bool = True
     scan_unroll: int = 1  # layers per scan iteration: more compiles longer, may run faster
-    # auto: jax.nn.dot_product_attention (cuDNN flash on GPU for a plain causal mask), and on
-    # CPU causal blocks where the mask allows | blocks (causal blocks, skipping the upper
-    # triangle, on any backend where the mask allows; dot_product_attention elsewhere) |
-    # reference (plain einsum)
+    # auto: on CPU causal blocks where the mask allows; on a CUDA GPU cuDNN flash attention for
+    # a plain causal mask in bf16/fp16; jax.nn.dot_product_attention's XLA path otherwise |
+    # blocks (causal blocks, skipping the upper triangle, on any backend where the mask
+    # allows) | cudnn (as auto on GPU; an error where cuDNN cannot run) | reference (plain
+    # einsum). `jaxlm.model.attention.kernel` decides; `jaxlm bench` prints its choice.
     attention: str = "auto"
     init_std: float = 0.02
     value_head: bool = False  # a scalar-per-token head (reward model, PPO critic)
@@ -281,7 +282,7 @@ _CHOICES = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "dots", "full"),
-    "model.attention": ("auto", "blocks", "reference"),
+    "model.attention": ("auto", "blocks", "cudnn", "reference"),
     "model.rope_scaling": ("none", "linear", "llama3"),
     "mesh.rules": ("dp", "fsdp", "fsdp_tp"),
     "optim.name": ("adamw", "adafactor"),

@@ -50,3 +50,13 @@ def test_negative_peaks_are_config_errors():
     for key in ("peak_tflops", "peak_bandwidth_gbs"):
         with pytest.raises(ConfigError, match=f"train.{key}=-1.0 must be >= 0"):
             from_dict({**TREE, "train": {**TREE["train"], key: -1.0}})
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU kernels")
+@pytest.mark.parametrize("seq_len, kernel", [(128, "blocks"), (32, "xla"), (128, "reference")])
+def test_report_names_the_attention_kernel_of_the_step(seq_len, kernel):
+    attention = "reference" if kernel == "reference" else "auto"
+    cfg = from_dict({"model": {**TREE["model"], "max_seq_len": 128, "attention": attention},
+                     "train": {**TREE["train"], "seq_len": seq_len, "peak_tflops": 1.0}})
+    r = bench.report(cfg, 1.0, {"params": 1, "compile_s": 0.0, "peak_bytes": 0, "loss": 0.0})
+    assert r["attention"] == kernel

@@ -48,7 +48,7 @@ BAD = {
     "two -1 mesh": (["mesh.data=-1", "mesh.fsdp=-1"], ["mesh.data", "mesh.fsdp", "-1"]),
     "not key=value": (["train.steps"], ["'train.steps'", "key.sub=value"]),
     "value not YAML": (["train.steps=[1,"], ["'train.steps=[1,'", "'[1,'", "not valid YAML"]),
-    "attention choice": (["model.attention=flash"], ["model.attention='flash'", "auto, blocks, reference"]),
+    "attention choice": (["model.attention=flash"], ["model.attention='flash'", "auto, blocks, cudnn, reference"]),
     "shuffle block": (["data.shuffle_block=0"], ["data.shuffle_block=0", "positive"]),
 }
 

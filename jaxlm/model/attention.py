@@ -1,9 +1,10 @@
 """Attention: RoPE, masks (causal, packed segments, bidirectional prefix) and two kernels.
 
-`attend` routes to `jax.nn.dot_product_attention`, whose fast paths (cuDNN flash attention
-on GPU) need a plain causal mask; packed or prefix masks go through its XLA path with an
-explicit mask. On CPU, masks inside the causal triangle (causal, packed, padded) go through
-`attention_causal_blocks`, which skips the key blocks above the diagonal.
+`attend` runs the kernel that `kernel` picks: on CPU, masks inside the causal triangle (causal,
+packed, padded) go through `attention_causal_blocks`, which skips the key blocks above the
+diagonal; on a CUDA GPU a plain causal mask in bf16/fp16 goes to cuDNN flash attention; the
+rest (prefix masks; packed and padded ones on GPU) to `jax.nn.dot_product_attention`'s XLA
+path with an explicit mask.
 `attention_reference` is a plain einsum version the tests compare against.
 
 Shapes: B batch, T query positions, S key positions, N query heads, K kv heads,
@@ -236,17 +237,57 @@ def _causal_blocks_bwd(block: int, res, dout_BTNH):
 _causal_blocks.defvjp(_causal_blocks_fwd, _causal_blocks_bwd)
 
 
-def attend(q_BTNH, k_BSKH, v_BSKH, mask: Mask, impl: str = "auto") -> jax.Array:
-    """Attention through causal blocks where the mask allows ("blocks" on any backend, "auto" on
-    CPU), else `jax.nn.dot_product_attention` (decode steps, prefix masks); or the reference."""
+def kernel(impl: str, mask: Mask, T: int, S: int, dtype, H: int, backend: str,
+           cudnn_head_dim: int = 0) -> str:
+    """Which kernel `attend` runs: "reference", "blocks", "cudnn" or "xla".
+
+    "blocks" (`attention_causal_blocks`) where the mask stays inside the causal triangle and T is
+    a multiple of 64: on CPU under "auto", on any backend under "blocks". "cudnn" (cuDNN flash
+    attention through `jax.nn.dot_product_attention`, which with no `implementation` runs XLA
+    even on GPU) for a plain causal mask in bfloat16 / float16 with a head dim that cuDNN takes,
+    a multiple of 8 up to `cudnn_head_dim` (0: no cuDNN here); under "auto" on GPU, and under
+    "cudnn", which is an error where cuDNN cannot run it. Packed, padded and prefix masks on GPU
+    go to the XLA path with the explicit mask, so no kernel can drop a segment boundary.
+    """
     if impl == "reference":
+        return "reference"
+    blocks_fit = mask.causal and S == T and T % 64 == 0 and T > 64
+    if blocks_fit and (impl == "blocks" or (impl == "auto" and backend == "cpu")):
+        return "blocks"
+    cudnn_fits = (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and H % 8 == 0
+                  and H <= cudnn_head_dim)
+    if impl == "cudnn" and not cudnn_fits:
+        raise ValueError(f"model.attention=cudnn needs a CUDA GPU with cuDNN and bfloat16 or float16 "
+                         f"compute with a head dim that is a multiple of 8 up to 128 (256 from "
+                         f"Hopper); here: backend {backend!r}, dtype {jnp.dtype(dtype).name}, head dim {H}")
+    if mask.dense_BTS is None and cudnn_fits and impl in ("auto", "cudnn"):
+        return "cudnn"
+    return "xla"
+
+
+def cudnn_head_dim() -> int:
+    """The largest head dim cuDNN flash attention takes on this machine's first device: 256 on
+    Hopper and later, 128 on earlier CUDA GPUs, 0 without CUDA (CPU, TPU, ROCm)."""
+    import jax.extend
+
+    device = jax.devices()[0]
+    if device.platform != "gpu" or "cuda" not in jax.extend.backend.get_backend().platform_version.lower():
+        return 0
+    major = int(str(getattr(device, "compute_capability", "0")).split(".")[0])
+    return 256 if major >= 9 else 128
+
+
+def attend(q_BTNH, k_BSKH, v_BSKH, mask: Mask, impl: str = "auto") -> jax.Array:
+    """Attention through the kernel that `kernel` picks for this mask, dtype and backend."""
+    B, T, N, H = q_BTNH.shape
+    name = kernel(impl, mask, T, k_BSKH.shape[1], q_BTNH.dtype, H, jax.default_backend(),
+                  cudnn_head_dim())
+    if name == "reference":
         return attention_reference(q_BTNH, k_BSKH, v_BSKH, mask)
-    T, block = q_BTNH.shape[1], 64
-    blocks_fit = mask.causal and k_BSKH.shape[1] == T and T % block == 0 and T > block
-    if blocks_fit and (impl == "blocks" or jax.default_backend() == "cpu"):
-        return attention_causal_blocks(q_BTNH, k_BSKH, v_BSKH, mask, block)
+    if name == "blocks":
+        return attention_causal_blocks(q_BTNH, k_BSKH, v_BSKH, mask)
     if mask.dense_BTS is None:
-        return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, is_causal=True)
+        return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, is_causal=True, implementation=name)
     return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask.dense_BTS[:, None],
                                         implementation="xla")
 

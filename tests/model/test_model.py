@@ -338,6 +338,56 @@ def test_auto_attention_on_cpu_takes_blocks_and_matches_reference():
     _assert_trees_close(out["auto"][2], out["reference"][2], rtol=1e-4, atol=1e-5)
 
 
+def test_kernel_choice_per_mask_dtype_and_backend():
+    causal, packed = attention.Mask(None), attention.make_mask(128, jnp.ones((1, 128), jnp.int32))
+    prefix = attention.make_mask(128, prefix_len_B=jnp.array([5]))
+    bf16, f32 = jnp.bfloat16, jnp.float32
+    pick = lambda impl, mask, dtype=bf16, H=64, backend="gpu", cudnn=256, T=128: attention.kernel(
+        impl, mask, T, T, dtype, H, backend, cudnn)
+    # CPU: causal blocks wherever the mask stays inside the triangle and T is blocks of 64.
+    assert [pick("auto", m, f32, backend="cpu", cudnn=0) for m in (causal, packed, prefix)] == [
+        "blocks", "blocks", "xla"]
+    assert pick("auto", causal, f32, backend="cpu", cudnn=0, T=96) == "xla"
+    # CUDA GPU: cuDNN for the plain causal mask only; packed and prefix masks keep the XLA path,
+    # where the explicit mask holds the segment boundaries.
+    assert [pick("auto", m) for m in (causal, packed, prefix)] == ["cudnn", "xla", "xla"]
+    assert pick("cudnn", packed) == "xla"
+    assert pick("blocks", packed) == "blocks"
+    # cuDNN takes bf16/fp16 and head dims that are multiples of 8 up to its limit.
+    assert pick("auto", causal, jnp.float16) == "cudnn"
+    assert [pick("auto", causal, f32), pick("auto", causal, H=36), pick("auto", causal, H=256, cudnn=128),
+            pick("auto", causal, backend="tpu", cudnn=0)] == ["xla"] * 4
+    assert pick("reference", causal) == "reference"
+    with pytest.raises(ValueError, match="model.attention=cudnn needs a CUDA GPU.*backend 'cpu', dtype float32"):
+        pick("cudnn", causal, f32, backend="cpu", cudnn=0)
+    if jax.default_backend() == "cpu":
+        assert attention.cudnn_head_dim() == 0
+
+
+@pytest.mark.skipif(attention.cudnn_head_dim() == 0, reason="needs a CUDA GPU with cuDNN")
+def test_cudnn_attention_matches_reference_on_gpu():
+    # The GPU path: "auto" in bf16 lowers to cuDNN's fused attention and gives the reference's
+    # outputs and gradients; a packed mask stays on the XLA path and keeps its segments.
+    B, T, N, K, H = 2, 256, 8, 2, 64
+    keys = jax.random.split(jax.random.key(0), 4)
+    q, k, v = (jax.random.normal(key, (B, T, n, H), jnp.bfloat16) for key, n in zip(keys, (N, K, K)))
+    w = jax.random.normal(keys[3], (B, T, N, H), jnp.float32)
+    segments = jnp.repeat(jnp.array([[1, 2], [1, 0]], jnp.int32), T // 2, axis=1)
+    for mask, name in ((attention.Mask(None), "cudnn"), (attention.make_mask(T, segments), "xla")):
+        loss = lambda impl: lambda q, k, v: jnp.sum(attention.attend(q, k, v, mask, impl).astype(jnp.float32) * w)
+        assert attention.kernel("auto", mask, T, T, q.dtype, H, "gpu", attention.cudnn_head_dim()) == name
+        hlo = jax.jit(loss("auto")).lower(q, k, v).as_text()
+        assert ("cudnn" in hlo) == (name == "cudnn")
+        # bf16 against a float32 reference: the kernel may err no more than twice the bf16
+        # reference does (both keep the probabilities in bf16 for the second matmul).
+        run = lambda impl, *a: jax.jit(jax.value_and_grad(loss(impl), argnums=(0, 1, 2)))(*a)
+        exact = jax.tree.leaves(run("reference", *(x.astype(jnp.float32) for x in (q, k, v))))
+        err = lambda got: [float(jnp.max(jnp.abs(a.astype(jnp.float32) - b)))
+                           for a, b in zip(jax.tree.leaves(got), exact)]
+        kernel_err, bf16_err = err(run("auto", q, k, v)), err(run("reference", q, k, v))
+        assert all(a <= 2 * b + 1e-3 for a, b in zip(kernel_err, bf16_err)), (kernel_err, bf16_err)
+
+
 def test_remat_policies_give_the_same_loss_and_gradients(params, tokens, w_BTV):
     out = {r: _run(dataclasses.replace(ODD, remat=r), params, tokens, w_BTV) for r in ("none", "dots", "full")}
     for r in ("dots", "full"):
