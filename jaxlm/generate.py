@@ -102,6 +102,7 @@ def _loop(cfg, params, prompt_BP, lengths_B, limits_B, stop_S, temperature, top_
     with activate:
         B, P = prompt_BP.shape
         N = max_new
+        params = model.compute_params(cfg, params)  # cast once, not at every decode step
         logits_BV, cache = model.prefill(cfg, params, prompt_BP, lengths_B, P + N - 1,
                                          bidirectional=bidirectional)
         layers = model.layer_params(cfg, params) if unroll_layers and N > 1 else None  # once, not per step
@@ -187,6 +188,9 @@ def generate(cfg, params: dict, prompts, prompt_lengths=None, max_new_tokens=64,
     layers unrolled over per-layer weight slices made once per call (`model.layer_params`):
     faster decoding, for a second copy of the layer weights while generating; False: scan the
     stacked weights (no extra memory, but each decode step re-slices every layer's weights).
+    Where the compute dtype is narrower than the params (bfloat16 on GPU), the weights are cast
+    once per call (`model.compute_params`), a copy in that dtype, so that the decode steps read
+    bfloat16 weights.
     """
     cfg = getattr(cfg, "model", cfg)
     if not isinstance(cfg, ModelConfig):

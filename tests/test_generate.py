@@ -5,6 +5,7 @@ compile per shape; and the prompt builders of `jaxlm generate`.
 Sizes are odd where they can be (V=37, F=56, prompts of 3, 5, 7, 11, 20 tokens); heads are
 N=8, K=4 so that a 2 x 4 (data x tensor) mesh splits them. float32 throughout.
 """
+import dataclasses
 import functools
 
 import jax
@@ -100,6 +101,34 @@ def test_cache_logits_equal_a_full_forward_over_the_prefix_at_every_step(params,
     if prefix_lm:  # the prefix really is bidirectional: a causal forward differs
         causal = _ref_logits(params, prompts[1, :7])[-1]
         assert np.abs(cached[1, 0] - causal).max() > 1e-3
+
+
+@pytest.mark.parametrize("unroll_layers", [True, False])
+def test_decode_loop_holds_the_weights_in_the_compute_dtype(unroll_layers):
+    """`compute_params` casts once what the model casts at every use, to the same logits, and
+    the sampler's decode loop then carries bfloat16 weights (float32 ones would be read and
+    converted at every step): its only float32 operands are the norm scales, used in float32."""
+    cfg = dataclasses.replace(CFG, dtype="bfloat16", qkv_bias=True, value_head=True)
+    params = _random_params(cfg, 0)
+    cast = model.compute_params(cfg, params)
+    kept = {jax.tree_util.keystr(p) for p, a in jax.tree_util.tree_leaves_with_path(cast) if a.dtype == jnp.float32}
+    assert kept == {"['final_norm']['scale']", "['layers']['attn_norm']['scale']",
+                    "['layers']['mlp_norm']['scale']", "['value_head']"}
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 16)).astype(np.int32)
+    forward = jax.jit(lambda p: model.apply(cfg, p, tokens))
+    np.testing.assert_array_equal(forward(cast), forward(params))
+    prompts, lengths = _prompts([3, 7, 11])
+    args = (gen.left_pad(prompts, lengths, 16), lengths, np.full(3, 8, np.int32), np.full(8, -1, np.int32),
+            jnp.float32(1), jnp.float32(1), gen._row_keys(0, 3))
+    loop = functools.partial(gen._loop, cfg, max_new=8, greedy=True, top_k=None, use_top_p=False,
+                             bidirectional=False, pad_id=0, on_token=None, mesh=None, rules="fsdp_tp",
+                             unroll_layers=unroll_layers)
+    (w,) = [e for e in jax.make_jaxpr(loop)(params, *args).jaxpr.eqns if e.primitive.name == "while"]
+    consts = w.invars[w.params["cond_nconsts"]:][:w.params["body_nconsts"]]
+    floats = [v.aval for v in consts if jnp.issubdtype(v.aval.dtype, jnp.floating)]
+    norms = {(cfg.d_model,), (cfg.n_layers, cfg.d_model)}
+    assert all(a.dtype == jnp.bfloat16 or a.shape in norms for a in floats), floats
+    assert sum(a.dtype == jnp.bfloat16 for a in floats) >= 6
 
 
 def test_left_pad_places_each_prompt_in_the_last_columns():

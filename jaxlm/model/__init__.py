@@ -17,7 +17,7 @@ from jaxlm.model.attention import KVCache
 from jaxlm.model.transformer import Transformer, init_cache
 
 __all__ = ["init", "apply", "logical_axes", "abstract_params", "param_count", "KVCache", "init_cache",
-           "prefill", "decode", "layer_params"]
+           "prefill", "decode", "layer_params", "compute_params"]
 
 
 def init(cfg: ModelConfig, key: jax.Array) -> dict:
@@ -98,6 +98,27 @@ def prefill(cfg: ModelConfig, params: dict, tokens_BP, lengths_B, length: int, *
 def layer_params(cfg: ModelConfig, params: dict) -> list[dict]:
     """The stacked layer params as one dict per layer (copies), for `decode(layers=...)`."""
     return [jax.tree.map(lambda a, i=i: a[i], params["layers"]) for i in range(cfg.n_layers)]
+
+
+_FLOAT32_AT_USE = ("scale", "value_head")  # the RMSNorm scales and the value head
+
+
+def compute_params(cfg: ModelConfig, params: dict) -> dict:
+    """`params` with every weight that the model casts to the compute dtype at use cast once
+    here, to the same values (the norm scales and the value head, used in float32, stay).
+
+    For a loop that applies the same weights at every step: XLA leaves the cast of a loop-
+    invariant weight inside the decode `while_loop`, so every decode step would read the
+    float32 weights and convert them, twice the bytes of a bfloat16 step. The identity where
+    params are already in the compute dtype.
+    """
+    dtype = jnp.dtype(cfg.compute_dtype)
+
+    def cast(path, a):
+        keep = path[-1].key in _FLOAT32_AT_USE or not jnp.issubdtype(a.dtype, jnp.floating)
+        return a if keep else a.astype(dtype)
+
+    return jax.tree_util.tree_map_with_path(cast, params)
 
 
 def decode(cfg: ModelConfig, params: dict, tokens_BT, cache: KVCache, *, layers=None):
