@@ -126,7 +126,10 @@ def attention_reference(q_BTNH, k_BSKH, v_BSKH, mask: Mask) -> jax.Array:
     return out_BTKGH.reshape(B, T, N, H)
 
 
-def attention_causal_blocks(q_BTNH, k_BSKH, v_BSKH, mask: Mask, block: int = 64) -> jax.Array:
+BLOCK = 64  # query and key block of `attention_causal_blocks` under `attend`
+
+
+def attention_causal_blocks(q_BTNH, k_BSKH, v_BSKH, mask: Mask, block: int = BLOCK) -> jax.Array:
     """`attention_reference` for a mask inside the causal triangle, by blocks of queries.
 
     Query block i sees keys [0, (i + 1) * block) only: with n = T / block blocks, the logits,
@@ -242,7 +245,7 @@ def kernel(impl: str, mask: Mask, T: int, S: int, dtype, H: int, backend: str,
     """Which kernel `attend` runs: "reference", "blocks", "cudnn" or "xla".
 
     "blocks" (`attention_causal_blocks`) where the mask stays inside the causal triangle and T is
-    a multiple of 64: on CPU under "auto", on any backend under "blocks". "cudnn" (cuDNN flash
+    a multiple of BLOCK (more than one block): on CPU under "auto", on any backend under "blocks". "cudnn" (cuDNN flash
     attention through `jax.nn.dot_product_attention`, which with no `implementation` runs XLA
     even on GPU) for a plain causal mask in bfloat16 / float16 with a head dim that cuDNN takes,
     a multiple of 8 up to `cudnn_head_dim` (0: no cuDNN here); under "auto" on GPU, and under
@@ -251,7 +254,7 @@ def kernel(impl: str, mask: Mask, T: int, S: int, dtype, H: int, backend: str,
     """
     if impl == "reference":
         return "reference"
-    blocks_fit = mask.causal and S == T and T % 64 == 0 and T > 64
+    blocks_fit = mask.causal and S == T and T % BLOCK == 0 and T > BLOCK
     if blocks_fit and (impl == "blocks" or (impl == "auto" and backend == "cpu")):
         return "blocks"
     cudnn_fits = (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and H % 8 == 0
