@@ -117,6 +117,10 @@ def test_decode_loop_holds_the_weights_in_the_compute_dtype(unroll_layers):
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 16)).astype(np.int32)
     forward = jax.jit(lambda p: model.apply(cfg, p, tokens))
     np.testing.assert_array_equal(forward(cast), forward(params))
+    # bfloat16 params under float32 compute stay as they are: a cast would double their bytes.
+    narrow = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    wide = dataclasses.replace(cfg, dtype="float32")
+    assert all(a is b for a, b in zip(jax.tree.leaves(model.compute_params(wide, narrow)), jax.tree.leaves(narrow)))
     prompts, lengths = _prompts([3, 7, 11])
     args = (gen.left_pad(prompts, lengths, 16), lengths, np.full(3, 8, np.int32), np.full(8, -1, np.int32),
             jnp.float32(1), jnp.float32(1), gen._row_keys(0, 3))

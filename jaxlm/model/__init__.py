@@ -104,19 +104,19 @@ _FLOAT32_AT_USE = ("scale", "value_head")  # the RMSNorm scales and the value he
 
 
 def compute_params(cfg: ModelConfig, params: dict) -> dict:
-    """`params` with every weight that the model casts to the compute dtype at use cast once
-    here, to the same values (the norm scales and the value head, used in float32, stay).
+    """`params` with every weight that the model casts to a narrower compute dtype at use (float32
+    params, bfloat16 compute) cast once here, to the same values; the norm scales and the value
+    head, used in float32, stay, and so does everything where the compute dtype is not narrower.
 
-    For a loop that applies the same weights at every step: XLA leaves the cast of a loop-
-    invariant weight inside the decode `while_loop`, so every decode step would read the
-    float32 weights and convert them, twice the bytes of a bfloat16 step. The identity where
-    params are already in the compute dtype.
+    For a loop that applies the same weights at every step (decoding): inside the loop the
+    weights are then read in the compute dtype, whether or not XLA would have hoisted each cast
+    out of the `while_loop` itself.
     """
     dtype = jnp.dtype(cfg.compute_dtype)
 
     def cast(path, a):
-        keep = path[-1].key in _FLOAT32_AT_USE or not jnp.issubdtype(a.dtype, jnp.floating)
-        return a if keep else a.astype(dtype)
+        narrower = jnp.issubdtype(a.dtype, jnp.floating) and dtype.itemsize < jnp.dtype(a.dtype).itemsize
+        return a.astype(dtype) if narrower and path[-1].key not in _FLOAT32_AT_USE else a
 
     return jax.tree_util.tree_map_with_path(cast, params)
 

@@ -257,10 +257,10 @@ def kernel(impl: str, mask: Mask, T: int, S: int, dtype, H: int, backend: str,
     blocks_fit = mask.causal and S == T and T % BLOCK == 0 and T > BLOCK
     if blocks_fit and (impl == "blocks" or (impl == "auto" and backend == "cpu")):
         return "blocks"
-    cudnn_fits = (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and H % 8 == 0
-                  and H <= cudnn_head_dim)
+    cudnn_fits = (backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+                  and H % 8 == 0 and H <= cudnn_head_dim)
     if impl == "cudnn" and not cudnn_fits:
-        raise ValueError(f"model.attention=cudnn needs a CUDA GPU with cuDNN and bfloat16 or float16 "
+        raise ValueError(f"model.attention=cudnn needs an Ampere or later CUDA GPU and bfloat16 or float16 "
                          f"compute with a head dim that is a multiple of 8 up to 128 (256 from "
                          f"Hopper); here: backend {backend!r}, dtype {jnp.dtype(dtype).name}, head dim {H}")
     if mask.dense_BTS is None and cudnn_fits and impl in ("auto", "cudnn"):
@@ -270,14 +270,15 @@ def kernel(impl: str, mask: Mask, T: int, S: int, dtype, H: int, backend: str,
 
 def cudnn_head_dim() -> int:
     """The largest head dim cuDNN flash attention takes on this machine's first device: 256 on
-    Hopper and later, 128 on earlier CUDA GPUs, 0 without CUDA (CPU, TPU, ROCm)."""
+    Hopper and later, 128 on Ampere and Ada, 0 where it does not run (CPU, TPU, ROCm, CUDA GPUs
+    before Ampere, which cuDNN's fused attention does not support)."""
     import jax.extend
 
     device = jax.devices()[0]
     if device.platform != "gpu" or "cuda" not in jax.extend.backend.get_backend().platform_version.lower():
         return 0
     major = int(str(getattr(device, "compute_capability", "0")).split(".")[0])
-    return 256 if major >= 9 else 128
+    return 256 if major >= 9 else 128 if major >= 8 else 0
 
 
 def attend(q_BTNH, k_BSKH, v_BSKH, mask: Mask, impl: str = "auto") -> jax.Array:
