@@ -75,8 +75,7 @@ def report(cfg: Config, step_s: float, info: dict) -> dict:
             "flops_per_token": fpt, "tflops": achieved / 1e12, "peak_tflops": peak / 1e12,
             "mfu": achieved / peak, "compile_s": info["compile_s"], "peak_bytes": info["peak_bytes"],
             "loss": info["loss"], "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "unset"),
-            "attention": attention.kernel(m.attention, attention.Mask(None), T, T, m.compute_dtype,
-                                          m.head_dim, jax.default_backend(), attention.cudnn_head_dim())}
+            "attention": attention.kernel(m.attention, attention.Mask(None), T, T, m.compute_dtype, m.head_dim)}
 
 
 def reference_args(cfg: Config, steps: int) -> list[str]:

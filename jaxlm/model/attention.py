@@ -240,25 +240,28 @@ def _causal_blocks_bwd(block: int, res, dout_BTNH):
 _causal_blocks.defvjp(_causal_blocks_fwd, _causal_blocks_bwd)
 
 
-def kernel(impl: str, mask: Mask, T: int, S: int, dtype, H: int, backend: str,
-           cudnn_head_dim: int = 0) -> str:
+def kernel(impl: str, mask: Mask, T: int, S: int, dtype, H: int, backend: Optional[str] = None,
+           cudnn_max_H: Optional[int] = None) -> str:
     """Which kernel `attend` runs: "reference", "blocks", "cudnn" or "xla".
 
     "blocks" (`attention_causal_blocks`) where the mask stays inside the causal triangle and T is
     a multiple of BLOCK (more than one block): on CPU under "auto", on any backend under "blocks". "cudnn" (cuDNN flash
     attention through `jax.nn.dot_product_attention`, which with no `implementation` runs XLA
     even on GPU) for a plain causal mask in bfloat16 / float16 with a head dim that cuDNN takes,
-    a multiple of 8 up to `cudnn_head_dim` (0: no cuDNN here); under "auto" on GPU, and under
+    a multiple of 8 up to `cudnn_max_H` (0: no cuDNN); under "auto" on GPU, and under
     "cudnn", which is an error where cuDNN cannot run it. Packed, padded and prefix masks on GPU
     go to the XLA path with the explicit mask, so no kernel can drop a segment boundary.
+    backend and cudnn_max_H default to this machine's (`jax.default_backend()`, `cudnn_head_dim()`).
     """
+    backend = backend or jax.default_backend()
+    cudnn_max_H = cudnn_head_dim() if cudnn_max_H is None else cudnn_max_H
     if impl == "reference":
         return "reference"
     blocks_fit = mask.causal and S == T and T % BLOCK == 0 and T > BLOCK
     if blocks_fit and (impl == "blocks" or (impl == "auto" and backend == "cpu")):
         return "blocks"
     cudnn_fits = (backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-                  and H % 8 == 0 and H <= cudnn_head_dim)
+                  and H % 8 == 0 and H <= cudnn_max_H)
     if impl == "cudnn" and not cudnn_fits:
         raise ValueError(f"model.attention=cudnn needs an Ampere or later CUDA GPU and bfloat16 or float16 "
                          f"compute with a head dim that is a multiple of 8 up to 128 (256 from "
@@ -284,8 +287,7 @@ def cudnn_head_dim() -> int:
 def attend(q_BTNH, k_BSKH, v_BSKH, mask: Mask, impl: str = "auto") -> jax.Array:
     """Attention through the kernel that `kernel` picks for this mask, dtype and backend."""
     B, T, N, H = q_BTNH.shape
-    name = kernel(impl, mask, T, k_BSKH.shape[1], q_BTNH.dtype, H, jax.default_backend(),
-                  cudnn_head_dim())
+    name = kernel(impl, mask, T, k_BSKH.shape[1], q_BTNH.dtype, H)
     if name == "reference":
         return attention_reference(q_BTNH, k_BSKH, v_BSKH, mask)
     if name == "blocks":
