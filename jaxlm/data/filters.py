@@ -19,7 +19,7 @@ from operator import add, mul, ne
 from pathlib import Path
 from typing import ClassVar
 
-from jaxlm.config import ConfigError
+from jaxlm.config.schema import ConfigError, build
 
 
 @dataclasses.dataclass(frozen=True)
@@ -390,30 +390,6 @@ RULES: dict[str, type] = {r.name: r for r in (
     HtmlStrip, GopherQuality, GopherRepetition, C4Lines, MinWords, Blocklist, PiiScrub)}
 
 
-def _type_name(typ) -> str:
-    args = typing.get_args(typ)
-    if typing.get_origin(typ) is tuple:
-        if len(args) == 2 and args[1] is Ellipsis:
-            return f"a list of {_type_name(args[0])}"
-        return "[" + ", ".join(map(_type_name, args)) + "]"
-    return {float: "a number"}.get(typ, typ.__name__)
-
-
-def _coerce(where: str, value, typ):
-    """`value` as type `typ` (lists become tuples, ints become floats), or ConfigError."""
-    args = typing.get_args(typ)
-    if typing.get_origin(typ) is tuple and isinstance(value, (list, tuple)):
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(where, v, args[0]) for v in value)
-        if len(value) == len(args):
-            return tuple(_coerce(where, v, t) for v, t in zip(value, args))
-    elif typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    elif typ in (int, str, bool) and isinstance(value, typ) and (typ is bool or not isinstance(value, bool)):
-        return value
-    raise ConfigError(f"{where}={value!r} has the wrong type; expected {_type_name(typ)}")
-
-
 def build_rules(spec: dict) -> list:
     """Rules from `{name: true | false | {param: value}}`, in the given order; false skips one."""
     if not isinstance(spec, dict):
@@ -429,16 +405,7 @@ def build_rules(spec: dict) -> list:
         if not isinstance(params, dict):
             raise ConfigError(f"filter {name!r} takes true, false or a mapping of parameters; "
                               f"got {params!r}")
-        cls = RULES[name]
-        hints = typing.get_type_hints(cls)
-        allowed = {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
-        kwargs = {}
-        for key, value in params.items():
-            if key not in allowed:
-                raise ConfigError(f"filter {name!r} has no parameter {key!r}; allowed: "
-                                  f"{', '.join(allowed) or 'none'}")
-            kwargs[key] = _coerce(f"{name}.{key}", value, allowed[key])
-        rules.append(cls(**kwargs))
+        rules.append(build(RULES[name], name, params, what=f"filter {name!r}"))
     return rules
 
 

@@ -347,10 +347,10 @@ def test_build_rules_in_order_with_params():
     ({"pii": {"max_matches": "3"}}, r"pii.max_matches='3' has the wrong type; expected int"),
     ({"pii": {"max_matches": True}}, r"expected int"),
     ({"pii": {"max_matches": 3.0}}, r"expected int"),
-    ({"gopher_quality": {"max_hash_ratio": "0.1"}}, r"expected a number"),
+    ({"gopher_quality": {"max_hash_ratio": "high"}}, r"max_hash_ratio='high' has the wrong type; expected float"),
     ({"gopher_repetition": {"top_ngrams": [[2]]}}, r"top_ngrams"),
     ({"gopher_repetition": {"dup_ngrams": [[1, 0.5]]}}, r"sizes must be >= 2"),
-    ({"blocklist": {"terms": "word"}}, r"expected a list of str"),
+    ({"blocklist": {"terms": 5}}, r"expected a list of str"),
     ({"html": "yes"}, r"filter 'html' takes true, false or a mapping"),
 ])
 def test_build_rules_errors(spec, match):

@@ -1,0 +1,34 @@
+"""Frozen dataclasses: the only schema. YAML files and `key.sub=value` overrides fill them.
+
+A YAML file holds overrides only, e.g.::
+
+    model: {preset: tiny, n_layers: 4}
+    train: {steps: 300, batch_size: 16}
+
+`model.preset` picks a named size first; every other key overrides a field of the preset.
+Errors are `ConfigError`: one line naming the bad key and what is allowed.
+
+One module per group of sections (`model`, `train`, `data`, `stages`), the coercer they share
+(`schema`), and the whole config with its loading and validation (`load`).
+"""
+from jaxlm.config.data import (
+    DataConfig,
+    MixSourceConfig,
+    PrepareConfig,
+    SourceConfig,
+    StageConfig,
+    TokenizeConfig,
+    TokenizerConfig,
+)
+from jaxlm.config.load import Config, from_dict, load_config, parse_overrides, save_config, to_dict, validate
+from jaxlm.config.model import PRESET_NAMES, ModelConfig, model_preset
+from jaxlm.config.schema import ConfigError
+from jaxlm.config.stages import SFTConfig
+from jaxlm.config.train import DistributedConfig, MeshConfig, OptimConfig, TrainConfig
+
+__all__ = [
+    "Config", "ConfigError", "DataConfig", "DistributedConfig", "MeshConfig", "MixSourceConfig", "ModelConfig",
+    "OptimConfig", "PRESET_NAMES", "PrepareConfig", "SFTConfig", "SourceConfig", "StageConfig", "TokenizeConfig",
+    "TokenizerConfig", "TrainConfig", "from_dict", "load_config", "model_preset", "parse_overrides", "save_config",
+    "to_dict", "validate",
+]

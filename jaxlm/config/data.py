@@ -1,0 +1,143 @@
+"""`data.*` (what training reads) and the data-stage sections `prepare.*`, `tokenizer.*`, `tokenize.*`."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from jaxlm.config.schema import check
+
+
+@dataclasses.dataclass(frozen=True)
+class MixSourceConfig:
+    """One training source: a token-shard directory written by `jaxlm data tokenize`."""
+
+    name: str = ""
+    path: str = ""
+    weight: float = 1.0  # mixture weight (normalised over the sources)
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    """A curriculum stage: `weights` ({source: weight}) until `until` (in data.curriculum_unit);
+    the last stage may leave `until` out and runs on to the end."""
+
+    until: Optional[int] = None
+    weights: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    source: str = "stdlib"  # stdlib: the standard library's .py files in memory | shards: `sources`
+    tokenizer: str = "byte"  # byte (UTF-8 bytes and jaxlm's specials), SentencePiece .model, tokenizer.json
+    sources: tuple[MixSourceConfig, ...] = ()
+    curriculum: tuple[StageConfig, ...] = ()  # empty: the sources' weights throughout
+    curriculum_unit: str = "tokens"  # tokens | steps (concat packing) | examples
+    objective: dict = dataclasses.field(default_factory=lambda: {"clm": 1.0})  # name -> weight
+    packing: str = "auto"  # auto: concat for clm/fim objectives, first_fit otherwise
+    lookahead: int = 256  # first_fit: examples packed together
+    # concat: sequences are drawn in a random order within blocks of this many (each exactly
+    # once per block); 1: in stream order. Small blocks keep a batch to a few documents for many
+    # steps (train loss falls below held-out); the default covers 16.8M tokens at seq_len 256.
+    shuffle_block: int = 65536
+    fim_max_tokens: int = 0  # FIM: documents are cut into pieces this long, each FIM'd alone; 0: seq_len // 2
+    heldout_fraction: float = 0.02
+    max_documents: int = 0  # 0: all (per source)
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceConfig:
+    """One raw-document source for `jaxlm data prepare`."""
+
+    name: str = ""
+    paths: tuple[str, ...] = ()  # files or globs
+    format: str = "auto"  # auto (by suffix) | jsonl | parquet | text
+    text_field: str = "text"
+    rules: Optional[dict] = None  # rule name -> params (or true); None: prepare.rules
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareConfig:
+    """`jaxlm data prepare`: filter, scrub and deduplicate raw documents, per source."""
+
+    sources: tuple[SourceConfig, ...] = ()
+    rules: dict = dataclasses.field(default_factory=lambda: {
+        "html": True, "gopher_quality": True, "gopher_repetition": True, "c4": True, "pii": True})
+    exact_dedup: bool = True
+    minhash_dedup: bool = True
+    minhash_ngram: int = 5
+    minhash_bands: int = 14
+    minhash_rows: int = 8
+    suffix_dedup: bool = False  # exact repeated spans (Lee et al. 2022), on UTF-8 bytes
+    suffix_min_len: int = 50
+    max_chars: int = 1_000_000  # longer documents are counted and skipped
+    out_dir: str = "data/prepared"
+    write_rejects: bool = True  # RUN_DIR/rejects.jsonl: every dropped document with its reason
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+    """`jaxlm data tokenizer`: train SentencePiece with the special symbols reserved."""
+
+    inputs: tuple[str, ...] = ()  # prepared JSONL (or text/Parquet) files or globs
+    text_field: str = "text"
+    out: str = "data/tokenizer"  # model prefix: writes OUT.model and OUT.vocab
+    vocab_size: int = 8192
+    model_type: str = "bpe"  # bpe | unigram
+    n_sentinels: int = 100
+    max_documents: int = 0  # 0: all
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizeConfig:
+    """`jaxlm data tokenize`: tokenize documents in worker processes into ArrayRecord shards."""
+
+    inputs: tuple[str, ...] = ()
+    text_field: str = "text"
+    tokenizer: str = "data/tokenizer.model"  # a SentencePiece .model, or "byte"
+    out_dir: str = "data/tokens"
+    workers: int = 0  # 0: one per CPU core
+    docs_per_shard: int = 8192
+    overwrite: bool = False
+
+
+
+CHOICES = {
+    "data.source": ("stdlib", "shards"),
+    "data.curriculum_unit": ("tokens", "steps", "examples"),
+    "data.packing": ("auto", "concat", "first_fit"),
+    "tokenizer.model_type": ("bpe", "unigram"),
+}
+
+
+def _check_tokenizer_name(key: str, value: str) -> None:
+    check(value == "byte" or value.endswith((".model", ".json")),
+          f"{key}={value!r} is not a tokenizer; allowed: byte, the path of a SentencePiece .model, "
+          "or of a Hugging Face tokenizer.json")
+
+
+def validate_data(d: DataConfig) -> None:
+    _check_tokenizer_name("data.tokenizer", d.tokenizer)
+    from jaxlm.objectives.denoise import OBJECTIVES
+
+    for name, w in d.objective.items():
+        check(name in OBJECTIVES, f"data.objective has {name!r}, not an objective; allowed: "
+              f"{', '.join(OBJECTIVES)}")
+        check(isinstance(w, (int, float)) and w > 0, f"data.objective.{name}={w!r} must be a positive weight")
+    check(bool(d.objective), f"data.objective is empty; give weights to some of: {', '.join(OBJECTIVES)}")
+    check(d.lookahead > 0, f"data.lookahead={d.lookahead} must be positive")
+    check(d.shuffle_block > 0, f"data.shuffle_block={d.shuffle_block} must be positive")
+    check(d.fim_max_tokens >= 0, f"data.fim_max_tokens={d.fim_max_tokens} must be >= 0 "
+          "(0: half of train.seq_len)")
+    check(d.max_documents >= 0, f"data.max_documents={d.max_documents} must be >= 0 (0: all)")
+    check(0 <= d.heldout_fraction < 1, f"data.heldout_fraction={d.heldout_fraction} must be in [0, 1)")
+
+
+def validate_tokenizer(t: TokenizerConfig) -> None:
+    check(t.vocab_size > 0, f"tokenizer.vocab_size={t.vocab_size} must be positive")
+
+
+def validate_tokenize(t: TokenizeConfig) -> None:
+    _check_tokenizer_name("tokenize.tokenizer", t.tokenizer)
+    check(t.workers >= 0, f"tokenize.workers={t.workers} must be >= 0 (0: all cores)")
+    check(t.docs_per_shard > 0, f"tokenize.docs_per_shard={t.docs_per_shard} must be positive")

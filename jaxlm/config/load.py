@@ -1,0 +1,129 @@
+"""The whole config: one section per dataclass, filled from YAML files and `key.sub=value` overrides."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from jaxlm.config import data, model, stages, train
+from jaxlm.config.data import DataConfig, PrepareConfig, TokenizeConfig, TokenizerConfig
+from jaxlm.config.model import ModelConfig, model_preset
+from jaxlm.config.schema import ConfigError, build, check
+from jaxlm.config.stages import SFTConfig
+from jaxlm.config.train import DistributedConfig, MeshConfig, OptimConfig, TrainConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = ModelConfig()
+    mesh: MeshConfig = MeshConfig()
+    optim: OptimConfig = OptimConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    prepare: PrepareConfig = PrepareConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    tokenize: TokenizeConfig = TokenizeConfig()
+    sft: SFTConfig = SFTConfig()
+    distributed: DistributedConfig = DistributedConfig()
+
+
+CHOICES = {**model.CHOICES, **train.CHOICES, **data.CHOICES, **stages.CHOICES}
+
+
+def _nest(flat: dict[str, Any]) -> dict:
+    tree: dict = {}
+    for key, value in flat.items():
+        parts = key.split(".")
+        node = tree
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config key {key!r} sets a field inside a non-section")
+        node[parts[-1]] = value
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`["model.n_layers=2", "train.run_dir=/tmp/x"]` -> nested dict (values parsed as YAML)."""
+    flat = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        key, raw = item.split("=", 1)
+        try:
+            flat[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"override {item!r}: the value {raw!r} is not valid YAML (a number, true/false, "
+                              "a string, [a, list] or {a: mapping}; quote strings with special characters)") from None
+    return _nest(flat)
+
+
+def from_dict(tree: dict) -> Config:
+    """Build a validated `Config` from a nested dict of overrides."""
+    cfg = Config()
+    sections = {f.name for f in dataclasses.fields(Config)}
+    for name, updates in tree.items():
+        if name not in sections:
+            raise ConfigError(f"unknown config section {name!r}; allowed: {', '.join(sorted(sections))}")
+        if not isinstance(updates, dict):
+            raise ConfigError(f"config section {name!r} must be a mapping, got {updates!r}")
+        section = getattr(cfg, name)
+        if name == "model" and "preset" in updates:
+            updates = dict(updates)
+            section = model_preset(updates.pop("preset"))
+        cfg = dataclasses.replace(cfg, **{name: build(section, name, updates)})
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file of overrides, apply `key.sub=value` overrides, validate."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}".splitlines()[0]) from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
+        tree = loaded
+    return from_dict(_merge(tree, parse_overrides(overrides or [])))
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def validate(cfg: Config) -> None:
+    """Reject impossible values with one line naming the key."""
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        check(value in allowed, f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
+    model.validate(cfg.model)
+    train.validate_mesh(cfg.mesh)
+    train.validate_train(cfg.train)
+    t, m = cfg.train, cfg.model
+    check(t.seq_len <= m.max_seq_len, f"train.seq_len={t.seq_len} must be <= model.max_seq_len={m.max_seq_len}")
+    train.validate_optim(cfg.optim, t.steps)
+    data.validate_tokenizer(cfg.tokenizer)
+    data.validate_tokenize(cfg.tokenize)
+    train.validate_distributed(cfg.distributed)
+    data.validate_data(cfg.data)
+    stages.validate_sft(cfg.sft)

@@ -1,0 +1,111 @@
+"""`model.*`: the decoder's shape and numerics, and the named sizes (presets)."""
+from __future__ import annotations
+
+import dataclasses
+
+from jaxlm.config.schema import ConfigError, check
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 512
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    d_ff: int = 352
+    max_seq_len: int = 256
+    rope_theta: float = 10_000.0
+    # RoPE frequency scaling for long context (the Hugging Face `rope_scaling` kinds):
+    # none | linear (every frequency / factor) | llama3 (Llama 3.1: low frequencies / factor,
+    # high ones kept, a smooth blend between, by wavelength relative to rope_original_max_len).
+    rope_scaling: str = "none"
+    rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0  # llama3 only
+    rope_high_freq_factor: float = 4.0  # llama3 only
+    rope_original_max_len: int = 8192  # llama3 only: the context length before scaling
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    dtype: str = "auto"  # compute dtype; auto: bfloat16 on GPU/TPU, float32 on CPU
+    param_dtype: str = "float32"
+    remat: str = "none"  # none | dots | full
+    # true: the layers run as one jax.lax.scan over their stacked params (compile time does
+    # not grow with depth); false: a Python loop over per-layer slices, which compiles longer
+    # but saves the scan's copies of every layer's activations into stacked buffers (faster
+    # for shallow models; same params and checkpoints either way).
+    scan_layers: bool = True
+    scan_unroll: int = 1  # layers per scan iteration: more compiles longer, may run faster
+    # auto: on CPU causal blocks where the mask allows; on a CUDA GPU cuDNN flash attention for
+    # a plain causal mask in bf16/fp16; jax.nn.dot_product_attention's XLA path otherwise |
+    # blocks (causal blocks, skipping the upper triangle, on any backend where the mask
+    # allows) | cudnn (as auto on GPU; an error where cuDNN cannot run) | reference (plain
+    # einsum). `jaxlm.model.attention.kernel` decides; `jaxlm bench` prints its choice.
+    attention: str = "auto"
+    init_std: float = 0.02
+    value_head: bool = False  # a scalar-per-token head (reward model, PPO critic)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def compute_dtype(self) -> str:
+        """`dtype` with "auto" resolved for the default backend."""
+        if self.dtype != "auto":
+            return self.dtype
+        import jax
+
+        return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+# LLaMA shapes (Touvron et al. 2023, table 2; LLaMA-2 70B for GQA with 8 kv heads).
+_PRESETS = {
+    "tiny": ModelConfig(),
+    "125m": ModelConfig(vocab_size=32_000, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12,
+                        d_ff=2048, max_seq_len=2048),
+    "1b": ModelConfig(vocab_size=32_000, d_model=2048, n_layers=16, n_heads=16, n_kv_heads=16,
+                      d_ff=5632, max_seq_len=2048),
+    "7b": ModelConfig(vocab_size=32_000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32,
+                      d_ff=11_008, max_seq_len=2048, norm_eps=1e-6),
+    "70b": ModelConfig(vocab_size=32_000, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8,
+                       d_ff=28_672, max_seq_len=4096, norm_eps=1e-5),
+}
+PRESET_NAMES = tuple(_PRESETS)
+
+
+def model_preset(name: str) -> ModelConfig:
+    """The `ModelConfig` of a named size: tiny, 125m, 1b, 7b, 70b."""
+    if name not in _PRESETS:
+        raise ConfigError(f"model.preset={name!r} is not a preset; allowed: {', '.join(_PRESETS)}")
+    return _PRESETS[name]
+
+
+
+CHOICES = {
+    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.remat": ("none", "dots", "full"),
+    "model.attention": ("auto", "blocks", "cudnn", "reference"),
+    "model.rope_scaling": ("none", "linear", "llama3"),
+}
+
+
+def validate(m: ModelConfig) -> None:
+    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len",
+                "scan_unroll"):
+        check(getattr(m, key) > 0, f"model.{key}={getattr(m, key)} must be positive")
+    check(m.d_model % m.n_heads == 0,
+          f"model.n_heads={m.n_heads} must divide model.d_model={m.d_model}")
+    check(m.n_heads % m.n_kv_heads == 0,
+          f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads}")
+    check(m.head_dim % 2 == 0, f"model.d_model/n_heads={m.head_dim} must be even for RoPE")
+    check(m.rope_theta > 0, f"model.rope_theta={m.rope_theta} must be positive")
+    if m.rope_scaling != "none":
+        check(m.rope_scaling_factor > 0, f"model.rope_scaling_factor={m.rope_scaling_factor} must be positive")
+    if m.rope_scaling == "llama3":
+        check(0 < m.rope_low_freq_factor < m.rope_high_freq_factor,
+              f"model.rope_low_freq_factor={m.rope_low_freq_factor} and model.rope_high_freq_factor="
+              f"{m.rope_high_freq_factor} must satisfy 0 < low < high")
+        check(m.rope_original_max_len > 0,
+              f"model.rope_original_max_len={m.rope_original_max_len} must be positive")

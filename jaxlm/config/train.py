@@ -1,0 +1,112 @@
+"""`mesh.*`, `optim.*`, `train.*` and `distributed.*`: how a run trains, on what devices."""
+from __future__ import annotations
+
+import dataclasses
+
+from jaxlm.config.schema import check
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = 1
+    fsdp: int = -1  # -1: the rest of the devices
+    tensor: int = 1
+    rules: str = "fsdp"  # dp | fsdp | fsdp_tp
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    name: str = "adamw"  # adamw | adafactor
+    lr: float = 3e-4
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    decay: str = "cosine"  # cosine | linear | inverse_sqrt | constant
+    final_lr_fraction: float = 0.1
+    clip_norm: float = 1.0  # 0 disables clipping
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 16  # global sequences per optimizer step
+    seq_len: int = 256
+    grad_accum_steps: int = 1
+    batch_ramp_start: int = 0  # 0: no ramp; else the global batch at step 0
+    batch_ramp_tokens: int = 0  # tokens over which the batch grows linearly to batch_size
+    run_dir: str = "runs/default"
+    seed: int = 0
+    init_from: str = ""  # another run's directory: start from its latest params
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 4
+    save_every: int = 100
+    keep_checkpoints: int = 3
+    async_checkpoint: bool = True
+    spike_factor: float = 0.0  # 0 disables; else restore when loss > factor * running mean
+    max_bad_steps: int = 3  # consecutive non-finite or spiking steps before a restore
+    progress: bool = True
+    peak_tflops: float = 0.0  # device peak for MFU; 0: measured with a large matmul
+    # device memory bandwidth for the decode bound of `jaxlm bench`; 0: measured (jaxlm.perf)
+    peak_bandwidth_gbs: float = 0.0
+    loss_chunk: int = 0  # > 0: output projection + cross-entropy this many positions at a time
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-process runs. Which process this is comes from the environment (jaxlm/distributed.py)."""
+
+    init_timeout_s: int = 300  # wait this long for every process to join
+    heartbeat_timeout_s: int = 100  # a process silent this long is dead: the others exit
+    shutdown_timeout_s: int = 300  # at a clean exit, wait this long for the others to finish
+
+
+CHOICES = {
+    "mesh.rules": ("dp", "fsdp", "fsdp_tp"),
+    "optim.name": ("adamw", "adafactor"),
+    "optim.decay": ("cosine", "linear", "inverse_sqrt", "constant"),
+}
+
+
+def validate_mesh(mesh: MeshConfig) -> None:
+    for key in ("data", "fsdp", "tensor"):
+        v = getattr(mesh, key)
+        check(v == -1 or v >= 1, f"mesh.{key}={v} must be >= 1, or -1 for the rest of the devices")
+    check([mesh.data, mesh.fsdp, mesh.tensor].count(-1) <= 1,
+          "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+
+
+def validate_train(t: TrainConfig) -> None:
+    for key in ("steps", "batch_size", "seq_len", "grad_accum_steps", "log_every", "eval_every",
+                "save_every", "keep_checkpoints", "max_bad_steps"):
+        check(getattr(t, key) > 0, f"train.{key}={getattr(t, key)} must be positive")
+    check(t.eval_batches >= 0, f"train.eval_batches={t.eval_batches} must be >= 0")
+    for key in ("peak_tflops", "peak_bandwidth_gbs"):
+        check(getattr(t, key) >= 0, f"train.{key}={getattr(t, key)} must be >= 0 (0: measured)")
+    check(t.loss_chunk >= 0 and (t.loss_chunk == 0 or t.seq_len % min(t.loss_chunk, t.seq_len) == 0),
+          f"train.loss_chunk={t.loss_chunk} must be 0 (off) or divide train.seq_len={t.seq_len}")
+    check(t.batch_size % t.grad_accum_steps == 0,
+          f"train.grad_accum_steps={t.grad_accum_steps} must divide train.batch_size={t.batch_size}")
+    check(0 <= t.batch_ramp_start <= t.batch_size,
+          f"train.batch_ramp_start={t.batch_ramp_start} must be in [0, train.batch_size={t.batch_size}]")
+    check(t.batch_ramp_tokens >= 0, f"train.batch_ramp_tokens={t.batch_ramp_tokens} must be >= 0")
+    check(t.spike_factor == 0 or t.spike_factor > 1,
+          f"train.spike_factor={t.spike_factor} must be 0 (off) or > 1")
+
+
+def validate_optim(o: OptimConfig, steps: int) -> None:
+    check(o.lr > 0, f"optim.lr={o.lr} must be positive")
+    check(0 <= o.warmup_steps <= steps,
+          f"optim.warmup_steps={o.warmup_steps} must be in [0, train.steps={steps}]")
+    check(0 <= o.final_lr_fraction <= 1, f"optim.final_lr_fraction={o.final_lr_fraction} must be in [0, 1]")
+    check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"optim.b1={o.b1}, optim.b2={o.b2} must be in [0, 1)")
+    check(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
+    check(o.clip_norm >= 0, f"optim.clip_norm={o.clip_norm} must be >= 0 (0 disables)")
+
+
+def validate_distributed(d: DistributedConfig) -> None:
+    for key in ("init_timeout_s", "heartbeat_timeout_s", "shutdown_timeout_s"):
+        v = getattr(d, key)
+        check(v > 0, f"distributed.{key}={v} must be positive (seconds)")
