@@ -71,7 +71,7 @@ def filter_chain(n_docs: int, repeats: int) -> dict:
 
 def tokenize(tokenizer_path: str, n_docs: int, repeats: int) -> dict:
     from jaxlm.data.corpus import stdlib_documents
-    from jaxlm.data.tokenizer import load_tokenizer
+    from jaxlm.data.tokenizers import load_tokenizer
 
     tok = load_tokenizer(tokenizer_path)
     texts = [t for _, t in stdlib_documents(n_docs).documents]

@@ -25,7 +25,8 @@ from jaxlm import model
 from jaxlm.checkpoint import restore_params
 from jaxlm.config import load_config
 from jaxlm.data.pipeline import build_lm_data
-from jaxlm.objectives import denoise, lm_loss
+from jaxlm.data.examples import fim
+from jaxlm.objectives import lm_loss
 
 
 def load_run(run_dir: str):
@@ -48,8 +49,8 @@ def examples(cfg, n_docs: int, chunk: int, seed: int):
             doc = np.pad(doc, (0, chunk - len(doc)), constant_values=sp.eos)
         start = int(rng.integers(0, len(doc) - chunk + 1))
         piece = doc[start:start + chunk]
-        i, j = denoise.fim_split(chunk, rng)
-        infill.append(denoise.fim_infill_example(piece, i, j, T, sp))
+        i, j = fim.fim_split(chunk, rng)
+        infill.append(fim.fim_infill_example(piece, i, j, T, sp))
         seq = piece[:j]  # prefix then middle, left to right; scored on the middle
         ex = {k: np.full(T, sp.pad, np.int32) for k in ("tokens", "targets")}
         ex["loss_mask"] = np.zeros(T, np.float32)
@@ -63,7 +64,7 @@ def examples(cfg, n_docs: int, chunk: int, seed: int):
 
 def _specials(cfg):
     from jaxlm.data.pipeline import _specials as from_tokenizer
-    from jaxlm.data.tokenizer import load_tokenizer
+    from jaxlm.data.tokenizers import load_tokenizer
 
     return from_tokenizer(load_tokenizer(cfg.data.tokenizer), {"fim": 1.0})
 

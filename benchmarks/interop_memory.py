@@ -23,7 +23,6 @@ def sample():
     while not stop[0]:
         peak[0] = max(peak[0], anon()); time.sleep(0.005)
 from jaxlm.interop import load_hf
-from jaxlm.interop.safetensors_io import SafetensorsDir  # warm imports
 base = anon()
 t = threading.Thread(target=sample); t.start()
 t0 = time.time()

@@ -1,6 +1,6 @@
 """Max |jaxlm - Hugging Face| logits on the parity tests' tiny models (run from the repo root;
 needs the test extra: transformers, CPU torch)."""
-import os, sys, importlib.util, tempfile, pathlib
+import os, importlib.util, tempfile, pathlib
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"; os.environ["JAX_PLATFORMS"] = "cpu"
 spec = importlib.util.spec_from_file_location("par", "tests/interop/test_hf_parity.py")
 par = importlib.util.module_from_spec(spec); spec.loader.exec_module(par)

@@ -146,7 +146,7 @@ def _run_parsers(sub):
 
 def _generate(cfg, args) -> int:
     from jaxlm import generate
-    from jaxlm.data import load_tokenizer
+    from jaxlm.data.tokenizers import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     params, _, mesh = generate.load_params(args.run_dir, cfg, args.step)
@@ -160,7 +160,7 @@ def _generate(cfg, args) -> int:
 
 def _eval(cfg, args) -> int:
     from jaxlm import evaluate, generate
-    from jaxlm.data import load_tokenizer
+    from jaxlm.data.tokenizers import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     params, step, mesh = generate.load_params(args.run_dir, cfg, args.step)
@@ -272,7 +272,7 @@ def _data(cfg, args) -> int:
 
         prepare(cfg.prepare)
     elif args.data_command == "tokenizer":
-        from jaxlm.data.spm import train_sentencepiece
+        from jaxlm.data.tokenizers.spm import train_sentencepiece
 
         t = cfg.tokenizer
         if not t.inputs:

@@ -12,6 +12,7 @@ Exact match: `exact_match(cfg, params, tokenizer, pairs)` samples a completion p
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import math
@@ -128,13 +129,44 @@ def exact_match(cfg, params, tokenizer, pairs: Sequence[tuple], *, max_new_token
             "completions": completions}
 
 
+def task_accuracy(cfg, params, tokenizer=None, names=None, n: int = 0, *, batch_size: int = 64,
+                  mesh=None) -> dict:
+    """{task: {"exact_match", "correct", "total"}}: greedy completions of each task's test problems
+    (`n` distinct ones, default `sft.task_eval_examples`; `jaxlm.data.tasks.test_records`),
+    prompted as SFT renders them (`sft.template`), checked by `jaxlm.data.tasks.check`."""
+    from jaxlm.config import ConfigError
+    from jaxlm.data import tasks
+    from jaxlm.data.examples import chat
+
+    if tokenizer is None:
+        from jaxlm.data.tokenizers import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.data.tokenizer)
+    names = list(names or cfg.sft.tasks or tasks.TASK_NAMES)
+    unknown = [name for name in names if name not in tasks.TASKS]
+    if unknown:
+        raise ConfigError(f"tasks {unknown} are not built-in tasks; allowed: {', '.join(tasks.TASK_NAMES)}")
+    records = tasks.test_records(names, n or cfg.sft.task_eval_examples)
+    r = chat.Renderer.from_tokenizer(tokenizer, cfg.sft.template)
+    pairs = [(chat.prompt_ids(r, rec), functools.partial(tasks.check, rec)) for rec in records]
+    res = exact_match(cfg.model, params, tokenizer, pairs, max_new_tokens=cfg.sft.max_new_tokens,
+                      batch_size=batch_size, stop_tokens=[tokenizer.eos_id], mesh=mesh, rules=cfg.mesh.rules)
+    hits, totals = collections.Counter(), collections.Counter()
+    for rec, text in zip(records, res["completions"]):
+        totals[rec["task"]] += 1
+        hits[rec["task"]] += tasks.check(rec, text)
+    return {name: {"exact_match": hits[name] / totals[name], "correct": hits[name], "total": totals[name]}
+            for name in names}
+
+
+
 # --- the shell: `jaxlm eval` ------------------------------------------------------------------
 
 
 def heldout_documents(cfg, max_documents: int = 0) -> list[np.ndarray]:
     """The run's held-out documents (token arrays), as its data config splits them."""
     from jaxlm.config import ConfigError
-    from jaxlm.data import build_lm_data
+    from jaxlm.data.pipeline import build_lm_data
 
     _, heldout, _ = build_lm_data(cfg.data, cfg.train.seq_len, batch_size=cfg.train.batch_size)
     if heldout is None:
@@ -185,7 +217,7 @@ def run_eval(run_dir, cfg, params, step: int, mesh, tokenizer, *, texts=(), text
              tasks: Optional[Sequence[str]] = None) -> list[dict]:
     """Evaluate a restored run on its held-out data (default when no files are given), text files,
     question/answer files and built-in tasks (`tasks`: names, or [] for the run's `sft.tasks`;
-    exact match per task, prompted as `jaxlm sft` trains: `jaxlm.train.sft.task_accuracy`);
+    exact match per task, prompted as `jaxlm sft` trains: `task_accuracy`);
     append one metrics row at `step` to RUN_DIR/metrics.jsonl; return one result dict per dataset."""
     from pathlib import Path
 
@@ -210,8 +242,6 @@ def run_eval(run_dir, cfg, params, step: int, mesh, tokenizer, *, texts=(), text
                           batch_size=batch_size, mesh=mesh, rules=cfg.mesh.rules)
         rows.append({"dataset": Path(path).name, **{k: v for k, v in res.items() if k != "completions"}})
     if tasks is not None:
-        from jaxlm.train.sft import task_accuracy
-
         accuracy = task_accuracy(cfg, params, tokenizer, tasks, max_documents, batch_size=batch_size, mesh=mesh)
         rows += [{"dataset": f"task:{name}", **res} for name, res in accuracy.items()]
     log = MetricsWriter(run_dir, enabled=jax.process_index() == 0)

@@ -287,10 +287,10 @@ def encode_prompt(tokenizer, text: str, doc_start: bool = True) -> np.ndarray:
 
 
 def infill_prompt(tokenizer, prefix: str, suffix: str, mode: str = "psm", doc_start: bool = True) -> np.ndarray:
-    """The fill-in-the-middle prompt of (prefix, suffix): exactly `jaxlm.objectives.fim.fim_permute`'s
+    """The fill-in-the-middle prompt of (prefix, suffix): exactly `jaxlm.data.examples.fim.fim_permute`'s
     layout with an empty middle, PSM `<fim_prefix> prefix <fim_suffix> suffix <fim_middle>` (or
     SPM), so the model writes the middle next and ends it with eos, as in training."""
-    from jaxlm.objectives.fim import fim_permute
+    from jaxlm.data.examples.fim import fim_permute
 
     sp = tokenizer.special_ids
     if None in (sp.fim_prefix, sp.fim_middle, sp.fim_suffix):

@@ -15,7 +15,7 @@ from jaxlm import cli, evaluate, model, sharding
 from jaxlm import generate as gen
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import MeshConfig, ModelConfig, load_config, save_config
-from jaxlm.data.tokenizer import ByteTokenizer
+from jaxlm.data.tokenizers import ByteTokenizer
 from jaxlm.train.metrics import read_metrics
 
 CFG = ModelConfig(vocab_size=37, d_model=24, n_layers=2, n_heads=6, n_kv_heads=2, d_ff=40,

@@ -16,8 +16,8 @@ import pytest
 from jaxlm import generate as gen
 from jaxlm import model, sharding
 from jaxlm.config import MeshConfig, ModelConfig
-from jaxlm.data.tokenizer import ByteTokenizer
-from jaxlm.objectives.fim import fim_permute
+from jaxlm.data.tokenizers import ByteTokenizer
+from jaxlm.data.examples.fim import fim_permute
 
 CFG = ModelConfig(vocab_size=37, d_model=48, n_layers=2, n_heads=8, n_kv_heads=4, d_ff=56,
                   max_seq_len=64, rope_theta=100.0, dtype="float32")

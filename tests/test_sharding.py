@@ -1,11 +1,8 @@
 """Mesh, the logical-axis table, and that params and batches really are split across 8 devices."""
-import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxlm import model, sharding
 from jaxlm.config import MeshConfig, ModelConfig

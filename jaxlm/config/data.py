@@ -118,7 +118,7 @@ def _check_tokenizer_name(key: str, value: str) -> None:
 
 def validate_data(d: DataConfig) -> None:
     _check_tokenizer_name("data.tokenizer", d.tokenizer)
-    from jaxlm.objectives.denoise import OBJECTIVES
+    from jaxlm.data.examples import OBJECTIVES
 
     for name, w in d.objective.items():
         check(name in OBJECTIVES, f"data.objective has {name!r}, not an objective; allowed: "

@@ -47,8 +47,9 @@ from typing import Any, Optional, Sequence
 import grain
 import numpy as np
 
-from jaxlm.data.pipeline import process_rows
-from jaxlm.objectives.denoise import Specials, apply_fim, make_example, sample_objective
+from jaxlm.data.examples import make_example, sample_objective
+from jaxlm.data.examples.fim import apply_fim
+from jaxlm.data.tokenizers.specials import SpecialIds
 
 _BLOCK = 4096
 _MIX, _ORDER, _FIM, _FIM_CUTS, _OBJ, _WINDOWS = range(6)  # RNG stream tags
@@ -65,6 +66,23 @@ class Source:
     name: str
     docs: Any
     weight: float = 1.0
+
+
+def process_rows(cursor: int, global_batch: int, process_index: int, process_count: int):
+    """(first stream position, row count) of this process's slice of the global batch at `cursor`.
+
+    Process p gets rows [cursor + p*B/P, cursor + (p+1)*B/P): contiguous and disjoint, and in
+    process order they concatenate to the global batch.
+    """
+    if cursor < 0:
+        raise ValueError(f"cursor={cursor} must be >= 0")
+    if global_batch < 1 or process_count < 1 or global_batch % process_count:
+        raise ValueError(f"process_count={process_count} must divide the global batch "
+                         f"size {global_batch} (both positive)")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} must be in [0, {process_count})")
+    rows = global_batch // process_count
+    return cursor + process_index * rows, rows
 
 
 def _body(doc, eos: int) -> np.ndarray:
@@ -169,7 +187,7 @@ class _ConcatSource:
     """One source's endless stream of documents (eos-terminated, FIM applied), cut in windows."""
 
     def __init__(self, docs, name: str, seed: int, width: int, eos: int, fim_rate: float,
-                 specials: Optional[Specials], shuffle_block: int, fim_piece: int):
+                 specials: Optional[SpecialIds], shuffle_block: int, fim_piece: int):
         self.docs, self.key, self.seed, self.width = docs, _stream_key(name), seed, width
         self.shuffle_block, self.fim_piece = shuffle_block, fim_piece
         self.eos, self.fim_rate, self.specials = eos, fim_rate, specials
@@ -288,7 +306,7 @@ class Loader:
     loss_mask); objective_weights may name clm and fim only (FIM at document level, rate =
     w_fim / sum). packing="first_fit": rows are examples packed by first-fit decreasing over
     `lookahead` examples at a time, adding segment_ids, positions and prefix_mask; documents
-    become examples through `jaxlm.objectives.denoise.make_example` (objective drawn by
+    become examples through `jaxlm.data.examples.make_example` (objective drawn by
     weight, default clm), SFT dicts are used as they are. `curriculum`: stages
     [(until, {source: weight}), ...]; a stage covers stream positions before its `until`
     (rows for concat, examples for first_fit; `curriculum_unit="tokens"` counts T per row),
@@ -302,7 +320,7 @@ class Loader:
 
     def __init__(self, sources: Sequence[Source], seq_len: int, *, eos_id: int, seed: int = 0,
                  packing: str = "concat", curriculum=None, curriculum_unit: str = "examples",
-                 objective_weights: Optional[dict] = None, specials: Optional[Specials] = None,
+                 objective_weights: Optional[dict] = None, specials: Optional[SpecialIds] = None,
                  lookahead: int = 256, shuffle_block: int = 65536, fim_piece: int = 0):
         if packing not in PACKINGS:
             raise ValueError(f"packing={packing!r} is not a packing; allowed: {', '.join(PACKINGS)}")

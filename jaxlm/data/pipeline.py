@@ -21,27 +21,10 @@ import numpy as np
 
 from jaxlm.config import ConfigError, DataConfig
 from jaxlm.data.corpus import bits_to_nats, split_documents, stdlib_documents, unigram_entropy_bits
-from jaxlm.data.tokenizer import load_tokenizer
+from jaxlm.data.tokenizers import load_tokenizer
 
 SOURCES = ("stdlib", "shards")
 _ENTROPY_ROWS = 256  # training rows the unigram baseline is measured on
-
-
-def process_rows(cursor: int, global_batch: int, process_index: int, process_count: int):
-    """(first stream position, row count) of this process's slice of the global batch at `cursor`.
-
-    Process p gets rows [cursor + p*B/P, cursor + (p+1)*B/P): contiguous and disjoint, and in
-    process order they concatenate to the global batch.
-    """
-    if cursor < 0:
-        raise ValueError(f"cursor={cursor} must be >= 0")
-    if global_batch < 1 or process_count < 1 or global_batch % process_count:
-        raise ValueError(f"process_count={process_count} must divide the global batch "
-                         f"size {global_batch} (both positive)")
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} must be in [0, {process_count})")
-    rows = global_batch // process_count
-    return cursor + process_index * rows, rows
 
 
 class _Take:
@@ -71,21 +54,17 @@ def heldout_indices(name: str, n: int, fraction: float) -> np.ndarray:
 
 
 def _specials(tokenizer, objective: dict):
-    """`denoise.Specials` from the tokenizer, or None when the objective is plain CLM."""
-    from jaxlm.objectives.denoise import Specials
-
+    """The tokenizer's `SpecialIds`, or None when the objective is plain CLM."""
     if set(objective) <= {"clm"}:
         return None
     sp = tokenizer.special_ids
-    ids = dict(pad=sp.pad, eos=sp.eos, fim_prefix=sp.fim_prefix, fim_middle=sp.fim_middle,
-               fim_suffix=sp.fim_suffix, ul2_r=sp.ul2.get("r"), ul2_s=sp.ul2.get("s"),
-               ul2_x=sp.ul2.get("x"))
-    missing = [k for k, v in ids.items() if v is None] + ([] if sp.sentinels else ["sentinels"])
+    missing = sp.missing(("pad", "eos", "fim_prefix", "fim_middle", "fim_suffix", "ul2_r", "ul2_s", "ul2_x",
+                          "sentinels"))
     if missing:
         raise ConfigError(f"data.objective={objective} needs special tokens the tokenizer "
                           f"{tokenizer.name!r} lacks: {', '.join(missing)}; use the byte tokenizer "
                           "or one trained by `jaxlm data tokenizer`")
-    return Specials(**ids, sentinels=sp.sentinels)
+    return sp
 
 
 def _stdlib_sources(data_cfg: DataConfig, tokenizer, info: dict):

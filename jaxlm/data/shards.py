@@ -28,7 +28,7 @@ import grain
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from jaxlm.data.tokenizer import load_tokenizer
+from jaxlm.data.tokenizers import load_tokenizer
 
 INDEX = "index.json"
 FORMAT = "jaxlm.tokens.v1"

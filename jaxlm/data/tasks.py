@@ -124,6 +124,11 @@ def mixed(names, split: str, n_per_task: int, seed: int = 0, distinct: bool = Fa
     return [rows[i] for i in order]
 
 
+def test_records(names, n: int) -> list[dict]:
+    """`n` distinct test problems of each named task; seed 0, so every run sees the same set."""
+    return mixed(names, "test", n, seed=0, distinct=True)
+
+
 def check(example: dict, completion: str) -> bool:
     """Whether `completion` (the generated text after the prompt) solves `example` exactly."""
     return bool(_task(example["task"]).check(example, completion))

@@ -88,7 +88,7 @@ def import_run(hf_dir: str | Path, run_dir: str | Path, *, param_dtype: str = "f
 
 
 def _check_tokenizer(cfg: Config, notes: list[str]) -> None:
-    from jaxlm.data.tokenizer import load_tokenizer
+    from jaxlm.data.tokenizers import load_tokenizer
 
     try:
         tok = load_tokenizer(cfg.data.tokenizer)

@@ -1,10 +1,7 @@
-"""Pure losses and objective transforms.
+"""Pure JAX losses: each returns (loss, metrics), metrics being {name: (sum, count)} pairs.
 
-Losses return (scalar_loss, metrics of sums and counts). `denoise` turns one document's
-tokens into a fixed-length example for an objective: CLM, prefix LM, FIM, span
-corruption and the UL2 mixture of denoisers.
+The examples the losses are computed on are built in numpy by `jaxlm.data.examples`.
 """
-from jaxlm.objectives import denoise
 from jaxlm.objectives.lm import lm_loss, token_log_probs
 
-__all__ = ["denoise", "lm_loss", "token_log_probs"]
+__all__ = ["lm_loss", "token_log_probs"]

@@ -34,7 +34,7 @@ def token_count(batch):
 
 
 def build(cfg: Config) -> Stage:
-    from jaxlm.data import build_lm_data
+    from jaxlm.data.pipeline import build_lm_data
 
     train, heldout, info = build_lm_data(cfg.data, cfg.train.seq_len, batch_size=cfg.train.batch_size,
                                          batch_ramp=cfg.train.batch_ramp_start > 0)

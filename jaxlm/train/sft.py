@@ -1,6 +1,6 @@
 """Supervised fine-tuning: the LM loss on response tokens of instruction and chat examples.
 
-Data: `sft.train_files` (JSONL instruction or chat records, `jaxlm.data.formats`) and the
+Data: `sft.train_files` (JSONL instruction or chat records, `jaxlm.data.examples.chat`) and the
 built-in verifiable tasks `sft.tasks` (`jaxlm.data.tasks`), rendered to examples whose
 loss mask covers responses only, then packed several per row by first-fit decreasing
 (`jaxlm.data.loader`: segment ids, restarted positions) or one per row (`sft.packing=false`).
@@ -15,20 +15,20 @@ greedy generation on `sft.task_eval_examples` distinct test problems, before (th
 """
 from __future__ import annotations
 
-import collections
 from pathlib import Path
 
 import yaml
 
 from jaxlm.config import Config, ConfigError
-from jaxlm.data import formats, tasks
+from jaxlm.data import tasks
+from jaxlm.data.examples import chat
 from jaxlm.train.loop import Stage, run
 from jaxlm.train.pretrain import lm_loss_fn, token_count
 
 
 def _file_records(paths):
     try:
-        return list(formats.read_records(paths))
+        return list(chat.read_records(paths))
     except FileNotFoundError as e:
         raise ConfigError(f"sft: {e}") from None
 
@@ -47,11 +47,6 @@ def _counts_line(counts) -> str:
             f"unusable: {dict(sorted(bad.items())) or 'none'}")
 
 
-def task_test_records(names, n: int) -> list[dict]:
-    """`n` distinct test problems of each named task; seed 0, so every run sees the same set."""
-    return tasks.mixed(names, "test", n, seed=0, distinct=True)
-
-
 def load_examples(cfg: Config, tok):
     """(train examples, eval examples, info) for `cfg.sft`.
 
@@ -61,11 +56,11 @@ def load_examples(cfg: Config, tok):
     if not s.train_files and not s.tasks:
         raise ConfigError("sft needs data: set sft.train_files (JSONL) and/or sft.tasks "
                           f"(built-in: {', '.join(tasks.TASK_NAMES)})")
-    r = formats.Renderer.from_tokenizer(tok, s.template)
+    r = chat.Renderer.from_tokenizer(tok, s.template)
     try:
-        train, train_counts = formats.render_all(r, _file_records(s.train_files) if s.train_files else [],
+        train, train_counts = chat.render_all(r, _file_records(s.train_files) if s.train_files else [],
                                                  T, s.truncation)
-        evals, eval_counts = formats.render_all(r, _file_records(s.eval_files) if s.eval_files else [],
+        evals, eval_counts = chat.render_all(r, _file_records(s.eval_files) if s.eval_files else [],
                                                 T, s.truncation)
     except ValueError as e:  # e.g. chat records and a tokenizer without role markers
         raise ConfigError(f"sft: {e}") from None
@@ -74,9 +69,9 @@ def load_examples(cfg: Config, tok):
             raise ConfigError(f"sft.{key}={list(getattr(s, key))} hold no usable record: " + _counts_line(counts))
     if not s.eval_files and len(train) >= 2:
         train, evals = _split_heldout(train, cfg.data.heldout_fraction)
-    task_train, task_counts = formats.render_all(
+    task_train, task_counts = chat.render_all(
         r, tasks.mixed(s.tasks, "train", s.task_examples, cfg.data.seed), T, s.truncation)
-    task_eval, _ = formats.render_all(r, task_test_records(s.tasks, s.task_eval_examples), T, s.truncation)
+    task_eval, _ = chat.render_all(r, tasks.test_records(s.tasks, s.task_eval_examples), T, s.truncation)
     if s.tasks and not task_train:
         raise ConfigError(f"sft.tasks: no example fits train.seq_len={T}: " + _counts_line(task_counts))
     info = {"records_train": _counts_line(train_counts), "records_eval": _counts_line(eval_counts),
@@ -104,7 +99,7 @@ def _check_init_from(cfg: Config) -> None:
 
 def build(cfg: Config) -> Stage:
     from jaxlm.data.loader import Loader, Source
-    from jaxlm.data.tokenizer import load_tokenizer
+    from jaxlm.data.tokenizers import load_tokenizer
 
     tok = load_tokenizer(cfg.data.tokenizer)
     if tok.vocab_size > cfg.model.vocab_size:
@@ -122,37 +117,8 @@ def build(cfg: Config) -> Stage:
     return Stage("sft", lm_loss_fn(cfg.model), token_count, train_data, eval_data, info)
 
 
-def task_accuracy(cfg: Config, params, tokenizer=None, names=None, n: int = 0, *, batch_size: int = 64,
-                  mesh=None) -> dict:
-    """{task: {"exact_match", "correct", "total"}}: greedy completions of each task's test problems
-    (`n` distinct ones, default `sft.task_eval_examples`; `task_test_records`),
-    prompted as SFT renders them (`sft.template`), checked by `jaxlm.data.tasks.check`."""
-    import functools
-
-    from jaxlm.evaluate import exact_match
-
-    if tokenizer is None:
-        from jaxlm.data.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(cfg.data.tokenizer)
-    names = list(names or cfg.sft.tasks or tasks.TASK_NAMES)
-    unknown = [name for name in names if name not in tasks.TASKS]
-    if unknown:
-        raise ConfigError(f"tasks {unknown} are not built-in tasks; allowed: {', '.join(tasks.TASK_NAMES)}")
-    records = task_test_records(names, n or cfg.sft.task_eval_examples)
-    r = formats.Renderer.from_tokenizer(tokenizer, cfg.sft.template)
-    pairs = [(formats.prompt_ids(r, rec), functools.partial(tasks.check, rec)) for rec in records]
-    res = exact_match(cfg.model, params, tokenizer, pairs, max_new_tokens=cfg.sft.max_new_tokens,
-                      batch_size=batch_size, stop_tokens=[tokenizer.eos_id], mesh=mesh, rules=cfg.mesh.rules)
-    hits, totals = collections.Counter(), collections.Counter()
-    for rec, text in zip(records, res["completions"]):
-        totals[rec["task"]] += 1
-        hits[rec["task"]] += tasks.check(rec, text)
-    return {name: {"exact_match": hits[name] / totals[name], "correct": hits[name], "total": totals[name]}
-            for name in names}
-
-
 def _run_accuracy(cfg: Config, run_dir: str) -> dict:
+    from jaxlm.evaluate import task_accuracy
     from jaxlm.generate import load_params
 
     params, _, mesh = load_params(run_dir, cfg)

@@ -11,10 +11,10 @@ from jaxlm.config import ModelConfig
 from jaxlm.data.loader import Loader, Prefetcher, Source, pack_first_fit
 from jaxlm.model import attention
 from jaxlm.objectives import lm_loss
-from jaxlm.objectives.denoise import Specials
+from jaxlm.data.tokenizers.specials import SpecialIds
 
-SP = Specials(pad=0, eos=1, fim_prefix=2, fim_middle=3, fim_suffix=4, ul2_r=5, ul2_s=6, ul2_x=7,
-              sentinels=tuple(range(8, 108)))
+SP = SpecialIds(pad=0, bos=None, eos=1, fim_prefix=2, fim_middle=3, fim_suffix=4, ul2={"r": 5, "s": 6, "x": 7},
+                sentinels=tuple(range(8, 108)))
 EOS, FIRST = SP.eos, 108  # document tokens are >= FIRST, never special
 FIM_IDS = {SP.fim_prefix, SP.fim_middle, SP.fim_suffix}
 KEYS_CONCAT = {"tokens": np.int32, "targets": np.int32, "loss_mask": np.float32}

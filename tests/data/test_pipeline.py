@@ -9,15 +9,9 @@ import pytest
 
 from jaxlm.config import ConfigError, DataConfig
 from jaxlm.config import MixSourceConfig, StageConfig
-from jaxlm.data import (
-    ByteTokenizer,
-    build_lm_data,
-    load_tokenizer,
-    split_documents,
-    stdlib_documents,
-    unigram_entropy_bits,
-    unigram_entropy_nats,
-)
+from jaxlm.data.corpus import split_documents, stdlib_documents, unigram_entropy_bits, unigram_entropy_nats
+from jaxlm.data.pipeline import build_lm_data
+from jaxlm.data.tokenizers import ByteTokenizer, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +225,7 @@ def test_objective_mixtures_reach_the_rows():
 
 
 def test_byte_tokenizer_reserves_jaxlm_specials_after_the_bytes():
-    from jaxlm.data import spm
+    from jaxlm.data.tokenizers import specials as spm
 
     tok = ByteTokenizer()
     sp = tok.special_ids

@@ -3,7 +3,6 @@ import hashlib
 import inspect
 import json
 
-import jax
 import numpy as np
 import pytest
 

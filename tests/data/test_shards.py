@@ -6,9 +6,9 @@ import grain
 import numpy as np
 import pytest
 
-from jaxlm.data import stdlib_documents
+from jaxlm.data.corpus import stdlib_documents
 from jaxlm.data.shards import _encoded_chunks, load_index, read_shards, tokenize_to_shards
-from jaxlm.data.spm import SentencePieceTokenizer, train_sentencepiece
+from jaxlm.data.tokenizers.spm import SentencePieceTokenizer, train_sentencepiece
 
 EXTRA_DOCS = ["", "x", "emoji 🎉 and\ttabs  \n", "<|user|>hi<|end_turn|>"]
 

@@ -4,15 +4,10 @@ import pytest
 import sentencepiece
 
 from jaxlm.config import ConfigError
-from jaxlm.data import load_tokenizer, stdlib_documents
-from jaxlm.data.spm import (
-    SPECIAL_TOKENS,
-    SentencePieceTokenizer,
-    SpecialIds,
-    min_vocab_size,
-    special_tokens,
-    train_sentencepiece,
-)
+from jaxlm.data.corpus import stdlib_documents
+from jaxlm.data.tokenizers import load_tokenizer
+from jaxlm.data.tokenizers.specials import SPECIAL_TOKENS, SpecialIds, special_tokens
+from jaxlm.data.tokenizers.spm import SentencePieceTokenizer, min_vocab_size, train_sentencepiece
 
 TRICKY = [
     "def f(x):\n\tif x:\n\t\treturn  x   +  1\n",

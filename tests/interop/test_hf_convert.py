@@ -10,8 +10,8 @@ import yaml
 from jaxlm import cli
 from jaxlm.checkpoint import Checkpointer, restore_params
 from jaxlm.config import load_config
-from jaxlm.data.spm import train_sentencepiece
-from jaxlm.data.tokenizer import load_tokenizer
+from jaxlm.data.tokenizers.spm import train_sentencepiece
+from jaxlm.data.tokenizers import load_tokenizer
 from jaxlm.interop import export_run, import_run, load_hf
 from jaxlm.train.loop import compile_stage
 from jaxlm.train.pretrain import lm_loss_fn, token_count

@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from jaxlm.config import ConfigError, from_dict
-from jaxlm.data.tokenizer import load_tokenizer
+from jaxlm.data.tokenizers import load_tokenizer
 from jaxlm.interop import import_run
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<|user|>"]

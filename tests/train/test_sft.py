@@ -9,12 +9,13 @@ import numpy as np
 import optax
 import pytest
 
-from jaxlm import model, sharding
+from jaxlm import evaluate, model, sharding
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import ConfigError, from_dict
-from jaxlm.data import formats, tasks
+from jaxlm.data import tasks
+from jaxlm.data.examples import chat as formats
 from jaxlm.data.loader import pack_first_fit
-from jaxlm.data.tokenizer import ByteTokenizer
+from jaxlm.data.tokenizers import ByteTokenizer
 from jaxlm.objectives import token_log_probs
 from jaxlm.train import sft
 from jaxlm.train.loop import compile_stage
@@ -207,16 +208,16 @@ def test_task_accuracy_counts_each_task_with_its_checker(monkeypatch, params):
             out.append(f" {rec['answer']} " if count[rec["task"]] <= 3 else rec["answer"] + "0")
         return {"completions": out}
 
-    records_ = sft.task_test_records(["sort", "reverse"], 6)
+    records_ = tasks.test_records(["sort", "reverse"], 6)
     monkeypatch.setattr("jaxlm.evaluate.exact_match", fake_exact_match)
-    acc = sft.task_accuracy(CFG, params, TOK, ["sort", "reverse"], 6)
+    acc = evaluate.task_accuracy(CFG, params, TOK, ["sort", "reverse"], 6)
     assert {k: v["exact_match"] for k, v in acc.items()} == {"sort": 0.5, "reverse": 0.5}
     assert all(v["total"] == 6 for v in acc.values())
     r = formats.Renderer.from_tokenizer(TOK)
     assert [p.tolist() for p in seen["prompts"]] == [formats.prompt_ids(r, rec).tolist() for rec in records_]
     assert seen["stops"] == [TOK.eos_id]
     with pytest.raises(ConfigError, match="not built-in tasks"):
-        sft.task_accuracy(CFG, params, TOK, ["multiply"])
+        evaluate.task_accuracy(CFG, params, TOK, ["multiply"])
 
 
 def test_packing_off_gives_one_example_per_row():

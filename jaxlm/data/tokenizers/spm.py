@@ -1,21 +1,13 @@
 """SentencePiece: train a model with jaxlm's reserved special symbols, and tokenize with it.
 
-Every model jaxlm trains has the same special ids, whatever the corpus:
-
-    0 <pad>   1 <s> (bos)   2 </s> (eos)   3 <unk>
-    4 <|fim_prefix|>   5 <|fim_middle|>   6 <|fim_suffix|>
-    7 <|ul2_r|>   8 <|ul2_s|>   9 <|ul2_x|>
-    10 .. 10+n-1 <|sentinel_0|> .. <|sentinel_{n-1}|>      (n = n_sentinels, default 100)
-    10+n <|system|>   11+n <|user|>   12+n <|assistant|>   13+n <|end_turn|>
-
-then, with byte fallback, the 256 byte pieces <0x00>..<0xFF>, then the learned pieces.
+Every model jaxlm trains has the same special ids, whatever the corpus (the table in
+`jaxlm.data.tokenizers.specials`), then, with byte fallback, the 256 byte pieces <0x00>..<0xFF>, then the learned pieces.
 pad/bos/eos/unk are control symbols: text can never produce them (a literal "</s>" in a
 document is ordinary characters). The others are user-defined symbols: wherever one appears
 in text it encodes to exactly its one id, never split, so formatters may write them inline.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from pathlib import Path
@@ -24,52 +16,15 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 import sentencepiece
 
-CONTROL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0, 1, 2, 3
-FIM_TOKENS = ("<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>")
-UL2_TOKENS = {"r": "<|ul2_r|>", "s": "<|ul2_s|>", "x": "<|ul2_x|>"}  # UL2 [R], [S], [X]
-ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>",
-               "end_turn": "<|end_turn|>"}
-DEFAULT_N_SENTINELS = 100
+from jaxlm.data.tokenizers.specials import (
+    DEFAULT_N_SENTINELS,
+    SpecialIds,
+    find_special_ids,
+    special_tokens,
+    user_symbols,
+)
+
 N_BYTE_PIECES = 256
-
-
-def sentinel_token(i: int) -> str:
-    return f"<|sentinel_{i}|>"
-
-
-def user_symbols(n_sentinels: int = DEFAULT_N_SENTINELS) -> tuple[str, ...]:
-    """The user-defined symbols, in id order (first id 4): FIM, UL2, sentinels, roles."""
-    return (FIM_TOKENS + tuple(UL2_TOKENS.values())
-            + tuple(sentinel_token(i) for i in range(n_sentinels)) + tuple(ROLE_TOKENS.values()))
-
-
-def special_tokens(n_sentinels: int = DEFAULT_N_SENTINELS) -> tuple[str, ...]:
-    """Every reserved symbol; the symbol at index i has id i in a jaxlm-trained model."""
-    return CONTROL_TOKENS + user_symbols(n_sentinels)
-
-
-SPECIAL_TOKENS = special_tokens()
-
-
-@dataclasses.dataclass(frozen=True)
-class SpecialIds:
-    """Ids of the special symbols; None for one the tokenizer lacks.
-
-    `ul2` maps "r", "s", "x" and `roles` maps "system", "user", "assistant", "end_turn" to
-    ids (or None); `sentinels` holds the ids of <|sentinel_0|>, <|sentinel_1|>, ... present
-    without a gap (empty when there are none).
-    """
-
-    pad: Optional[int]
-    bos: Optional[int]
-    eos: Optional[int]
-    unk: Optional[int] = None
-    fim_prefix: Optional[int] = None
-    fim_middle: Optional[int] = None
-    fim_suffix: Optional[int] = None
-    ul2: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(UL2_TOKENS))
-    sentinels: tuple[int, ...] = ()
-    roles: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(ROLE_TOKENS))
 
 
 def min_vocab_size(n_sentinels: int = DEFAULT_N_SENTINELS, byte_fallback: bool = True) -> int:
@@ -175,20 +130,9 @@ class SentencePieceTokenizer:
         return i if self._sp.id_to_piece(i) == piece else None
 
     def _find_special_ids(self) -> SpecialIds:
-        def control(i: int) -> Optional[int]:
-            return i if i >= 0 else None
-
-        sentinels = []
-        while (i := self._piece_id(sentinel_token(len(sentinels)))) is not None:
-            sentinels.append(i)
-        return SpecialIds(
-            pad=control(self._sp.pad_id()), bos=control(self._sp.bos_id()),
-            eos=control(self._sp.eos_id()), unk=control(self._sp.unk_id()),
-            fim_prefix=self._piece_id(FIM_TOKENS[0]), fim_middle=self._piece_id(FIM_TOKENS[1]),
-            fim_suffix=self._piece_id(FIM_TOKENS[2]),
-            ul2={k: self._piece_id(v) for k, v in UL2_TOKENS.items()},
-            sentinels=tuple(sentinels),
-            roles={k: self._piece_id(v) for k, v in ROLE_TOKENS.items()})
+        control = lambda i: i if i >= 0 else None
+        return find_special_ids(self._piece_id, pad=control(self._sp.pad_id()), bos=control(self._sp.bos_id()),
+                                eos=control(self._sp.eos_id()), unk=control(self._sp.unk_id()))
 
     def encode(self, text: str) -> np.ndarray:
         """`text` -> int32 ids [n]; adds no bos/eos."""

@@ -14,6 +14,7 @@ from typing import Optional
 import numpy as np
 
 from jaxlm.config import ConfigError
+from jaxlm.data.tokenizers.specials import find_special_ids
 
 
 def _token_text(value) -> Optional[str]:
@@ -44,26 +45,13 @@ class HFTokenizer:
         settings = {}
         if (path.parent / "tokenizer_config.json").is_file():
             settings = json.loads((path.parent / "tokenizer_config.json").read_text())
-        roles = {k: _token_text(settings.get(f"{k}_token")) for k in ("pad", "bos", "eos", "unk")}
-        self.special_ids = self._find_special_ids(roles)
+        controls = {k: self._id(_token_text(settings.get(f"{k}_token"))) for k in ("pad", "bos", "eos", "unk")}
+        self.special_ids = find_special_ids(self._id, **controls)
         self.pad_id, self.bos_id, self.eos_id = self.special_ids.pad, self.special_ids.bos, self.special_ids.eos
         self._dropped = np.array([i for i in (self.pad_id, self.bos_id, self.eos_id) if i is not None], np.int64)
 
     def _id(self, token: Optional[str]) -> Optional[int]:
         return None if token is None else self._tok.token_to_id(token)
-
-    def _find_special_ids(self, roles: dict):
-        from jaxlm.data import spm
-
-        sentinels = []
-        while (i := self._id(spm.sentinel_token(len(sentinels)))) is not None:
-            sentinels.append(i)
-        return spm.SpecialIds(
-            pad=self._id(roles["pad"]), bos=self._id(roles["bos"]), eos=self._id(roles["eos"]),
-            unk=self._id(roles["unk"]), fim_prefix=self._id(spm.FIM_TOKENS[0]),
-            fim_middle=self._id(spm.FIM_TOKENS[1]), fim_suffix=self._id(spm.FIM_TOKENS[2]),
-            ul2={k: self._id(v) for k, v in spm.UL2_TOKENS.items()}, sentinels=tuple(sentinels),
-            roles={k: self._id(v) for k, v in spm.ROLE_TOKENS.items()})
 
     def encode(self, text: str) -> np.ndarray:
         """`text` -> int32 ids [n]; adds no bos/eos."""

@@ -13,10 +13,12 @@ import pytest
 
 from jaxlm import model
 from jaxlm.config import ModelConfig
+from jaxlm.data import examples as objectives
+from jaxlm.data.examples import fim, lm, span
+from jaxlm.data.tokenizers.specials import SpecialIds
 from jaxlm.objectives import lm_loss, token_log_probs
-from jaxlm.objectives import denoise as D
 
-SP = D.Specials(pad=0, eos=1, fim_prefix=2, fim_middle=3, fim_suffix=4, ul2_r=5, ul2_s=6, ul2_x=7,
+SP = SpecialIds(pad=0, bos=None, eos=1, fim_prefix=2, fim_middle=3, fim_suffix=4, ul2={"r": 5, "s": 6, "x": 7},
                 sentinels=tuple(range(8, 108)))
 V = 151  # document tokens of the model tests: [108, V), never special
 CFG = ModelConfig(vocab_size=V, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32,
@@ -50,7 +52,7 @@ def _forward(params, tokens_BT, targets_BT, loss_mask_BT, prefix_len_B):
 
 def _batch(examples):
     """Stack examples (padded with all-pad rows to B) into the arrays `_forward` takes."""
-    examples = list(examples) + [D.clm_example([], T, SP)] * (B - len(examples))
+    examples = list(examples) + [lm.clm_example([], T, SP)] * (B - len(examples))
     stack = lambda k, dt: np.stack([np.asarray(e[k], dt) for e in examples])
     return (stack("tokens", np.int32), stack("targets", np.int32), stack("loss_mask", np.float32),
             stack("prefix_len", np.int32))
@@ -83,14 +85,14 @@ def _seq(example):
 def test_fim_layouts_match_hand_built():
     doc = np.arange(201, 209)  # prefix 201 202 | middle 203 204 205 | suffix 206 207 208
     pre, mid, suf = SP.fim_prefix, SP.fim_middle, SP.fim_suffix
-    np.testing.assert_array_equal(D.fim_permute(doc, 2, 5, SP, "psm"),
+    np.testing.assert_array_equal(fim.fim_permute(doc, 2, 5, SP, "psm"),
                                   [pre, 201, 202, suf, 206, 207, 208, mid, 203, 204, 205])
-    np.testing.assert_array_equal(D.fim_permute(doc, 2, 5, SP, "spm"),
+    np.testing.assert_array_equal(fim.fim_permute(doc, 2, 5, SP, "spm"),
                                   [pre, suf, 206, 207, 208, mid, 201, 202, 203, 204, 205])
     for mode in ("psm", "spm"):
-        i, j = D.fim_split(len(doc), np.random.default_rng(5))
+        i, j = fim.fim_split(len(doc), np.random.default_rng(5))
         assert 0 < i < j < len(doc), (i, j)  # a split with all three parts non-empty
-        ex = D.fim_example(doc, 16, SP, np.random.default_rng(5), mode=mode)
+        ex = fim.fim_example(doc, 16, SP, np.random.default_rng(5), mode=mode)
         p, m, s = list(doc[:i]), list(doc[i:j]), list(doc[j:])
         seq = ([pre] + p + [suf] + s + [mid] + m if mode == "psm" else
                [pre, suf] + s + [mid] + p + m) + [SP.eos]
@@ -104,14 +106,14 @@ def test_fim_layouts_match_hand_built():
 def test_fim_infill_example_scores_only_the_middle_and_its_end():
     doc = np.arange(201, 209)
     pre, mid, suf = SP.fim_prefix, SP.fim_middle, SP.fim_suffix
-    ex = D.fim_infill_example(doc, 2, 5, 14, SP)
+    ex = fim.fim_infill_example(doc, 2, 5, 14, SP)
     seq = [pre, 201, 202, suf, 206, 207, 208, mid, 203, 204, 205, SP.eos]
     np.testing.assert_array_equal(ex["tokens"][:11], seq[:-1])
     np.testing.assert_array_equal(ex["targets"][:11], seq[1:])
     # Targets 203 204 205 eos (predicted from <mid> onward) and nothing else.
     np.testing.assert_array_equal(ex["loss_mask"], [0.0] * 7 + [1.0] * 4 + [0.0] * 3)
     with pytest.raises(ValueError, match="i=5, j=2"):
-        D.fim_infill_example(doc, 5, 2, 14, SP)
+        fim.fim_infill_example(doc, 5, 2, 14, SP)
 
 
 @pytest.mark.parametrize("mode", ["psm", "spm"])
@@ -121,8 +123,8 @@ def test_fim_summed_loss_is_the_sum_of_its_segment_terms(params, mode):
     after that segment: so the mask covers every real target once, and nothing else."""
     doc = _distinct_doc(14, seed=1)
     rng_seed = 2
-    i, j = D.fim_split(len(doc), np.random.default_rng(rng_seed))
-    ex = D.fim_example(doc, T, SP, np.random.default_rng(rng_seed), mode=mode)
+    i, j = fim.fim_split(len(doc), np.random.default_rng(rng_seed))
+    ex = fim.fim_example(doc, T, SP, np.random.default_rng(rng_seed), mode=mode)
     seq = _seq(ex)
     assert len(seq) == len(doc) + 4 and ex["loss_mask"].sum() == len(doc) + 3
     # Segments as [start, end) of seq (the tokens they predict), sentinels with their part.
@@ -155,25 +157,25 @@ def test_apply_fim_rate_modes_and_content():
     doc = _doc(30, seed=3)
     rng = np.random.default_rng(4)
     n, rate, spm_rate = 4000, 0.7, 0.25
-    outs = [D.apply_fim(doc, rate, rng, SP, spm_rate=spm_rate) for _ in range(n)]
-    fim = [o for o in outs if len(o) != len(doc)]
+    outs = [fim.apply_fim(doc, rate, rng, SP, spm_rate=spm_rate) for _ in range(n)]
+    fimmed = [o for o in outs if len(o) != len(doc)]
     assert all(np.array_equal(o, doc) for o in outs if len(o) == len(doc))
-    assert abs(len(fim) / n - rate) < 3 * np.sqrt(rate * (1 - rate) / n)
+    assert abs(len(fimmed) / n - rate) < 3 * np.sqrt(rate * (1 - rate) / n)
     # o[1] is <fim_suffix> in SPM, and in PSM when the prefix is empty (i = 0, probability
     # 1 - (n / (n + 1))^2 for two cuts uniform on [0, n]).
     p_suf = spm_rate + (1 - spm_rate) * (1 - (30 / 31) ** 2)
-    suf = np.mean([o[1] == SP.fim_suffix for o in fim])
-    assert abs(suf - p_suf) < 3 * np.sqrt(p_suf * (1 - p_suf) / len(fim))
-    for o in fim:  # a permutation of the document plus the three sentinels
+    suf = np.mean([o[1] == SP.fim_suffix for o in fimmed])
+    assert abs(suf - p_suf) < 3 * np.sqrt(p_suf * (1 - p_suf) / len(fimmed))
+    for o in fimmed:  # a permutation of the document plus the three sentinels
         assert len(o) == len(doc) + 3 and o[0] == SP.fim_prefix
         np.testing.assert_array_equal(np.sort(o[~np.isin(o, [2, 3, 4])]), np.sort(doc))
     # Two cuts uniform on [0, n]: E[j - i] = E|X - Y| = n (n + 2) / (3 (n + 1)).
-    cuts = np.array([D.fim_split(30, rng) for _ in range(4000)])
+    cuts = np.array([fim.fim_split(30, rng) for _ in range(4000)])
     assert np.all(cuts[:, 0] <= cuts[:, 1]) and cuts.min() == 0 and cuts.max() == 30
     assert abs(np.mean(cuts[:, 1] - cuts[:, 0]) - 30 * 32 / (3 * 31)) < 0.4
-    np.testing.assert_array_equal(D.apply_fim(doc, 0.0, rng, SP), doc)
+    np.testing.assert_array_equal(fim.apply_fim(doc, 0.0, rng, SP), doc)
     with pytest.raises(ValueError, match="rate"):
-        D.apply_fim(doc, 1.5, rng, SP)
+        fim.apply_fim(doc, 1.5, rng, SP)
 
 
 # ----------------------------------------------------------------------------- span corruption
@@ -187,10 +189,10 @@ def test_corrupt_matches_the_t5_paper_example():
     mask = np.zeros(11, bool)
     mask[[2, 3, 8]] = True
     x, y = SP.sentinels[:2]
-    inputs, target = D.corrupt(doc, mask, SP)
+    inputs, target = span.corrupt(doc, mask, SP)
     np.testing.assert_array_equal(inputs, [200, 201, x, 204, 205, 206, 207, y, 209, 210])
     np.testing.assert_array_equal(target, [x, 202, 203, y, 208, SP.eos])
-    np.testing.assert_array_equal(D.reconstruct(inputs, target, SP), doc)
+    np.testing.assert_array_equal(span.reconstruct(inputs, target, SP), doc)
 
 
 def test_span_corruption_statistics_and_exact_reconstruction():
@@ -199,14 +201,14 @@ def test_span_corruption_statistics_and_exact_reconstruction():
     expected_ones, longest, first_sentinel_at = 0.0, 0, set()
     for draw in range(100):
         doc = _doc(int(rng.integers(600, 700)), seed=draw, low=1000, high=5000)
-        ex = D.span_corruption_example(doc, 1024, SP, rng)
+        ex = span.span_corruption_example(doc, 1024, SP, rng)
         inputs, target = _split(ex)
         is_sentinel = np.isin(inputs, SP.sentinels)
         n_spans = int(is_sentinel.sum())
         assert inputs[0] == doc[0] and is_sentinel[-1]  # non-noise first, noise last (T5)
         np.testing.assert_array_equal(target[np.isin(target, SP.sentinels)], SP.sentinels[:n_spans])
         assert target[-1] == SP.eos
-        np.testing.assert_array_equal(D.reconstruct(inputs, target, SP), doc)  # fits whole
+        np.testing.assert_array_equal(span.reconstruct(inputs, target, SP), doc)  # fits whole
         n_noise = len(target) - n_spans - 1
         noise, spans, kept = noise + n_noise, spans + n_spans, kept + len(doc)
         cuts = np.flatnonzero(np.isin(target, SP.sentinels))
@@ -229,12 +231,12 @@ def test_span_corruption_truncates_long_documents_to_a_leading_piece():
     for n in (0, 1, 2, 3, 40, 5000):
         doc = _doc(n, seed=n, low=1000, high=5000)
         for density, mean in ((0.15, 3.0), (0.5, 3.0), (0.15, 64.0)):
-            ex = D.span_corruption_example(doc, 64, SP, rng, density, mean)
+            ex = span.span_corruption_example(doc, 64, SP, rng, density, mean)
             if ex["prefix_len"] == 0:  # an empty document: nothing to corrupt
                 assert n == 0 and ex["loss_mask"].sum() == 0
                 continue
             inputs, target = _split(ex)
-            original = D.reconstruct(inputs, target, SP)
+            original = span.reconstruct(inputs, target, SP)
             np.testing.assert_array_equal(original, doc[:len(original)])
             assert len(inputs) + len(target) <= 65
             if n == 5000:  # the kept piece fills the window (one more token adds 1 or 3)
@@ -256,7 +258,7 @@ def _grad_of_position(params, tokens_BT, prefix_len_B, position, w_V):
 
 def test_prefix_lm_prefix_sees_later_prefix_never_suffix(params):
     doc = _distinct_doc(14, seed=8)  # distinct tokens: one embedding row per position
-    ex = D.prefix_lm_example(doc, T, SP, np.random.default_rng(9))
+    ex = lm.prefix_lm_example(doc, T, SP, np.random.default_rng(9))
     k = ex["prefix_len"]
     assert 3 <= k <= 11, k
     np.testing.assert_array_equal(ex["tokens"][:14], doc)
@@ -282,7 +284,7 @@ def test_prefix_lm_prefix_sees_later_prefix_never_suffix(params):
 def test_prefix_lm_split_is_uniform():
     doc = _doc(10)
     rng = np.random.default_rng(11)
-    ks = np.array([D.prefix_lm_example(doc, T, SP, rng)["prefix_len"] for _ in range(4000)])
+    ks = np.array([lm.prefix_lm_example(doc, T, SP, rng)["prefix_len"] for _ in range(4000)])
     assert set(ks) == set(range(1, 10))  # every valid k: prefix and suffix both non-empty
     counts = np.bincount(ks, minlength=10)[1:]
     assert np.all(np.abs(counts / 4000 - 1 / 9) < 3 * np.sqrt((1 / 9) * (8 / 9) / 4000))
@@ -291,15 +293,15 @@ def test_prefix_lm_split_is_uniform():
 # ----------------------------------------------------------------------------- UL2
 
 
-@pytest.mark.parametrize("index", range(len(D.DEFAULT_UL2)))
+@pytest.mark.parametrize("index", range(len(span.DEFAULT_UL2)))
 def test_each_ul2_denoiser_emits_its_mode_token_and_its_statistics(index):
-    d = D.DEFAULT_UL2[index]
-    mode_token = {"r": SP.ul2_r, "s": SP.ul2_s, "x": SP.ul2_x}[d.mode]
+    d = span.DEFAULT_UL2[index]
+    mode_token = SP.ul2[d.mode]
     rng = np.random.default_rng(12 + index)
     noise = spans = kept = 0
     for draw in range(12):
         doc = _doc(3000, seed=draw, low=1000, high=5000)
-        ex = D.ul2_example(doc, 4096, SP, rng, denoisers=(d,))
+        ex = span.ul2_example(doc, 4096, SP, rng, denoisers=(d,))
         assert ex["denoiser"] == 0 and ex["tokens"][0] == mode_token
         inputs, target = _split(ex)
         if d.kind == "prefix_lm":  # prefix = mode + doc[:k - 1]; target = the rest + eos
@@ -308,7 +310,7 @@ def test_each_ul2_denoiser_emits_its_mode_token_and_its_statistics(index):
             np.testing.assert_array_equal(target, np.append(doc[k - 1:], SP.eos))
             assert not np.isin(ex["tokens"], SP.sentinels).any()
             continue
-        original = D.reconstruct(inputs[1:], target, SP)
+        original = span.reconstruct(inputs[1:], target, SP)
         np.testing.assert_array_equal(original, doc[:len(original)])
         n_spans = int(np.isin(inputs, SP.sentinels).sum())
         noise += len(target) - n_spans - 1
@@ -324,9 +326,9 @@ def test_each_ul2_denoiser_emits_its_mode_token_and_its_statistics(index):
 def test_ul2_draws_denoisers_by_weight():
     rng = np.random.default_rng(13)
     n = 3000
-    used = np.bincount([D.ul2_example(_doc(40), 64, SP, rng)["denoiser"] for _ in range(n)],
-                       minlength=len(D.DEFAULT_UL2))
-    w = np.array([d.weight for d in D.DEFAULT_UL2])
+    used = np.bincount([span.ul2_example(_doc(40), 64, SP, rng)["denoiser"] for _ in range(n)],
+                       minlength=len(span.DEFAULT_UL2))
+    w = np.array([d.weight for d in span.DEFAULT_UL2])
     p = w / w.sum()
     assert np.all(np.abs(used / n - p) < 3 * np.sqrt(p * (1 - p) / n)), used
 
@@ -338,7 +340,7 @@ def test_objective_mixture_matches_its_weights():
     weights = {"clm": 0.5, "fim": 0.3, "ul2": 0.15, "span_corruption": 0.05}
     rng = np.random.default_rng(14)
     n = 10_000
-    names = [D.sample_objective(weights, rng) for _ in range(n)]
+    names = [objectives.sample_objective(weights, rng) for _ in range(n)]
     for name, w in weights.items():
         p = w / sum(weights.values())
         assert abs(names.count(name) / n - p) < 3 * np.sqrt(p * (1 - p) / n), name
@@ -352,27 +354,27 @@ def test_objective_mixture_matches_its_weights():
 ])
 def test_objective_mixture_rejects_bad_weights(weights, match):
     with pytest.raises(ValueError, match=match):
-        D.sample_objective(weights, np.random.default_rng(0))
+        objectives.sample_objective(weights, np.random.default_rng(0))
 
 
 def test_make_example_rejects_unknown_names():
     with pytest.raises(ValueError, match=r"'mlm'.*allowed: clm, prefix_lm, fim"):
-        D.make_example("mlm", _doc(5), T, SP, np.random.default_rng(0))
+        objectives.make_example("mlm", _doc(5), T, SP, np.random.default_rng(0))
 
 
 # ----------------------------------------------------------------------------- shapes, jit
 
 
 def _all_transforms():
-    yield "clm", lambda doc, rng: D.clm_example(doc, T, SP)
-    yield "prefix_lm", lambda doc, rng: D.prefix_lm_example(doc, T, SP, rng)
+    yield "clm", lambda doc, rng: lm.clm_example(doc, T, SP)
+    yield "prefix_lm", lambda doc, rng: lm.prefix_lm_example(doc, T, SP, rng)
     for mode in ("psm", "spm"):
-        yield f"fim_{mode}", lambda doc, rng, mode=mode: D.fim_example(doc, T, SP, rng, mode=mode)
-    yield "span", lambda doc, rng: D.span_corruption_example(doc, T, SP, rng)
-    for i, d in enumerate(D.DEFAULT_UL2):
-        yield f"ul2_{i}", lambda doc, rng, d=d: D.ul2_example(doc, T, SP, rng, denoisers=(d,))
-    for name in D.OBJECTIVES:
-        yield f"make_{name}", lambda doc, rng, name=name: D.make_example(name, doc, T, SP, rng)
+        yield f"fim_{mode}", lambda doc, rng, mode=mode: fim.fim_example(doc, T, SP, rng, mode=mode)
+    yield "span", lambda doc, rng: span.span_corruption_example(doc, T, SP, rng)
+    for i, d in enumerate(span.DEFAULT_UL2):
+        yield f"ul2_{i}", lambda doc, rng, d=d: span.ul2_example(doc, T, SP, rng, denoisers=(d,))
+    for name in objectives.OBJECTIVES:
+        yield f"make_{name}", lambda doc, rng, name=name: objectives.make_example(name, doc, T, SP, rng)
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 5, T - 3, T, T + 1, 3 * T])
@@ -395,15 +397,15 @@ def test_every_transform_returns_exactly_T(n):
         np.testing.assert_array_equal(ex["loss_mask"], expected_mask, name)
         assert n < T or real >= T - 2, name  # long documents fill the window
     if n > T:  # CLM keeps the leading T + 1 tokens and no eos (the document did not end)
-        ex = D.clm_example(doc, T, SP)
+        ex = lm.clm_example(doc, T, SP)
         np.testing.assert_array_equal(_seq(ex), doc[:T + 1])
 
 
 def test_examples_of_all_objectives_share_one_jitted_apply(params):
     rng = np.random.default_rng(15)
-    examples = [D.make_example(name, _doc(int(rng.integers(0, 3 * T)), seed=s), T, SP, rng)
-                for s in range(3) for name in D.OBJECTIVES]
-    examples += [D.ul2_example(_doc(30, seed=s), T, SP, rng) for s in range(4)]
+    examples = [objectives.make_example(name, _doc(int(rng.integers(0, 3 * T)), seed=s), T, SP, rng)
+                for s in range(3) for name in objectives.OBJECTIVES]
+    examples += [span.ul2_example(_doc(30, seed=s), T, SP, rng) for s in range(4)]
     assert len({ex["prefix_len"] for ex in examples}) > 3  # different masks, same compile
     for start in range(0, len(examples), B):
         lp_BT, loss_sum = _forward(params, *_batch(examples[start:start + B]))

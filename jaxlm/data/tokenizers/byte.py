@@ -1,7 +1,5 @@
-"""Tokenizers by name. `byte`: UTF-8 bytes shifted past three special ids, with jaxlm's other
-special symbols after them; no training, no file. A path ending in `.model`: a SentencePiece
-model (`jaxlm.data.spm`). A path ending in `.json`: a Hugging Face tokenizer.json, through the
-`tokenizers` package (`jaxlm.interop.tokenizer`)."""
+"""The byte tokenizer: UTF-8 bytes shifted past three special ids, with jaxlm's other special
+symbols after them; no training, no file."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,16 +9,12 @@ from typing import ClassVar
 
 import numpy as np
 
-from jaxlm.config import ConfigError
-
-TOKENIZERS = ("byte", "PATH.model (SentencePiece)", "PATH.json (Hugging Face tokenizer.json)")
+from jaxlm.data.tokenizers.specials import SpecialIds, find_special_ids, user_symbols
 
 
 @functools.cache
 def _byte_specials():
-    from jaxlm.data import spm
-
-    symbols = spm.user_symbols()
+    symbols = user_symbols()
     ids = {sym: ByteTokenizer.offset + 256 + i for i, sym in enumerate(symbols)}
     pattern = re.compile("(" + "|".join(re.escape(sym) for sym in symbols) + ")")
     return ids, pattern
@@ -31,7 +25,7 @@ class ByteTokenizer:
     """Byte b -> id b + 3; ids 0, 1, 2 are pad, bos, eos. Lossless on any text that is valid UTF-8.
 
     jaxlm's user-defined symbols (FIM, UL2 modes, 100 span sentinels, chat roles; the order of
-    `spm.user_symbols()`) follow the bytes from id 259. As in a jaxlm SentencePiece model,
+    `specials.user_symbols()`) follow the bytes from id 259. As in a jaxlm SentencePiece model,
     a symbol written in text (e.g. "<|user|>") encodes to its one id.
     """
 
@@ -40,7 +34,7 @@ class ByteTokenizer:
     bos_id: ClassVar[int] = 1
     eos_id: ClassVar[int] = 2
     offset: ClassVar[int] = 3  # id of byte 0
-    vocab_size: ClassVar[int] = 3 + 256 + 110  # 110 = len(spm.user_symbols())
+    vocab_size: ClassVar[int] = 3 + 256 + 110  # 110 = len(specials.user_symbols())
 
     def _encode_bytes(self, text: str) -> np.ndarray:
         raw = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
@@ -62,31 +56,12 @@ class ByteTokenizer:
         return (ids - self.offset).astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
     @property
-    def special_ids(self):
+    def special_ids(self) -> SpecialIds:
         """pad, bos, eos, and the FIM, UL2, sentinel and role ids after the bytes (no unk)."""
-        from jaxlm.data import spm
-
-        ids, _ = _byte_specials()
-        return spm.SpecialIds(
-            pad=self.pad_id, bos=self.bos_id, eos=self.eos_id,
-            fim_prefix=ids[spm.FIM_TOKENS[0]], fim_middle=ids[spm.FIM_TOKENS[1]],
-            fim_suffix=ids[spm.FIM_TOKENS[2]],
-            ul2={k: ids[v] for k, v in spm.UL2_TOKENS.items()},
-            sentinels=tuple(ids[spm.sentinel_token(i)] for i in range(spm.DEFAULT_N_SENTINELS)),
-            roles={k: ids[v] for k, v in spm.ROLE_TOKENS.items()})
+        return _byte_special_ids()
 
 
-def load_tokenizer(name: str):
-    """The tokenizer named by `data.tokenizer`: "byte", the path of a SentencePiece `.model`,
-    or of a Hugging Face `tokenizer.json`."""
-    if name == "byte":
-        return ByteTokenizer()
-    if str(name).endswith(".model"):
-        from jaxlm.data.spm import SentencePieceTokenizer
-
-        return SentencePieceTokenizer(name)
-    if str(name).endswith(".json"):
-        from jaxlm.interop.tokenizer import HFTokenizer
-
-        return HFTokenizer(name)
-    raise ConfigError(f"data.tokenizer={name!r} is not a tokenizer; choose one of: {', '.join(TOKENIZERS)}")
+@functools.cache
+def _byte_special_ids() -> SpecialIds:
+    return find_special_ids(_byte_specials()[0].get, pad=ByteTokenizer.pad_id, bos=ByteTokenizer.bos_id,
+                            eos=ByteTokenizer.eos_id)

@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from jaxlm.data import formats
-from jaxlm.data.tokenizer import ByteTokenizer
+from jaxlm.data.examples import chat as formats
+from jaxlm.data.tokenizers import ByteTokenizer
 
 TOK = ByteTokenizer()
 R = formats.Renderer.from_tokenizer(TOK)
