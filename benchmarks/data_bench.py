@@ -48,7 +48,7 @@ def best(fn, repeats: int) -> float:
 
 def filter_chain(n_docs: int, repeats: int) -> dict:
     from jaxlm.config import PrepareConfig
-    from jaxlm.data.filters import build_rules
+    from jaxlm.prepare import build_rules
 
     rules = build_rules(PrepareConfig().rules)
     rng = np.random.default_rng(0)

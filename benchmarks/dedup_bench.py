@@ -1,4 +1,4 @@
-"""MinHash-LSH dedup throughput: jaxlm.data.dedup.MinHashDedup vs datasketch, same corpus.
+"""MinHash-LSH dedup throughput: jaxlm.prepare.dedup.MinHashDedup vs datasketch, same corpus.
 
     python benchmarks/dedup_bench.py [--docs 10000] [--dup-frac 0.2] [--words 300]
 
@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from jaxlm.data.dedup import MinHashDedup, normalize
+from jaxlm.prepare.dedup import MinHashDedup, normalize
 
 
 def synthetic_corpus(n_docs: int, dup_frac: float, words: int, vocab_size: int, seed: int

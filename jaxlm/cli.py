@@ -268,7 +268,7 @@ def _texts(inputs, text_field: str, max_documents: int = 0):
 
 def _data(cfg, args) -> int:
     if args.data_command == "prepare":
-        from jaxlm.data.prepare import prepare
+        from jaxlm.prepare import prepare
 
         prepare(cfg.prepare)
     elif args.data_command == "tokenizer":

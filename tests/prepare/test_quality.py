@@ -8,9 +8,10 @@ import pytest
 
 from jaxlm import model
 from jaxlm.config import ConfigError, from_dict
-from jaxlm.data import quality
-from jaxlm.data.filters import RULES, Verdict, build_rules
-from jaxlm.data.quality import QualityModel, hash_features, train_quality_classifier
+from jaxlm.prepare import quality
+from jaxlm.prepare.filters import Verdict
+from jaxlm.prepare.quality import QualityModel, hash_features, train_quality_classifier
+from jaxlm.prepare.rules import RULES, build_rules
 
 MASK = 2**64 - 1
 

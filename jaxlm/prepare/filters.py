@@ -1,10 +1,10 @@
 """Document filters: small named rules, each called on one document's text, returning a Verdict.
 
 Pure, dependency-free Python (the stdlib only). A rule is a frozen dataclass whose fields are
-its thresholds, defaulting to the published values; `build_rules` makes a chain from a config
-mapping. Words are whitespace-separated tokens with leading and trailing punctuation removed
-(tokens of punctuation alone are not words); lines and paragraphs are compared stripped, and
-blank lines are neither counted nor compared.
+its thresholds, defaulting to the published values; `rules.build_rules` makes a chain from a
+config mapping. Words are whitespace-separated tokens with leading and trailing punctuation
+removed (tokens of punctuation alone are not words); lines and paragraphs are compared
+stripped, and blank lines are neither counted nor compared.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from operator import add, mul, ne
 from pathlib import Path
 from typing import ClassVar
 
-from jaxlm.config.schema import ConfigError, build
+from jaxlm.config.schema import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -379,37 +379,3 @@ class Blocklist:
         if self._pattern.search(text.lower()):
             return Verdict(None, "blocklist.match")
         return Verdict(text)
-
-
-# --- building a chain from config ---------------------------------------------------------
-
-# Here, not at the top: pii.py imports Verdict from this module.
-from jaxlm.data.pii import PiiScrub  # noqa: E402
-
-RULES: dict[str, type] = {r.name: r for r in (
-    HtmlStrip, GopherQuality, GopherRepetition, C4Lines, MinWords, Blocklist, PiiScrub)}
-
-
-def build_rules(spec: dict) -> list:
-    """Rules from `{name: true | false | {param: value}}`, in the given order; false skips one."""
-    if not isinstance(spec, dict):
-        raise ConfigError(f"filters must be a mapping of filter name to settings; got {spec!r}")
-    rules = []
-    for name, params in spec.items():
-        if name not in RULES:
-            raise ConfigError(f"unknown filter {name!r}; allowed: {', '.join(RULES)}")
-        if params is False:
-            continue
-        if params is None or params is True:
-            params = {}
-        if not isinstance(params, dict):
-            raise ConfigError(f"filter {name!r} takes true, false or a mapping of parameters; "
-                              f"got {params!r}")
-        rules.append(build(RULES[name], name, params, what=f"filter {name!r}"))
-    return rules
-
-
-# Last: quality.py (model-based rules; numpy, and jax on first use) imports RULES and Verdict
-# from here and adds its rules to RULES. Imported after RULES exists, so either module may be
-# imported first.
-import jaxlm.data.quality  # noqa: E402,F401

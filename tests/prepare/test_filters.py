@@ -8,8 +8,7 @@ from fractions import Fraction
 import pytest
 
 from jaxlm.config import ConfigError
-from jaxlm.data.filters import (
-    RULES,
+from jaxlm.prepare.filters import (
     Blocklist,
     C4Lines,
     GopherQuality,
@@ -17,11 +16,11 @@ from jaxlm.data.filters import (
     HtmlStrip,
     MinWords,
     Verdict,
-    build_rules,
     ngram_fractions,
     words_of,
 )
-from jaxlm.data.pii import PiiScrub
+from jaxlm.prepare.pii import PiiScrub
+from jaxlm.prepare.rules import RULES, build_rules
 
 # Ten filler words with no stop words; mean length 4.7.
 FILLER = "quiet river runs past old stone houses near green fields".split()

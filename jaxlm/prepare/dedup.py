@@ -1,7 +1,7 @@
 """Document deduplication: exact (normalized hash) and near-duplicate (MinHash-LSH).
 
 Exact-substring removal with a suffix array (Lee et al. 2022) lives in `dedup_suffix.py` and is
-re-exported here, so `jaxlm.data.dedup` is the one entry point. Everything is numpy and pure
+re-exported here, so `jaxlm.prepare.dedup` is the one entry point. Everything is numpy and pure
 Python: no I/O. `MinHashDedup` is a small streaming index whose memory is its band buckets
 (`bands` keys per document) and a buffer of a few thousand words, never the whole texts.
 """
@@ -14,7 +14,7 @@ from collections.abc import Hashable, Iterable, Sequence
 
 import numpy as np
 
-from jaxlm.data.dedup_suffix import SpanStats, lcp_array, remove_repeated_spans, suffix_array
+from jaxlm.prepare.dedup_suffix import SpanStats, lcp_array, remove_repeated_spans, suffix_array
 
 __all__ = [
     "MinHashDedup",

@@ -24,7 +24,7 @@ from typing import ClassVar, Iterable, NamedTuple
 import numpy as np
 
 from jaxlm.config import ConfigError, load_config
-from jaxlm.data.filters import RULES, Verdict
+from jaxlm.prepare.filters import Verdict
 
 PHI = 0x9E3779B97F4A7C15  # 2^64 / golden ratio
 _CHAR_TAG = 1 << 32
@@ -310,6 +310,3 @@ class Perplexity:
         if self.perplexity(text) > self.max_perplexity:
             return Verdict(None, "perplexity.too_high")
         return Verdict(text)
-
-
-RULES.update({r.name: r for r in (QualityClassifier, Perplexity)})

@@ -7,7 +7,7 @@ import unicodedata
 import numpy as np
 import pytest
 
-from jaxlm.data.dedup import (
+from jaxlm.prepare.dedup import (
     MinHashDedup,
     SpanStats,
     estimate_jaccard,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxlm.config import ConfigError, from_dict
-from jaxlm.data.prepare import prepare
+from jaxlm.prepare import prepare
 
 WORDS = ("the of and to in that have with be it for on as at by this from or an are was we "
          "river stone garden window morning letter music travel story paper light table city").split()

@@ -20,6 +20,8 @@ import ipaddress
 import re
 from typing import ClassVar
 
+from jaxlm.prepare.filters import Verdict
+
 EMAIL, IP, PHONE = "EMAIL_ADDRESS", "IP_ADDRESS", "PHONE_NUMBER"
 
 _EMAIL = re.compile(r"(?<![\w.%+-])[A-Za-z0-9._%+-]+@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+"
@@ -108,7 +110,3 @@ class PiiScrub:
             pos = end
         parts.append(text[pos:])
         return Verdict("".join(parts), "pii.scrubbed")
-
-
-# Last: filters.py imports PiiScrub from here, so PiiScrub must exist before filters loads.
-from jaxlm.data.filters import Verdict  # noqa: E402

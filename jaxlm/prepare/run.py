@@ -23,7 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from jaxlm.config import ConfigError, PrepareConfig
-from jaxlm.data import dedup, filters, readers
+from jaxlm.data import readers
+from jaxlm.prepare import dedup
+from jaxlm.prepare.rules import build_rules
 
 
 class _Counts:
@@ -58,7 +60,7 @@ def _check(cfg: PrepareConfig):
             files = readers.check_inputs(src.paths, src.format)
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError(f"prepare.sources[{i}] ({src.name}): {e}") from None
-        rules = filters.build_rules(cfg.rules if src.rules is None else src.rules)
+        rules = build_rules(cfg.rules if src.rules is None else src.rules)
         plans.append((src, files, rules))
     return plans
 

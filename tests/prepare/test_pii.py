@@ -1,8 +1,8 @@
 """PII scrubbing: real addresses and numbers are replaced, look-alikes are left alone."""
 import pytest
 
-from jaxlm.data.filters import Verdict
-from jaxlm.data.pii import EMAIL, IP, PHONE, PiiScrub, find_pii
+from jaxlm.prepare.filters import Verdict
+from jaxlm.prepare.pii import EMAIL, IP, PHONE, PiiScrub, find_pii
 
 TOKEN = {EMAIL: "|||EMAIL_ADDRESS|||", IP: "|||IP_ADDRESS|||", PHONE: "|||PHONE_NUMBER|||"}
 
