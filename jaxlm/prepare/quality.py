@@ -236,7 +236,7 @@ class _LMScorer:
 
         from jaxlm import model
         from jaxlm.checkpoint import restore_params
-        from jaxlm.data.tokenizer import load_tokenizer
+        from jaxlm.data.tokenizers import load_tokenizer
         from jaxlm.objectives.lm import lm_loss
 
         self.cfg = load_config(run_dir / "config.yaml")

@@ -142,7 +142,7 @@ def test_cli_prepare_tokenizer_tokenize_on_the_embedded_corpus(tmp_path):
               f"tokenize.tokenizer={tmp_path / 'spm.model'}", f"tokenize.out_dir={tmp_path / 'tokens'}",
               "tokenize.workers=1")
     from jaxlm.data.shards import read_shards
-    from jaxlm.data.tokenizer import load_tokenizer
+    from jaxlm.data.tokenizers import load_tokenizer
 
     tok = load_tokenizer(str(tmp_path / "spm.model"))
     shards = read_shards(tmp_path / "tokens")
