@@ -21,18 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import model
-from jaxlm.checkpoint import restore_params
+from jaxlm import model, runs
 from jaxlm.config import load_config
 from jaxlm.data.pipeline import build_lm_data
 from jaxlm.data.examples import fim
 from jaxlm.objectives import lm_loss
-
-
-def load_run(run_dir: str):
-    cfg = load_config(Path(run_dir) / "config.yaml")
-    params, step = restore_params(run_dir, model.abstract_params(cfg.model))
-    return cfg, params, step
 
 
 def examples(cfg, n_docs: int, chunk: int, seed: int):
@@ -75,8 +68,9 @@ def nll(cfg, params, batch, bs: int = 16) -> float:
     total = count = 0.0
     for a in range(0, len(batch["tokens"]), bs):
         m = fn(params, {k: jnp.asarray(v[a:a + bs]) for k, v in batch.items()})
-        total += float(m["loss_sum"])
-        count += float(m["tokens"])
+        loss_sum, tokens = m["loss"]
+        total += float(loss_sum)
+        count += float(tokens)
     return total / count
 
 
@@ -93,7 +87,8 @@ def main():
           f"{int(infill['loss_mask'].sum())} infill targets")
     print(f"{'run':<20} {'step':>5} {'objective':<22} {'infill nats/tok':>15} {'left-to-right':>14}")
     for run in args.runs:
-        cfg, params, step = load_run(run)
+        loaded = runs.load_run(run)
+        cfg, params, step = loaded.cfg, loaded.params, loaded.step
         print(f"{run:<20} {step:>5} {str(cfg.data.objective):<22} {nll(cfg, params, infill):>15.3f} "
               f"{nll(cfg, params, left):>14.3f}")
 

@@ -23,8 +23,8 @@ import numpy as np
 
 from jaxlm import perf, sharding
 from jaxlm.config import Config
-from jaxlm.train.loop import compile_stage
-from jaxlm.train.pretrain import lm_loss_fn, token_count
+from jaxlm.train.pretrain import lm_objective, policy_role
+from jaxlm.train.state import compile_stage
 
 
 def _random_batch(cfg: Config, rng: np.random.Generator) -> dict:
@@ -37,27 +37,55 @@ def _random_batch(cfg: Config, rng: np.random.Generator) -> dict:
 
 def train_step_timer(cfg: Config, warmup: int = 2):
     """Compile the train step on random tokens; returns (time_steps(n) -> mean step seconds, info)."""
-    c = compile_stage(cfg, lm_loss_fn(cfg.model, cfg.train.loss_chunk), token_count)
+    c = compile_stage(cfg, policy_role(cfg), lm_objective(cfg.model, cfg.train.loss_chunk))
     batch = sharding.put_batch(c.mesh, _random_batch(cfg, np.random.default_rng(0)), leading=1)
     box = {"state": c.init_state(jax.random.key(0))}
     t0 = time.perf_counter()
-    compiled = c.train_step.lower(box["state"], batch).compile()
+    compiled = c.train_step.lower(box["state"], {}, batch).compile()
     info = {"compile_s": time.perf_counter() - t0, "peak_bytes": perf.peak_bytes(compiled),
             "params": sum(x.size for x in jax.tree.leaves(box["state"]["params"]))}
 
     def time_steps(n: int) -> float:
-        box["state"], m = compiled(box["state"], batch)
-        jax.block_until_ready(m)
+        box["state"], out = compiled(box["state"], {}, batch)
+        jax.block_until_ready(out)
         t0 = time.perf_counter()
         for _ in range(n):
-            box["state"], m = compiled(box["state"], batch)
-        jax.block_until_ready(m)
-        info["loss"] = float(m["loss_sum"] / m["tokens"])
+            box["state"], out = compiled(box["state"], {}, batch)
+        jax.block_until_ready(out)
+        loss_sum, tokens = out["metrics"]["loss"]
+        info["loss"] = float(loss_sum / tokens)
         return (time.perf_counter() - t0) / n
 
     for _ in range(warmup):
         time_steps(1)
     return time_steps, info
+
+
+def run(cfg: Config, steps: int, rounds: int = 1, compare=None, sampler: bool = True, log=print) -> dict:
+    """`jaxlm bench`: time `steps` train steps, `rounds` times; with `compare` (a directory holding
+    jax_llama_ref.py and torch_llama_ref.py), each reference step on the same shapes after each
+    round. Returns `report` of the median step, the median ratios `vs_jaxref` and `vs_torch`
+    (reference step time over jaxlm's: > 1 is jaxlm faster), and `sampler_report` unless off."""
+    import statistics
+
+    time_steps, info = train_step_timer(cfg)
+    ratios: dict[str, list[float]] = {}
+    step_times = []
+    for r in range(rounds):
+        step_times.append(time_steps(steps))
+        if not compare:
+            continue
+        for name, script in (("jaxref", "jax_llama_ref.py"), ("torch", "torch_llama_ref.py")):
+            ref = run_reference(Path(compare) / script, reference_args(cfg, steps))
+            log(f"round {r + 1} {name}: {ref}")
+            if "step_s" in ref:
+                ratios.setdefault(f"vs_{name}", []).append(ref["step_s"] / step_times[-1])
+        log(f"round {r + 1} jaxlm: step_s={step_times[-1]:.4f} " + " ".join(f"{k}={v[-1]:.3f}" for k, v in ratios.items()))
+    result = report(cfg, statistics.median(step_times), info)
+    result.update({k: statistics.median(v) for k, v in ratios.items()})
+    if sampler:
+        result.update(sampler_report(cfg, rounds))
+    return result
 
 
 def report(cfg: Config, step_s: float, info: dict) -> dict:
@@ -111,8 +139,8 @@ def sampler_report(cfg: Config, rounds: int = 1, prompt_len: int = 0, new_tokens
     P = prompt_len or max(cfg.train.seq_len // 2, 1)
     N = new_tokens or max(min(cfg.train.seq_len, m.max_seq_len) - P, 2)
     mesh = sharding.make_mesh(cfg.mesh)
-    shardings = sharding.param_shardings(mesh, cfg.mesh.rules, model.abstract_params(m), model.logical_axes(m))
-    params = jax.jit(model.init, static_argnums=0, out_shardings=shardings)(m, jax.random.key(0))
+    params = jax.jit(model.init, static_argnums=0, out_shardings=model.shardings(m, mesh, cfg.mesh.rules))(
+        m, jax.random.key(0))
     prompts = np.random.default_rng(0).integers(0, m.vocab_size, (B, P), dtype=np.int32)
 
     def run(n: int) -> float:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 
 from jaxlm.config import ConfigError, load_config
@@ -145,11 +144,9 @@ def _run_parsers(sub):
 
 
 def _generate(cfg, args) -> int:
-    from jaxlm import generate
-    from jaxlm.data.tokenizers import load_tokenizer
+    from jaxlm import generate, runs
 
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    params, _, mesh = generate.load_params(args.run_dir, cfg, args.step)
+    cfg, params, tokenizer, mesh = runs.load_run(args.run_dir, args.overrides, step=args.step)
     generate.run(cfg, params, mesh, tokenizer, prompt=args.prompt, prompts_path=args.prompts,
                  infill=args.infill, out_path=args.out, batch_size=args.batch_size,
                  max_new_tokens=args.max_new_tokens, seed=args.seed, doc_start=not args.raw,
@@ -159,11 +156,10 @@ def _generate(cfg, args) -> int:
 
 
 def _eval(cfg, args) -> int:
-    from jaxlm import evaluate, generate
-    from jaxlm.data.tokenizers import load_tokenizer
+    from jaxlm import evaluate, runs
 
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    params, step, mesh = generate.load_params(args.run_dir, cfg, args.step)
+    run = runs.load_run(args.run_dir, args.overrides, step=args.step)
+    cfg, params, tokenizer, mesh, step = run.cfg, run.params, run.tokenizer, run.mesh, run.step
     rows = evaluate.run_eval(args.run_dir, cfg, params, step, mesh, tokenizer, texts=args.text,
                              text_field=args.text_field, qa=args.qa, heldout=args.heldout or None,
                              seq_len=args.seq_len, batch_size=args.batch_size,
@@ -216,54 +212,11 @@ def _pretrain(cfg, args) -> int:
 
 
 def _bench(cfg, args) -> int:
-    import statistics
-    from pathlib import Path
-
     from jaxlm import bench
 
-    time_steps, info = bench.train_step_timer(cfg)
-    ratios: dict[str, list[float]] = {}
-    step_times = []
-    for r in range(args.rounds):
-        step_times.append(time_steps(args.steps))
-        if not args.compare:
-            continue
-        ref_args = bench.reference_args(cfg, args.steps)
-        for name, script in (("jaxref", "jax_llama_ref.py"), ("torch", "torch_llama_ref.py")):
-            ref = bench.run_reference(Path(args.compare) / script, ref_args)
-            print(f"round {r + 1} {name}: {ref}")
-            if "step_s" in ref:
-                ratios.setdefault(f"vs_{name}", []).append(ref["step_s"] / step_times[-1])
-        print(f"round {r + 1} jaxlm: step_s={step_times[-1]:.4f} "
-              + " ".join(f"{k}={v[-1]:.3f}" for k, v in ratios.items()))
-    result = bench.report(cfg, statistics.median(step_times), info)
-    result.update({k: statistics.median(v) for k, v in ratios.items()})
-    if not args.no_sampler:
-        result.update(bench.sampler_report(cfg, args.rounds))
+    result = bench.run(cfg, args.steps, args.rounds, compare=args.compare, sampler=not args.no_sampler)
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
     return 0
-
-
-def _texts(inputs, text_field: str, max_documents: int = 0):
-    """Texts of the usable records of `inputs`, in order (bad records are skipped and counted)."""
-    from jaxlm.data import readers
-
-    files = readers.check_inputs(inputs)
-    skipped, n = 0, 0
-
-    def gen():
-        nonlocal skipped, n
-        for path, fmt in files:
-            for rec in readers.read_documents(path, fmt, text_field):
-                if rec.text is None:
-                    skipped += 1
-                    continue
-                if max_documents and n >= max_documents:
-                    return
-                n += 1
-                yield rec.text
-
-    return gen(), lambda: (n, skipped)
 
 
 def _data(cfg, args) -> int:
@@ -272,33 +225,13 @@ def _data(cfg, args) -> int:
 
         prepare(cfg.prepare)
     elif args.data_command == "tokenizer":
-        from jaxlm.data.tokenizers.spm import train_sentencepiece
+        from jaxlm.data.tokenizers.spm import train_from_config
 
-        t = cfg.tokenizer
-        if not t.inputs:
-            raise ConfigError("tokenizer.inputs is empty; name the prepared files to train on")
-        texts, counts = _texts(t.inputs, t.text_field, t.max_documents)
-        try:
-            path = train_sentencepiece(texts, t.out, t.vocab_size, model_type=t.model_type,
-                                       n_sentinels=t.n_sentinels)
-        except ValueError as e:
-            raise ConfigError(f"tokenizer: {e}") from None
-        n, skipped = counts()
-        print(f"trained {path} (vocab {t.vocab_size}) on {n} documents; {skipped} unusable records skipped")
+        train_from_config(cfg.tokenizer)
     elif args.data_command == "tokenize":
-        import os
+        from jaxlm.data.shards import tokenize_from_config
 
-        from jaxlm.data.shards import tokenize_to_shards
-
-        t = cfg.tokenize
-        if not t.inputs:
-            raise ConfigError("tokenize.inputs is empty; name the prepared files to tokenize")
-        texts, counts = _texts(t.inputs, t.text_field)
-        index = tokenize_to_shards(texts, t.tokenizer, t.out_dir, workers=t.workers or os.cpu_count() or 1,
-                                   docs_per_shard=t.docs_per_shard, overwrite=t.overwrite)
-        n, skipped = counts()
-        print(f"wrote {len(index['shards'])} shards to {t.out_dir}: {index['documents']} documents, "
-              f"{index['tokens']} tokens; {skipped} unusable records skipped")
+        tokenize_from_config(cfg.tokenize)
     return 0
 
 
@@ -329,38 +262,10 @@ def _convert(args) -> int:
     return 0
 
 
-# XLA:CPU allocates a step's temporaries as one block (414 MiB for configs/bench/ref.yaml), and
-# glibc serves a block that large with a fresh mmap each step: every 4 KiB page faults again
-# (~120k faults per step there, a fifth of the step's CPU time in the kernel). Where transparent
-# huge pages are opt-in ("madvise", the Debian and Ubuntu default), glibc's hugetlb tunable makes
-# malloc ask for them: 2 MiB pages, ~200x fewer faults. glibc reads tunables when a process
-# starts, so the command line starts itself once more with it. Any GLIBC_TUNABLES already set,
-# even empty, is left as it is (the way to opt out).
-HUGE_PAGES = "glibc.malloc.hugetlb=1"
-THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
-
-
-def huge_pages_help() -> bool:
-    """glibc >= 2.35 (it has the hugetlb tunable) and transparent huge pages on madvise."""
-    try:
-        name, version = (os.confstr("CS_GNU_LIBC_VERSION") or "none 0").split()
-        with open(THP_SETTING) as f:
-            opt_in = "[madvise]" in f.read()
-    except (AttributeError, OSError, ValueError):  # no os.confstr, no such name, no THP file
-        return False
-    return opt_in and name == "glibc" and tuple(map(int, version.split(".")[:2])) >= (2, 35)
-
-
-def restart_with_huge_pages(argv: list[str]) -> None:
-    """Re-run `python -m jaxlm argv` with HUGE_PAGES set, where it helps; else return."""
-    if "GLIBC_TUNABLES" in os.environ or not sys.executable or not huge_pages_help():
-        return
-    os.execve(sys.executable, [sys.executable, "-m", "jaxlm", *argv],
-              {**os.environ, "GLIBC_TUNABLES": HUGE_PAGES})
-
-
 def main(argv=None) -> int:
     if argv is None:  # a process of its own (`jaxlm ...`, `python -m jaxlm ...`), not a caller's
+        from jaxlm.hugepages import restart_with_huge_pages
+
         restart_with_huge_pages(sys.argv[1:])
     args = parser().parse_args(argv)
     joined = False
@@ -368,10 +273,11 @@ def main(argv=None) -> int:
         if args.command == "convert":
             return _convert(args)
         if args.command in ("generate", "eval"):
-            from jaxlm.generate import run_config_path
+            from jaxlm.runs import run_config
 
-            args.config = run_config_path(args.run_dir)
-        cfg = load_config(args.config, args.overrides)
+            cfg = run_config(args.run_dir, args.overrides)
+        else:
+            cfg = load_config(args.config, args.overrides)
         if args.command in DISTRIBUTED_COMMANDS:
             from jaxlm import distributed
 

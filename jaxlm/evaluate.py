@@ -19,10 +19,10 @@ import math
 from typing import Callable, Iterable, Optional, Sequence, Union
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import model, sharding
+from jaxlm.objectives.lm import lm_loss
 
 Checker = Union[str, Callable[[str], bool]]
 
@@ -56,10 +56,8 @@ def _nll_sums(cfg, params, batch, *, mesh=None, rules="fsdp"):
     """(summed NLL in nats, scored tokens) of one batch of windows."""
     with sharding.activate(mesh, rules) if mesh is not None else contextlib.nullcontext():
         logits_BTV = model.apply(cfg, params, batch["tokens"])
-        logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-        target_BT = jnp.take_along_axis(logits_BTV, batch["targets"][..., None], -1)[..., 0]
-        mask_BT = batch["loss_mask"]
-        return jnp.sum((logz_BT - target_BT) * mask_BT), jnp.sum(mask_BT)
+        _, metrics = lm_loss(logits_BTV, batch["targets"], batch["loss_mask"])
+        return metrics["loss"]
 
 
 def perplexity(cfg, params, docs: Sequence[np.ndarray], n_bytes: int, *, seq_len: int, eos_id: int,
@@ -73,8 +71,7 @@ def perplexity(cfg, params, docs: Sequence[np.ndarray], n_bytes: int, *, seq_len
     if mesh is not None:
         shards = sharding.batch_shards(mesh)
         batch_size = -(-batch_size // shards) * shards
-        params = jax.device_put(params, sharding.param_shardings(
-            mesh, rules, model.abstract_params(cfg), model.logical_axes(cfg)))
+        params = model.place(cfg, params, mesh, rules)
     nll, count = 0.0, 0.0
     for start in range(0, W, batch_size):
         batch = {k: v[start:start + batch_size] for k, v in w.items()}
@@ -193,10 +190,10 @@ def text_documents(paths, tokenizer, text_field: str = "text", max_documents: in
 
 def read_qa(path) -> list[tuple[str, str]]:
     """(prompt, answer) pairs from a JSONL file of {"prompt": ..., "answer": ...} records."""
-    from jaxlm.generate import read_jsonl
+    from jaxlm.data.readers import read_valid_records
 
     valid = lambda r: isinstance(r.get("prompt"), str) and isinstance(r.get("answer"), str)
-    return [(r["prompt"], r["answer"]) for r in read_jsonl(path, valid, 'string fields "prompt" and "answer"')]
+    return [(r["prompt"], r["answer"]) for r in read_valid_records(path, valid, 'string fields "prompt" and "answer"')]
 
 
 def format_table(rows: list[dict]) -> str:
@@ -222,7 +219,7 @@ def run_eval(run_dir, cfg, params, step: int, mesh, tokenizer, *, texts=(), text
     from pathlib import Path
 
     from jaxlm.generate import encode_prompt
-    from jaxlm.train.metrics import MetricsWriter
+    from jaxlm.runs import MetricsWriter
 
     seq_len = seq_len or cfg.train.seq_len
     common = dict(seq_len=seq_len, eos_id=tokenizer.eos_id, batch_size=batch_size, mesh=mesh,

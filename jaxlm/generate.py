@@ -19,8 +19,8 @@ Sampling: logits / temperature, then top-k (exactly the k best, ties broken by l
 then top-p (the smallest set of best tokens whose probability reaches p), then a draw.
 temperature=0 is greedy (argmax; its sampling log-probability is log 1 = 0).
 
-The shell half (`load_params`, `encode_prompt`, `infill_prompt`, `generate_texts`, `run`) is
-`jaxlm generate`: a run directory's checkpoint, text prompts, streaming, JSONL.
+The shell half (`encode_prompt`, `infill_prompt`, `generate_texts`, `run`) is `jaxlm generate`:
+text prompts, streaming, JSONL; `jaxlm.runs.load_run` gives it a run's params and tokenizer.
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ import numpy as np
 
 from jaxlm import model, sharding
 from jaxlm.config import ModelConfig
+from jaxlm.objectives.lm import token_log_probs
 
 __all__ = ["Generation", "generate", "sample_logits", "prompt_bucket", "left_pad"]
 
@@ -88,12 +89,6 @@ def sample_logits(logits_BV: jax.Array, keys_B: jax.Array, temperature=1.0, top_
             jnp.take_along_axis(logp_BC, choice_B, -1)[:, 0])
 
 
-def _model_logprob(logits_BV, token_B):
-    logits_BV = logits_BV.astype(jnp.float32)
-    chosen_B = jnp.take_along_axis(logits_BV, token_B[:, None], -1)[:, 0]
-    return chosen_B - jax.nn.logsumexp(logits_BV, axis=-1)
-
-
 def _loop(cfg, params, prompt_BP, lengths_B, limits_B, stop_S, temperature, top_p, keys_B, *,
           max_new: int, greedy: bool, top_k, use_top_p: bool, bidirectional: bool, pad_id: int,
           on_token, mesh, rules, unroll_layers: bool):
@@ -118,7 +113,7 @@ def _loop(cfg, params, prompt_BP, lengths_B, limits_B, stop_S, temperature, top_
             out = {"tokens": put(out["tokens"], token_B),
                    "logprobs": put(out["logprobs"], jnp.where(active_B, logp_B, zero)),
                    "model_logprobs": put(out["model_logprobs"],
-                                         jnp.where(active_B, _model_logprob(logits_BV, token_B), zero)),
+                                         jnp.where(active_B, token_log_probs(logits_BV[:, None], token_B[:, None])[:, 0], zero)),
                    "lengths": out["lengths"] + active_B.astype(jnp.int32)}
             stopped_B = jnp.any(token_B[:, None] == stop_S[None, :], axis=-1)
             out["done"] = ~active_B | stopped_B | (out["lengths"] >= limits_B)
@@ -226,8 +221,7 @@ def generate(cfg, params: dict, prompts, prompt_lengths=None, max_new_tokens=64,
     width = prompt_bucket(int(lengths_B.max()))
     args = [left_pad(prompts_BP, lengths_B, width, pad_id), lengths_B, limits_B, stop_S]
     if mesh is not None:
-        params = jax.device_put(params, sharding.param_shardings(
-            mesh, rules, model.abstract_params(cfg), model.logical_axes(cfg)))
+        params = model.place(cfg, params, mesh, rules)
         rows = lambda a: jax.sharding.NamedSharding(
             mesh, sharding.spec(mesh, rules, a.shape, ("act_batch",) + (None,) * (a.ndim - 1)))
         args = [jax.device_put(a, rows(a)) for a in args[:3]] + [args[3]]
@@ -239,35 +233,6 @@ def generate(cfg, params: dict, prompts, prompt_lengths=None, max_new_tokens=64,
 
 
 # --- the shell: a run directory's params, prompts as text, `jaxlm generate` -------------------
-
-
-def run_config_path(run_dir):
-    """RUN_DIR/config.yaml, the resolved config a training run writes beside its checkpoints."""
-    from pathlib import Path
-
-    from jaxlm.config import ConfigError
-
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"run directory {str(run_dir)!r} has no config.yaml (a training run writes it)")
-    return path
-
-
-def load_params(run_dir, cfg, step: Optional[int] = None):
-    """(params, step, mesh): the run's latest checkpoint (or `step`), restored sharded on the
-    mesh of `cfg` (the run's config, possibly with overrides such as mesh sizes)."""
-    from jaxlm.checkpoint import restore_params
-    from jaxlm.config import ConfigError
-
-    mesh = sharding.make_mesh(cfg.mesh)
-    abstract = model.abstract_params(cfg.model)
-    shardings = sharding.param_shardings(mesh, cfg.mesh.rules, abstract, model.logical_axes(cfg.model))
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    try:
-        params, step = restore_params(run_dir, target, step)
-    except FileNotFoundError:
-        raise ConfigError(f"run directory {str(run_dir)!r} holds no complete checkpoint") from None
-    return params, step, mesh
 
 
 def default_stops(tokenizer) -> list[int]:
@@ -367,36 +332,12 @@ def generate_texts(cfg, params, tokenizer, prompts: Sequence[np.ndarray], *, bat
     return results
 
 
-def read_jsonl(path, valid, expected: str) -> list[dict]:
-    """The records of a JSONL file of prompts; `valid(record)` says whether one is usable.
-
-    A missing file, a line that is not JSON or a record that is not `valid` stops with one line
-    naming the file and line (`expected` says what a record must hold)."""
-    import json
-    from pathlib import Path
-
-    from jaxlm.config import ConfigError
-
-    if not Path(path).is_file():
-        raise ConfigError(f"file {str(path)!r} does not exist")
-    records = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            raise ConfigError(f"{path}:{n} is not valid JSON") from None
-        if not (isinstance(rec, dict) and valid(rec)):
-            raise ConfigError(f"{path}:{n} needs {expected}")
-        records.append(rec)
-    return records
-
-
 def _read_prompt_records(path) -> list[dict]:
+    from jaxlm.data import readers
+
     text = lambda rec, key: isinstance(rec.get(key), str)
-    return read_jsonl(path, lambda r: text(r, "prompt") or (text(r, "prefix") and text(r, "suffix")),
-                      'a string "prompt", or string "prefix" and "suffix" (infill)')
+    valid = lambda r: text(r, "prompt") or (text(r, "prefix") and text(r, "suffix"))
+    return readers.read_valid_records(path, valid, 'a string "prompt", or string "prefix" and "suffix" (infill)')
 
 
 def run(cfg, params, mesh, tokenizer, *, prompt: Optional[str] = None, prompts_path=None, infill=None,

@@ -1,5 +1,24 @@
-"""Fake 8 CPU devices before JAX starts, and share compile-heavy fixtures."""
+"""Fake 8 CPU devices before JAX starts, and share compile-heavy fixtures.
+
+Markers (CI runs them all): `slow` (tens of seconds: subprocess runs, whole stages), `multiprocess`
+(several jaxlm processes joined by jax.distributed), `parity` (against transformers and torch).
+A quick local run: `pytest -m "not slow and not multiprocess and not parity"`.
+"""
 import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One pretraining run of `jaxlm.testing.TINY_RUN` (20 steps, checkpoints every 5), trained once
+    per session, in process. Tests read it; a test that writes into a run makes its own."""
+    from jaxlm.testing import tiny_config
+    from jaxlm.train import pretrain
+
+    run_dir = tmp_path_factory.mktemp("tiny") / "run"
+    pretrain.main(tiny_config(train=dict(run_dir=str(run_dir))))
+    return run_dir

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxlm import cli
+from jaxlm import cli, hugepages
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,8 +77,8 @@ def test_bad_override_as_a_process(config_file, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.skipif(not cli.huge_pages_help(), reason="needs glibc >= 2.35 and transparent huge pages on madvise")
-@pytest.mark.parametrize("preset, starts", [(None, [None, cli.HUGE_PAGES]), ("", [""])])
+@pytest.mark.skipif(not hugepages.huge_pages_help(), reason="needs glibc >= 2.35 and transparent huge pages on madvise")
+@pytest.mark.parametrize("preset, starts", [(None, [None, hugepages.HUGE_PAGES]), ("", [""])])
 def test_the_command_restarts_itself_once_with_huge_pages_unless_tunables_are_set(preset, starts, tmp_path):
     # A sitecustomize records every interpreter start of the process: its pid and GLIBC_TUNABLES.
     (tmp_path / "sitecustomize.py").write_text(

@@ -1,5 +1,6 @@
 """Config: YAML + dotted overrides compose, presets, round trip, one-line errors naming the key."""
 import dataclasses
+from pathlib import Path
 
 import jax
 import pytest
@@ -147,3 +148,17 @@ def test_save_then_load_round_trips(tmp_path):
     again = load_config(path)
     assert again == cfg
     assert again != Config()
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted(REPO.glob("configs/**/*.yaml")), ids=lambda p: str(p.relative_to(REPO)))
+def test_every_shipped_config_parses_and_validates(path):
+    cfg = load_config(path)
+    assert cfg.train.seq_len <= cfg.model.max_seq_len  # validated as a whole
+    assert cfg == load_config(path, [])  # and reads the same again
+
+
+def test_there_are_shipped_configs():
+    assert len(list(REPO.glob("configs/**/*.yaml"))) >= 7

@@ -11,12 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm import cli, evaluate, model, sharding
-from jaxlm import generate as gen
-from jaxlm.checkpoint import Checkpointer
-from jaxlm.config import MeshConfig, ModelConfig, load_config, save_config
+from jaxlm import cli, evaluate, model, runs, sharding
+from jaxlm.config import MeshConfig, ModelConfig, load_config
 from jaxlm.data.tokenizers import ByteTokenizer
-from jaxlm.train.metrics import read_metrics
+from jaxlm.runs import read_metrics
+from jaxlm.testing import write_run
 
 CFG = ModelConfig(vocab_size=37, d_model=24, n_layers=2, n_heads=6, n_kv_heads=2, d_ff=40,
                   max_seq_len=64, rope_theta=100.0, dtype="float32")
@@ -149,11 +148,7 @@ def run_dir(tmp_path_factory):
                              "data.heldout_fraction=0.1", "train.seq_len=32", f"train.run_dir={run}",
                              "optim.warmup_steps=0"])
     cfg = dataclasses.replace(cfg, model=RUN_MODEL)
-    save_config(cfg, run / "config.yaml")
-    ckpt = Checkpointer(run / "checkpoints", async_save=False)
-    ckpt.save(7, _random_params(RUN_MODEL, 3, scale=0.1), {"count": jnp.zeros((), jnp.int32)}, {"step": 7})
-    ckpt.close()
-    return run
+    return write_run(run, cfg, _random_params(RUN_MODEL, 3, scale=0.1), step=7)
 
 
 def test_eval_command_scores_files_and_heldout_and_logs_metrics(run_dir, tmp_path, capsys):
@@ -167,8 +162,7 @@ def test_eval_command_scores_files_and_heldout_and_logs_metrics(run_dir, tmp_pat
     row = [r for r in read_metrics(run_dir) if "event" not in r][-1]
     assert row["step"] == 7
     # the file's numbers equal `perplexity` on the same documents (8 fake devices, fsdp)
-    cfg = load_config(run_dir / "config.yaml")
-    params, _, _ = gen.load_params(run_dir, cfg)
+    params = runs.load_run(run_dir).params
     tok = ByteTokenizer()
     ref = evaluate.perplexity(RUN_MODEL, params, [tok.encode(t) for t in texts],
                               sum(len(t.encode()) for t in texts), seq_len=32, eos_id=tok.eos_id)

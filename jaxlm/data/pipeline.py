@@ -85,7 +85,7 @@ def _stdlib_sources(data_cfg: DataConfig, tokenizer, info: dict):
 
 def _check_tokenizer(name: str, index: dict, tokenizer: str) -> None:
     """The shards of source `name` must have been written with `tokenizer` (same file bytes)."""
-    from jaxlm.data.shards import file_sha256
+    from jaxlm.data.tokenizers import file_sha256
 
     if tokenizer == "byte":
         same = index.get("tokenizer") == "byte"

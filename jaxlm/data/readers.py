@@ -89,27 +89,62 @@ def _check_text(text: Any, fields: dict, where: str, max_chars: int) -> Record:
     return Record(text, fields, where)
 
 
-def read_jsonl(path: Path, text_field: str = "text", max_chars: int = 0) -> Iterator[Record]:
+def jsonl_values(path: Path) -> Iterator[tuple[str, Any, str]]:
+    """(where, value, error) for each non-blank line of a JSONL file: the parsed JSON value, or
+    None and the reason it is unreadable ("invalid_utf8", "malformed_json"). The one JSONL
+    reader: documents, SFT records, prompts and question/answer files all go through it."""
     with open(path, "rb") as f:
         for i, raw in enumerate(f, 1):
             where = f"{path}:{i}"
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
-                yield Record(None, {}, where, "invalid_utf8")
+                yield where, None, "invalid_utf8"
                 continue
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                yield where, json.loads(line), ""
             except json.JSONDecodeError:
-                yield Record(None, {}, where, "malformed_json")
-                continue
-            if not isinstance(obj, dict):
-                yield Record(None, {}, where, "not_an_object")
-                continue
+                yield where, None, "malformed_json"
+
+
+def read_jsonl(path: Path, text_field: str = "text", max_chars: int = 0) -> Iterator[Record]:
+    for where, obj, error in jsonl_values(path):
+        if error:
+            yield Record(None, {}, where, error)
+        elif not isinstance(obj, dict):
+            yield Record(None, {}, where, "not_an_object")
+        else:
             text = obj.pop(text_field, None)
             yield _check_text(text, obj, where, max_chars)
+
+
+def read_records(paths) -> Iterator[Any]:
+    """The records of JSONL files (globs allowed), in order; an unreadable line yields its
+    reason instead ("malformed_json" or "invalid_utf8"). A pattern matching no file raises."""
+    for path in expand(paths):
+        for _, obj, error in jsonl_values(path):
+            yield error or obj
+
+
+def read_valid_records(path, valid, expected: str) -> list[dict]:
+    """The records of a JSONL file of inputs that must all be usable (prompts, question/answer
+    pairs): `valid(record)` says whether one is. A missing file, a line that is not JSON or a
+    record that is not `valid` stops with one line naming the file and line (`expected` says
+    what a record must hold), before any work starts."""
+    from jaxlm.config import ConfigError
+
+    if not Path(path).is_file():
+        raise ConfigError(f"file {str(path)!r} does not exist")
+    records = []
+    for where, obj, error in jsonl_values(Path(path)):
+        if error:
+            raise ConfigError(f"{where} is not valid JSON" if error == "malformed_json" else f"{where}: {error}")
+        if not (isinstance(obj, dict) and valid(obj)):
+            raise ConfigError(f"{where} needs {expected}")
+        records.append(obj)
+    return records
 
 
 def read_parquet(path: Path, text_field: str = "text", max_chars: int = 0,
@@ -133,6 +168,27 @@ def read_text(path: Path, max_chars: int = 0) -> Iterator[Record]:
         yield Record(None, {}, str(path), "invalid_utf8")
         return
     yield _check_text(text, {"path": str(path)}, str(path), max_chars)
+
+
+def texts(inputs, text_field: str = "text", max_documents: int = 0):
+    """(texts, counts): a generator of the usable records' texts of `inputs` in order (at most
+    `max_documents`; 0: all), and `counts()` -> (texts yielded, unusable records skipped so far)."""
+    files = check_inputs(inputs)
+    skipped, n = 0, 0
+
+    def gen():
+        nonlocal skipped, n
+        for path, fmt in files:
+            for rec in read_documents(path, fmt, text_field):
+                if rec.text is None:
+                    skipped += 1
+                    continue
+                if max_documents and n >= max_documents:
+                    return
+                n += 1
+                yield rec.text
+
+    return gen(), lambda: (n, skipped)
 
 
 def read_documents(path: Path, fmt: str, text_field: str = "text", max_chars: int = 0) -> Iterator[Record]:

@@ -16,7 +16,6 @@ zstd), the setting ArrayRecord asks for so that random access reads one record, 
 from __future__ import annotations
 
 import collections
-import hashlib
 import itertools
 import json
 import multiprocessing
@@ -28,7 +27,7 @@ import grain
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from jaxlm.data.tokenizers import load_tokenizer
+from jaxlm.data.tokenizers import file_sha256, load_tokenizer
 
 INDEX = "index.json"
 FORMAT = "jaxlm.tokens.v1"
@@ -84,14 +83,6 @@ def _encoded_chunks(texts, tokenizer_name: str, workers: int, chunk_docs: int, a
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class _ShardWriter:
@@ -171,6 +162,22 @@ def tokenize_to_shards(texts: Iterable[str], tokenizer_path_or_name: str, out_di
     tmp = out_dir / (INDEX + ".tmp")
     tmp.write_text(json.dumps(index, indent=1))
     os.replace(tmp, out_dir / INDEX)
+    return index
+
+
+def tokenize_from_config(t, log=print) -> dict:
+    """`jaxlm data tokenize`: the usable records of `t.inputs` (a TokenizeConfig) into shards."""
+    from jaxlm.config import ConfigError
+    from jaxlm.data.readers import texts
+
+    if not t.inputs:
+        raise ConfigError("tokenize.inputs is empty; name the prepared files to tokenize")
+    docs, counts = texts(t.inputs, t.text_field)
+    index = tokenize_to_shards(docs, t.tokenizer, t.out_dir, workers=t.workers or os.cpu_count() or 1,
+                               docs_per_shard=t.docs_per_shard, overwrite=t.overwrite)
+    n, skipped = counts()
+    log(f"wrote {len(index['shards'])} shards to {t.out_dir}: {index['documents']} documents, "
+        f"{index['tokens']} tokens; {skipped} unusable records skipped")
     return index
 
 

@@ -54,7 +54,7 @@ def load_hf(path: str | Path, *, mesh=None, rules: str = "fsdp", param_dtype: st
     weights.check(reader, cfg, table)
     mesh = sharding.make_mesh(MeshConfig()) if mesh is None else mesh
     abstract = model.abstract_params(cfg)
-    shardings = sharding.param_shardings(mesh, rules, abstract, model.logical_axes(cfg))
+    shardings = model.shardings(cfg, mesh, rules)
 
     def build(key_path, a, s):
         spec = table[tuple(k.key for k in key_path)]

@@ -21,7 +21,8 @@ from typing import Optional
 import jax
 import yaml
 
-from jaxlm import model, sharding
+from jaxlm import runs, sharding
+from jaxlm.data.tokenizers import file_sha256
 from jaxlm.config import Config, ConfigError, DataConfig, MeshConfig, TrainConfig, load_config, save_config, validate
 from jaxlm.interop.hf import load_hf, read_config, save_hf
 from jaxlm.interop.hf_config import InteropError, family_of, sliding_window
@@ -72,17 +73,16 @@ def import_run(hf_dir: str | Path, run_dir: str | Path, *, param_dtype: str = "f
     validate(cfg)
     if tokenizer is not None:
         _check_tokenizer(cfg, notes)
-    import orbax.checkpoint as ocp
-
     from jaxlm.checkpoint import Checkpointer
 
-    ckpt = Checkpointer(run_dir / "checkpoints", keep=1, async_save=False)
+    ckpt = Checkpointer(run_dir / "checkpoints", roles=("policy",), keep=1, async_save=False)
     meta = {"step": 0, "cursor": 0, "converted_from": str(hf_dir.absolute()), "family": family}
     # No optimizer state: a converted run is a starting point (train.init_from), not a run to resume.
-    ckpt.manager.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                                 meta=ocp.args.JsonSave(meta)), force=True)
+    ckpt.save(0, {"policy": params}, None, meta)
     ckpt.close()
     if main:
+        if tokenizer is not None:
+            runs.copy_tokenizer(run_dir, str(tokenizer))
         save_config(cfg, run_dir / "config.yaml")
     return cfg, notes
 
@@ -125,33 +125,29 @@ def find_hf_side(run_dir: Path) -> Optional[Path]:
 def export_run(run_dir: str | Path, out_dir: str | Path, *, dtype: Optional[str] = None,
                family: Optional[str] = None, max_shard_bytes: Optional[int] = None) -> tuple[list[str], list[str]]:
     """Write a run's latest params as a Hugging Face checkpoint; returns (files written, notes)."""
-    from jaxlm.checkpoint import restore_params
-
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    cfg = _run_config(run_dir)
+    _run_config(run_dir)
     if any(out_dir.glob("*.safetensors")) or (out_dir / "config.json").exists():
         raise InteropError(f"--out {str(out_dir)!r} already holds a checkpoint; choose a new directory")
     side = find_hf_side(run_dir)
     base = read_config(side) if side else None
-    mesh = sharding.make_mesh(MeshConfig())
-    abstract = model.abstract_params(cfg.model)
-    shardings = sharding.param_shardings(mesh, cfg.mesh.rules, abstract, model.logical_axes(cfg.model))
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    params, step = restore_params(run_dir, target)
+    run = runs.load_run(run_dir, mesh=sharding.make_mesh(MeshConfig()))
+    cfg, params, step = run.cfg, run.params, run.step
     kwargs = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
     files = save_hf(cfg.model, params, out_dir, family=family, base_config=base, dtype=dtype, **kwargs)
     notes = [f"read the params of step {step}"]
     if jax.process_index() != 0:
         return files, notes
-    tokenizer, copied = cfg.data.tokenizer, []
+    copy, copied = runs.tokenizer_copy(run_dir), []
+    tokenizer = str(copy) if copy is not None else cfg.data.tokenizer
     if tokenizer == "byte":
         notes.append("data.tokenizer is jaxlm's byte tokenizer, which Hugging Face has no counterpart "
                      "for: no tokenizer written")
-    else:
-        name = "tokenizer.model" if tokenizer.endswith(".model") else "tokenizer.json"
-        shutil.copy2(tokenizer, out_dir / name)
-        copied.append(name)
-    if side and Path(tokenizer).parent.absolute() == side.absolute():
+        return files, notes
+    name = "tokenizer.model" if tokenizer.endswith(".model") else "tokenizer.json"
+    shutil.copy2(tokenizer, out_dir / name)
+    copied.append(name)
+    if side and (side / name).is_file() and file_sha256(side / name) == file_sha256(tokenizer):
         # the imported tokenizer: its settings and the generation config (token ids) belong with it
         for name in SIDE_FILES:
             if name not in ("config.json", *copied) and (side / name).is_file():

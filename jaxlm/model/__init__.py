@@ -12,12 +12,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlm import sharding
 from jaxlm.config import ModelConfig
 from jaxlm.model.attention import KVCache
 from jaxlm.model.transformer import Transformer, init_cache
 
-__all__ = ["init", "apply", "logical_axes", "abstract_params", "param_count", "KVCache", "init_cache",
-           "prefill", "decode", "layer_params", "compute_params"]
+__all__ = ["init", "apply", "logical_axes", "abstract_params", "shardings", "place", "param_count", "KVCache",
+           "init_cache", "prefill", "decode", "layer_params", "compute_params"]
 
 
 def init(cfg: ModelConfig, key: jax.Array) -> dict:
@@ -31,9 +32,24 @@ def _structure(cfg: ModelConfig):
     return graphdef, state
 
 
-def abstract_params(cfg: ModelConfig) -> dict:
-    """ShapeDtypeStructs of the parameters, with no memory allocated."""
-    return nnx.to_pure_dict(_structure(cfg)[1])
+def abstract_params(cfg: ModelConfig, mesh=None, rules: str = "fsdp") -> dict:
+    """ShapeDtypeStructs of the parameters, with no memory allocated; given a mesh, each carries its
+    sharding under the logical-axis `rules` (a target to restore a checkpoint onto)."""
+    abstract = nnx.to_pure_dict(_structure(cfg)[1])
+    if mesh is None:
+        return abstract
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                        shardings(cfg, mesh, rules))
+
+
+def shardings(cfg: ModelConfig, mesh, rules: str) -> dict:
+    """The `NamedSharding` of every parameter on `mesh` under `rules` (same tree as the params)."""
+    return sharding.param_shardings(mesh, rules, abstract_params(cfg), logical_axes(cfg))
+
+
+def place(cfg: ModelConfig, params: dict, mesh, rules: str) -> dict:
+    """`params` laid out on `mesh` as training lays them out under `rules`."""
+    return jax.device_put(params, shardings(cfg, mesh, rules))
 
 
 def logical_axes(cfg: ModelConfig) -> dict:

@@ -80,6 +80,11 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, start_B=None) -> attn_
     return attn_lib.KVCache(zeros, zeros, jnp.zeros((), jnp.int32), start_B)
 
 
+def value_head_init(cfg: ModelConfig) -> jax.Array:
+    """The value head's initial weights [D]: zeros, so every value starts at 0."""
+    return jnp.zeros((cfg.d_model,), jnp.dtype(cfg.param_dtype))
+
+
 class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         dt = _dtypes(cfg)
@@ -93,8 +98,7 @@ class Transformer(nnx.Module):
         self.lm_head = None if cfg.tie_embeddings else nnx.Param(
             _normal(rngs, (cfg.d_model, cfg.vocab_size), cfg.init_std, dt["param_dtype"]),
             axes=("embed", "vocab"))
-        self.value_head = None if not cfg.value_head else nnx.Param(
-            jnp.zeros((cfg.d_model,), dt["param_dtype"]), axes=("embed",))
+        self.value_head = None if not cfg.value_head else nnx.Param(value_head_init(cfg), axes=("embed",))
 
     def hidden(self, tokens_BT, segment_ids_BT=None, positions_BT=None, prefix_len_B=None,
                prefix_mask_BT=None):

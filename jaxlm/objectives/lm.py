@@ -1,4 +1,4 @@
-"""Next-token cross-entropy with a loss mask, in float32."""
+"""Next-token cross-entropy with a loss mask, in float32, and the token log-probs it is made of."""
 from __future__ import annotations
 
 import jax
@@ -28,9 +28,9 @@ def _log_probs_and_hits(logits_BTV, targets_BT):
 def lm_loss(logits_BTV: jax.Array, targets_BT: jax.Array, loss_mask_BT: jax.Array | None = None):
     """Mean negative log-likelihood over masked-in tokens.
 
-    Returns (loss, metrics) with metrics `loss_sum` (nats), `tokens` (mask sum) and
-    `correct` (tokens whose target has the largest logit): sums that add across
-    micro-batches and devices without bias.
+    Returns (loss, metrics): metrics {"loss": (summed NLL in nats, tokens), "accuracy":
+    (tokens whose target has the largest logit, tokens)}, sums and counts that add across
+    micro-batches and devices without bias (`tokens` is the mask sum).
     """
     if loss_mask_BT is None:
         loss_mask_BT = jnp.ones(targets_BT.shape, jnp.float32)
@@ -40,7 +40,7 @@ def lm_loss(logits_BTV: jax.Array, targets_BT: jax.Array, loss_mask_BT: jax.Arra
     tokens = jnp.sum(mask)
     correct = jnp.sum(hit_BT * mask)
     loss = loss_sum / jnp.maximum(tokens, 1.0)
-    return loss, {"loss_sum": loss_sum, "tokens": tokens, "correct": correct}
+    return loss, {"loss": (loss_sum, tokens), "accuracy": (correct, tokens)}
 
 
 def chunked_lm_loss(x_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Array,
@@ -73,4 +73,4 @@ def chunked_lm_loss(x_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Array,
     nll_n, hits_n = jax.lax.map(lambda a: piece(*a), (split(x_BTD), split(targets_BT), split(loss_mask_BT)))
     loss_sum, tokens = jnp.sum(nll_n), jnp.sum(loss_mask_BT.astype(jnp.float32))
     correct = jax.lax.stop_gradient(jnp.sum(hits_n))
-    return loss_sum / jnp.maximum(tokens, 1.0), {"loss_sum": loss_sum, "tokens": tokens, "correct": correct}
+    return loss_sum / jnp.maximum(tokens, 1.0), {"loss": (loss_sum, tokens), "accuracy": (correct, tokens)}

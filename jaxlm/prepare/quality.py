@@ -234,23 +234,19 @@ class _LMScorer:
     def __init__(self, run_dir: Path):
         import jax
 
-        from jaxlm import model
-        from jaxlm.checkpoint import restore_params
-        from jaxlm.data.tokenizers import load_tokenizer
+        from jaxlm import model, runs, sharding
+        from jaxlm.config import MeshConfig
         from jaxlm.objectives.lm import lm_loss
 
-        self.cfg = load_config(run_dir / "config.yaml")
-        self.tokenizer = load_tokenizer(self.cfg.data.tokenizer)
-        one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one_device),
-                                model.abstract_params(self.cfg.model))
-        self.params, self.step = restore_params(run_dir, abstract)
+        one_device = sharding.make_mesh(MeshConfig(fsdp=1), devices=jax.devices()[:1])
+        run = runs.load_run(run_dir, mesh=one_device)
+        self.cfg, self.tokenizer, self.params, self.step = run.cfg, run.tokenizer, run.params, run.step
         model_cfg = self.cfg.model
 
         @jax.jit
         def nll(params, tokens_BT, targets_BT, mask_BT):
             _, metrics = lm_loss(model.apply(model_cfg, params, tokens_BT), targets_BT, mask_BT)
-            return metrics["loss_sum"], metrics["tokens"]
+            return metrics["loss"]
 
         self.nll = nll
 

@@ -1,4 +1,5 @@
-"""Pretraining: next-token loss under the configured objective mixture, on packed rows."""
+"""Pretraining: one trained role (the policy), next-token loss under the configured objective
+mixture, on packed rows."""
 from __future__ import annotations
 
 from jaxlm import model
@@ -6,31 +7,42 @@ from jaxlm.config import Config, ConfigError
 from jaxlm.objectives import lm_loss
 from jaxlm.objectives.lm import chunked_lm_loss
 from jaxlm.train.loop import Stage, run
+from jaxlm.train.state import Role
+from jaxlm.train.step import Objective
 
 
-def lm_loss_fn(model_cfg, loss_chunk: int = 0):
-    """loss_fn(params, batch) -> (summed NLL, metrics) for batches of tokens/targets/loss_mask.
+def token_count(batch):
+    """The loss is the mean over target tokens: their count in the whole batch."""
+    return batch["loss_mask"].sum()
+
+
+def lm_objective(model_cfg, loss_chunk: int = 0) -> Objective:
+    """The policy's summed next-token NLL over `loss_mask`, on batches of tokens/targets/loss_mask
+    (and segment_ids, positions, prefix_len or prefix_mask where packed); metrics loss, accuracy.
 
     loss_chunk > 0: the output projection and cross-entropy run `loss_chunk` positions at a
     time (`chunked_lm_loss`), so the [B, T, V] float32 logits never exist at once.
     """
 
-    def loss_fn(params, batch):
+    def loss(params, frozen, batch):
+        del frozen
+        p = params["policy"]
         args = (batch["tokens"], batch.get("segment_ids"), batch.get("positions"), batch.get("prefix_len"))
         if loss_chunk:
-            x_BTD = model.hidden(model_cfg, params, *args, prefix_mask=batch.get("prefix_mask"))
-            _, metrics = chunked_lm_loss(x_BTD, model.head_kernel(model_cfg, params), batch["targets"],
+            x_BTD = model.hidden(model_cfg, p, *args, prefix_mask=batch.get("prefix_mask"))
+            _, metrics = chunked_lm_loss(x_BTD, model.head_kernel(model_cfg, p), batch["targets"],
                                          batch["loss_mask"], loss_chunk)
         else:
-            logits = model.apply(model_cfg, params, *args, prefix_mask=batch.get("prefix_mask"))
+            logits = model.apply(model_cfg, p, *args, prefix_mask=batch.get("prefix_mask"))
             _, metrics = lm_loss(logits, batch["targets"], batch["loss_mask"])
-        return metrics["loss_sum"], metrics
+        return metrics["loss"][0], metrics
 
-    return loss_fn
+    return Objective(loss, token_count)
 
 
-def token_count(batch):
-    return batch["loss_mask"].sum()
+def policy_role(cfg: Config) -> tuple[Role, ...]:
+    """The one trained role of pretraining and SFT: the config's model, from train.init_from if set."""
+    return (Role("policy", cfg.model, init_from=cfg.train.init_from),)
 
 
 def build(cfg: Config) -> Stage:
@@ -41,7 +53,7 @@ def build(cfg: Config) -> Stage:
     if info["vocab_size"] > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                           f"vocabulary ({info['vocab_size']})")
-    return Stage("pretrain", lm_loss_fn(cfg.model, cfg.train.loss_chunk), token_count, train, heldout, info)
+    return Stage("pretrain", policy_role(cfg), lm_objective(cfg.model, cfg.train.loss_chunk), train, heldout, info)
 
 
 def main(cfg: Config) -> dict:

@@ -4,7 +4,7 @@ Data: `sft.train_files` (JSONL instruction or chat records, `jaxlm.data.examples
 built-in verifiable tasks `sft.tasks` (`jaxlm.data.tasks`), rendered to examples whose
 loss mask covers responses only, then packed several per row by first-fit decreasing
 (`jaxlm.data.loader`: segment ids, restarted positions) or one per row (`sft.packing=false`).
-The step is pretraining's: `pretrain.lm_loss_fn` summed over the micro-batch, normalised
+The step is pretraining's: `pretrain.lm_objective`, summed over the micro-batch, normalised
 by the response-token count of the whole global batch (`pretrain.token_count`), so the loss
 is the mean over response tokens whether the batch is packed, accumulated or sharded.
 
@@ -15,20 +15,19 @@ greedy generation on `sft.task_eval_examples` distinct test problems, before (th
 """
 from __future__ import annotations
 
-from pathlib import Path
 
-import yaml
 
+from jaxlm import runs
 from jaxlm.config import Config, ConfigError
-from jaxlm.data import tasks
+from jaxlm.data import readers, tasks
 from jaxlm.data.examples import chat
 from jaxlm.train.loop import Stage, run
-from jaxlm.train.pretrain import lm_loss_fn, token_count
+from jaxlm.train.pretrain import lm_objective, policy_role
 
 
 def _file_records(paths):
     try:
-        return list(chat.read_records(paths))
+        return list(readers.read_records(paths))
     except FileNotFoundError as e:
         raise ConfigError(f"sft: {e}") from None
 
@@ -80,23 +79,6 @@ def load_examples(cfg: Config, tok):
     return train + task_train, evals + task_eval, info
 
 
-def _check_init_from(cfg: Config) -> None:
-    """The starting run must have this model and tokenizer (else Orbax fails far less clearly)."""
-    path = Path(cfg.train.init_from) / "config.yaml"
-    if not cfg.train.init_from or not path.is_file():
-        return
-    theirs = yaml.safe_load(path.read_text()) or {}
-    ours = {"model": vars(cfg.model), "data": {"tokenizer": cfg.data.tokenizer}}
-    for section, fields in ours.items():
-        for key, value in fields.items():
-            if key in ("dtype", "remat", "scan_layers", "scan_unroll", "attention"):  # free to differ
-                continue
-            other = (theirs.get(section) or {}).get(key, value)
-            if other != value:
-                raise ConfigError(f"{section}.{key}={value!r} differs from the train.init_from run "
-                                  f"{cfg.train.init_from!r} ({other!r}); set it to the same value")
-
-
 def build(cfg: Config) -> Stage:
     from jaxlm.data.loader import Loader, Source
     from jaxlm.data.tokenizers import load_tokenizer
@@ -105,7 +87,8 @@ def build(cfg: Config) -> Stage:
     if tok.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                           f"vocabulary ({tok.vocab_size})")
-    _check_init_from(cfg)
+    if cfg.train.init_from:  # before the data: the starting run must fit this config
+        runs.check_init_from(cfg.model, cfg.data.tokenizer, cfg.train.init_from)
     train, evals, info = load_examples(cfg, tok)
     lookahead = cfg.data.lookahead if cfg.sft.packing else 1  # 1: one example per row
     common = dict(eos_id=tok.eos_id, seed=cfg.data.seed, packing="first_fit", lookahead=lookahead)
@@ -114,15 +97,15 @@ def build(cfg: Config) -> Stage:
     info.update(examples_train=len(train), examples_eval=len(evals), tasks=list(cfg.sft.tasks),
                 response_tokens_train=int(sum(x["loss_mask"].sum() for x in train)),
                 tokens_train=int(sum(len(x["tokens"]) for x in train)))
-    return Stage("sft", lm_loss_fn(cfg.model), token_count, train_data, eval_data, info)
+    return Stage("sft", policy_role(cfg), lm_objective(cfg.model), train_data, eval_data, info)
 
 
 def _run_accuracy(cfg: Config, run_dir: str) -> dict:
     from jaxlm.evaluate import task_accuracy
-    from jaxlm.generate import load_params
 
-    params, _, mesh = load_params(run_dir, cfg)
-    return {name: res["exact_match"] for name, res in task_accuracy(cfg, params, mesh=mesh).items()}
+    run = runs.load_run(run_dir)
+    return {name: res["exact_match"] for name, res in task_accuracy(cfg, run.params, run.tokenizer,
+                                                                     mesh=run.mesh).items()}
 
 
 def main(cfg: Config) -> dict:

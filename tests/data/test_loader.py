@@ -8,7 +8,8 @@ import pytest
 
 from jaxlm import model
 from jaxlm.config import ModelConfig
-from jaxlm.data.loader import Loader, Prefetcher, Source, pack_first_fit
+from jaxlm.data.loader import Loader, Source, pack_first_fit
+from jaxlm.data.prefetch import Prefetcher
 from jaxlm.model import attention
 from jaxlm.objectives import lm_loss
 from jaxlm.data.tokenizers.specials import SpecialIds
@@ -304,7 +305,7 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive
 def _loss_sum(cfg, params, batch):
     logits = model.apply(cfg, params, batch["tokens"], batch.get("segment_ids"),
                          batch.get("positions"))
-    return lm_loss(logits, batch["targets"], batch["loss_mask"])[1]["loss_sum"]
+    return lm_loss(logits, batch["targets"], batch["loss_mask"])[1]["loss"][0]
 
 
 def test_packed_loss_equals_unpacked_loss():

@@ -3,7 +3,6 @@ import json
 import shutil
 
 import jax
-import orbax.checkpoint as ocp
 import pytest
 import yaml
 
@@ -13,8 +12,8 @@ from jaxlm.config import load_config
 from jaxlm.data.tokenizers.spm import train_sentencepiece
 from jaxlm.data.tokenizers import load_tokenizer
 from jaxlm.interop import export_run, import_run, load_hf
-from jaxlm.train.loop import compile_stage
-from jaxlm.train.pretrain import lm_loss_fn, token_count
+from jaxlm.train.pretrain import lm_objective, policy_role
+from jaxlm.train.state import compile_stage
 
 TEXTS = [f"The {w} number {i} jumps over {i * 7 % 13} lazy dogs; café naïve {w}.\n"
          for i in range(60) for w in ("quick", "slow", "brown", "green")]
@@ -33,8 +32,8 @@ def test_cli_round_trip(hf_dir, odd_cfg, assert_same, tmp_path, capsys):
     assert cfg.data.tokenizer == str((run / "hf" / "tokenizer.model").absolute())
     assert load_tokenizer(cfg.data.tokenizer).vocab_size == 400
     # What the loop does for train.init_from: restore into the stage's sharded params target.
-    stage = compile_stage(cfg, lm_loss_fn(cfg.model), token_count)
-    restored, step = restore_params(run, stage.abstract_state["params"])
+    stage = compile_stage(cfg, policy_role(cfg), lm_objective(cfg.model))
+    restored, step = restore_params(run, stage.abstract_state["params"]["policy"])
     assert step == 0
     assert_same(params, jax.device_get(restored))
 
@@ -58,9 +57,8 @@ def test_export_follows_init_from_to_the_imported_family(hf_dir, odd_cfg, assert
     tuned.mkdir()
     (tuned / "config.yaml").write_text(yaml.safe_dump(tree))
     new_params = jax.tree.map(lambda x: x * 2, params)
-    ckpt = Checkpointer(tuned / "checkpoints", async_save=False)
-    ckpt.manager.save(7, args=ocp.args.Composite(params=ocp.args.StandardSave(new_params),
-                                                 meta=ocp.args.JsonSave({"step": 7})))
+    ckpt = Checkpointer(tuned / "checkpoints", roles=("policy",), async_save=False)
+    ckpt.save(7, {"policy": new_params}, None, {"step": 7})
     ckpt.close()
     files, notes = export_run(tuned, out)
     assert "read the params of step 7" in notes

@@ -157,7 +157,7 @@ def test_cli_prepare_tokenizer_tokenize_on_the_embedded_corpus(tmp_path):
                     "train.steps=3", "train.batch_size=8", "train.seq_len=32", "train.eval_every=3",
                     "train.save_every=3", "train.eval_batches=1", "optim.warmup_steps=1",
                     "train.progress=false", f"train.run_dir={run}")
-    from jaxlm.train.metrics import read_metrics
+    from jaxlm.runs import read_metrics
 
     evals = [r for r in read_metrics(run) if "eval_loss" in r]
     assert evals and all(0 < e["eval_loss"] < 10 for e in evals) and "held-out loss" in out

@@ -1,9 +1,9 @@
 """The loop: exact resume after a hard kill, recovery from bad steps, init_from, outputs."""
 import json
 import math
-import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,14 +13,10 @@ from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import from_dict, load_config
 from jaxlm.train import pretrain
 from jaxlm.train.loop import run
-from jaxlm.train.metrics import read_metrics
+from jaxlm.runs import read_metrics
+from jaxlm.testing import TINY_RUN
 
-TINY = {"model": dict(vocab_size=369, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
-                      max_seq_len=32),
-        "data": dict(max_documents=60, heldout_fraction=0.1),
-        "optim": dict(lr=3e-3, warmup_steps=2),
-        "train": dict(steps=20, batch_size=8, seq_len=32, log_every=1, eval_every=10, eval_batches=2,
-                      save_every=5, progress=False, peak_tflops=1.0)}
+TINY = TINY_RUN
 
 
 def write_config(tmp_path, name, **train):
@@ -35,23 +31,26 @@ def losses(run_dir):
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
 
 
-def pretrain_cli(config_path, env_extra=None):
-    env = dict(os.environ, **(env_extra or {}))
-    return subprocess.run([sys.executable, "-m", "jaxlm", "pretrain", str(config_path)],
-                          env=env, capture_output=True, text=True, timeout=600)
+FAULT_WORKER = Path(__file__).with_name("fault_worker.py")
+
+
+def pretrain_cli(config_path, fault=None):
+    """`jaxlm pretrain CONFIG` in a process of its own; fault=(step, signal) kills it there."""
+    argv = ["-m", "jaxlm"] if fault is None else [str(FAULT_WORKER), str(fault[0]), fault[1]]
+    return subprocess.run([sys.executable, *argv, "pretrain", str(config_path)],
+                          capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
-def straight_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("straight")
-    out = pretrain_cli(write_config(tmp, "straight"))
-    assert out.returncode == 0, out.stderr[-2000:]
-    return tmp / "straight"
+def straight_run(tiny_run):
+    """The session's run of TINY: trained in process, it is the reference for the runs below."""
+    return tiny_run
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_run_equals_straight_run(straight_run, tmp_path):
     path = write_config(tmp_path, "killed")
-    killed = pretrain_cli(path, {"JAXLM_FAULT_KILL_AT_STEP": "13"})
+    killed = pretrain_cli(path, fault=(13, "KILL"))
     assert killed.returncode == -9  # SIGKILL: no cleanup, no final checkpoint
     assert Checkpointer(tmp_path / "killed" / "checkpoints").latest_step() == 10
     resumed = pretrain_cli(path)
@@ -64,6 +63,20 @@ def test_killed_and_resumed_run_equals_straight_run(straight_run, tmp_path):
     np.testing.assert_array_equal([got[s] for s in range(1, 21)], [expected[s] for s in range(1, 21)])
     evals = lambda d: [r["eval_loss"] for r in read_metrics(d) if "eval_loss" in r]
     assert evals(tmp_path / "killed")[-1] == evals(straight_run)[-1]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_at_a_step_boundary_and_the_resumed_run_equals_the_straight_one(straight_run, tmp_path):
+    path = write_config(tmp_path, "termed")
+    termed = pretrain_cli(path, fault=(7, "TERM"))
+    assert termed.returncode == 130, termed.stderr[-2000:]
+    assert termed.stderr.strip().splitlines()[-1] == "jaxlm pretrain: interrupted; the last checkpoint is kept"
+    (event,) = [r for r in read_metrics(tmp_path / "termed") if r.get("event") == "interrupted"]
+    assert event["step"] >= 7 and Checkpointer(tmp_path / "termed" / "checkpoints").latest_step() == event["step"]
+    resumed = pretrain_cli(path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    got, expected = losses(tmp_path / "termed"), losses(straight_run)
+    np.testing.assert_array_equal([got[s] for s in range(1, 21)], [expected[s] for s in range(1, 21)])
 
 
 def test_run_writes_resolved_config_and_learns(straight_run):

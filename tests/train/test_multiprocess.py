@@ -21,11 +21,12 @@ import yaml
 
 from jaxlm import distributed, sharding
 from jaxlm.config import ConfigError, load_config
-from jaxlm.train.metrics import read_metrics
+from jaxlm.runs import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCH = REPO / "launch"
 WORKER = Path(__file__).with_name("multiprocess_worker.py")
+FAULT_WORKER = Path(__file__).with_name("fault_worker.py")
 FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 TINY = {"model": dict(vocab_size=369, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=16),
         "mesh": dict(data=2, fsdp=-1),  # data across the two processes, fsdp within each
@@ -72,6 +73,7 @@ def one_process(env: dict, config: Path) -> subprocess.CompletedProcess:
 
 def start_processes(env: dict, argv: list[str], logs: Path, n=2, devices=4, per_process=None) -> list:
     """n workers of `python argv...` joined through JAXLM_*; output in logs/{i}.out and {i}.err.
+    per_process: {i: argv} for workers that run something else (a fault injected).
 
     Callers end them with `stop` in a `finally`, so a failed test leaves no process behind.
     """
@@ -79,9 +81,10 @@ def start_processes(env: dict, argv: list[str], logs: Path, n=2, devices=4, per_
     procs = []
     for i in range(n):
         penv = devices_env(env, devices, JAXLM_COORDINATOR=f"127.0.0.1:{port}", JAXLM_NUM_PROCESSES=str(n),
-                           JAXLM_PROCESS_ID=str(i), **(per_process or {}).get(i, {}))
+                           JAXLM_PROCESS_ID=str(i))
         with open(logs / f"{i}.out", "w") as out, open(logs / f"{i}.err", "w") as err:
-            procs.append(subprocess.Popen([sys.executable, *argv], env=penv, stdout=out, stderr=err))
+            procs.append(subprocess.Popen([sys.executable, *(per_process or {}).get(i, argv)], env=penv,
+                                          stdout=out, stderr=err))
     return procs
 
 
@@ -127,7 +130,7 @@ def killed(base_env, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("killed")
     config = write_config(tmp, "run", heartbeat_timeout_s=5)
     procs = start_processes(base_env, ["-m", "jaxlm", "pretrain", str(config)], tmp,
-                            per_process={1: {"JAXLM_FAULT_KILL_AT_STEP": "5"}})
+                            per_process={1: [str(FAULT_WORKER), "5", "KILL", "pretrain", str(config)]})
     try:
         rc1 = procs[1].wait(timeout=300)
         died = time.monotonic()
@@ -148,7 +151,7 @@ def preempted(base_env, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("preempted")
     config = write_config(tmp, "run")
     procs = start_processes(base_env, ["-m", "jaxlm", "pretrain", str(config)], tmp,
-                            per_process={1: {"JAXLM_FAULT_KILL_AT_STEP": "2", "JAXLM_FAULT_SIGNAL": "TERM"}})
+                            per_process={1: [str(FAULT_WORKER), "2", "TERM", "pretrain", str(config)]})
     try:
         rcs = [p.wait(timeout=300) for p in procs]
     finally:
@@ -234,14 +237,14 @@ def test_two_process_checkpoint_restores_onto_fewer_devices(preempted):
     """Restore reshards: the same values on a 4-device mesh as on the 8-device one."""
     from jaxlm.checkpoint import Checkpointer
     from jaxlm.train import pretrain
-    from jaxlm.train.loop import compile_stage
+    from jaxlm.train.state import compile_stage
 
     cfg = load_config(preempted["config"])
     ckpt = Checkpointer(preempted["run_dir"] / "checkpoints")
     step = ckpt.latest_step()
     restored = {}
     for n in (8, 4):
-        c = compile_stage(cfg, pretrain.lm_loss_fn(cfg.model), pretrain.token_count, jax.devices()[:n])
+        c = compile_stage(cfg, pretrain.policy_role(cfg), pretrain.lm_objective(cfg.model), jax.devices()[:n])
         params, opt_state, meta = ckpt.restore(step, c.abstract_state["params"], c.abstract_state["opt_state"])
         assert meta["step"] == step and meta["cursor"] == 8 * step
         for leaf, target in zip(jax.tree.leaves(params), jax.tree.leaves(c.abstract_state["params"])):

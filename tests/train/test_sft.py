@@ -6,20 +6,19 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from jaxlm import evaluate, model, sharding
-from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import ConfigError, from_dict
+from jaxlm.testing import write_run
 from jaxlm.data import tasks
 from jaxlm.data.examples import chat as formats
 from jaxlm.data.loader import pack_first_fit
 from jaxlm.data.tokenizers import ByteTokenizer
 from jaxlm.objectives import token_log_probs
 from jaxlm.train import sft
-from jaxlm.train.loop import compile_stage
-from jaxlm.train.pretrain import lm_loss_fn, token_count
+from jaxlm.train.pretrain import lm_objective, policy_role, token_count
+from jaxlm.train.state import compile_stage
 
 TOK = ByteTokenizer()
 T = 128
@@ -81,10 +80,10 @@ def mean_response_nll_reference(params, examples):
 
 @jax.jit
 def mean_loss_and_grads(params, batch):
-    loss_fn = lm_loss_fn(CFG.model)
+    loss = lm_objective(CFG.model).loss
 
     def objective(p):
-        loss_sum, _ = loss_fn(p, batch)
+        loss_sum, _ = loss({"policy": p}, {}, batch)
         return loss_sum / token_count(batch)
 
     return jax.value_and_grad(objective)(params)
@@ -128,10 +127,10 @@ def test_packed_loss_equals_unpacked_and_the_reference(params, examples):
 
 
 def one_step(cfg, batch_ABT, devices=None):
-    c = compile_stage(cfg, lm_loss_fn(cfg.model), token_count, devices=devices)
+    c = compile_stage(cfg, policy_role(cfg), lm_objective(cfg.model), devices=devices)
     state = c.init_state(jax.random.key(0))
-    state, m = c.train_step(state, sharding.put_batch(c.mesh, batch_ABT, leading=1))
-    return jax.device_get(state["params"]), jax.device_get(m)
+    state, out = c.train_step(state, {}, sharding.put_batch(c.mesh, batch_ABT, leading=1))
+    return jax.device_get(state["params"]), jax.device_get(out)
 
 
 def test_accumulated_and_sharded_losses_equal_the_plain_one(examples):
@@ -149,8 +148,8 @@ def test_accumulated_and_sharded_losses_equal_the_plain_one(examples):
     assert micro["loss_mask"][0].sum() != micro["loss_mask"][1].sum()
     cfg = config(train=dict(grad_accum_steps=2), mesh=dict(fsdp=4, tensor=2, rules="fsdp_tp"), optim=optim)
     other_p, other = one_step(cfg, micro)
-    mean = lambda m: float(m["loss_sum"] / m["tokens"])
-    assert plain["tokens"] == other["tokens"] == counts.sum()
+    mean = lambda out: float(out["metrics"]["loss"][0] / out["metrics"]["loss"][1])
+    assert plain["metrics"]["loss"][1] == other["metrics"]["loss"][1] == counts.sum()
     np.testing.assert_allclose(mean(other), mean(plain), rtol=1e-5)
     np.testing.assert_allclose(other["grad_norm"], plain["grad_norm"], rtol=1e-4)
     # Adam's first step moves each param by about lr * sign(g) (lr = 1e-2), so where g is ~0 a
@@ -163,9 +162,7 @@ def test_accumulated_and_sharded_losses_equal_the_plain_one(examples):
 def write_base_run(run_dir, cfg):
     """A checkpoint of fresh params, as another run would leave it (for train.init_from)."""
     params = model.init(cfg.model, jax.random.key(7))
-    ckpt = Checkpointer(run_dir / "checkpoints", async_save=False)
-    ckpt.save(5, params, optax.sgd(0.1).init(params), {"step": 5})
-    ckpt.close()
+    write_run(run_dir, cfg, params, step=5)
     return params
 
 

@@ -5,8 +5,9 @@ import pytest
 
 from jaxlm import sharding
 from jaxlm.config import from_dict
-from jaxlm.train.loop import compile_stage
-from jaxlm.train.pretrain import lm_loss_fn, token_count
+from jaxlm.testing import random_batch as _random_batch
+from jaxlm.train.pretrain import lm_objective, policy_role
+from jaxlm.train.state import compile_stage
 
 MODEL = dict(vocab_size=37, d_model=24, n_layers=2, n_heads=6, n_kv_heads=2, d_ff=40, max_seq_len=16)
 
@@ -20,20 +21,23 @@ def config(**sections):
 
 
 def random_batch(rng, A, b, T=16, V=37):
-    tokens = rng.integers(0, V, (A, b, T + 1), dtype=np.int32)
-    return {"tokens": tokens[..., :-1], "targets": tokens[..., 1:],
-            "loss_mask": (rng.random((A, b, T)) < 0.8).astype(np.float32)}
+    return _random_batch(rng, A, b, T, V)
+
+
+def compiled(cfg, devices=None):
+    return compile_stage(cfg, policy_role(cfg), lm_objective(cfg.model), devices=devices)
 
 
 def run_steps(cfg, batches, devices=None, steps=2):
-    c = compile_stage(cfg, lm_loss_fn(cfg.model), token_count, devices=devices)
+    c = compiled(cfg, devices)
     state = c.init_state(jax.random.key(0))
     losses = []
     for i in range(steps):
         batch = sharding.put_batch(c.mesh, batches[i % len(batches)], leading=1)
-        state, m = c.train_step(state, batch)
-        losses.append(float(m["loss_sum"] / m["tokens"]))
-    return jax.device_get(state), losses, jax.device_get(m)
+        state, out = c.train_step(state, {}, batch)
+        loss_sum, tokens = out["metrics"]["loss"]
+        losses.append(float(loss_sum / tokens))
+    return jax.device_get(state), losses, jax.device_get(out)
 
 
 def assert_trees_close(a, b, atol):
@@ -57,12 +61,12 @@ def test_sharded_step_equals_single_device(rules):
 
 def test_params_are_sharded_on_the_mesh():
     cfg = config(mesh=dict(data=1, fsdp=4, tensor=2, rules="fsdp_tp"))
-    c = compile_stage(cfg, lm_loss_fn(cfg.model), token_count)
+    c = compiled(cfg)
     state = c.init_state(jax.random.key(0))
-    q = state["params"]["layers"]["attn"]["q"]  # [L, D, N, H]: D on fsdp, N on tensor
+    q = state["params"]["policy"]["layers"]["attn"]["q"]  # [L, D, N, H]: D on fsdp, N on tensor
     assert q.sharding.spec[1:3] == ("fsdp", "tensor")
     assert q.addressable_shards[0].data.shape == (2, 24 // 4, 6 // 2, 4)
-    mu = state["opt_state"][1][0].mu["layers"]["attn"]["q"]  # Adam moments follow their params
+    mu = state["opt_state"]["policy"][1][0].mu["layers"]["attn"]["q"]  # Adam moments follow their params
     assert mu.sharding.spec == q.sharding.spec
 
 
@@ -94,14 +98,14 @@ def test_nonfinite_loss_skips_the_update():
     bad = {k: v.copy() for k, v in good.items()}
     bad["loss_mask"][0, 0, 0] = np.nan
     cfg = config()
-    c = compile_stage(cfg, lm_loss_fn(cfg.model), token_count)
+    c = compiled(cfg)
     state = c.init_state(jax.random.key(0))
     before = jax.device_get(state)
-    state, m = c.train_step(state, sharding.put_batch(c.mesh, bad, leading=1))
+    state, m = c.train_step(state, {}, sharding.put_batch(c.mesh, bad, leading=1))
     assert float(m["update_ok"]) == 0.0
     after = jax.device_get(state)
     assert int(after["skipped"]) == 1 and int(after["step"]) == 0
     assert_trees_close(before["params"], after["params"], atol=0)
     assert_trees_close(before["opt_state"], after["opt_state"], atol=0)
-    state, m = c.train_step(state, sharding.put_batch(c.mesh, good, leading=1))
+    state, m = c.train_step(state, {}, sharding.put_batch(c.mesh, good, leading=1))
     assert float(m["update_ok"]) == 1.0 and int(state["step"]) == 1

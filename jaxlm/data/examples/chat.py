@@ -278,26 +278,3 @@ def render_all(r: Renderer, records, max_tokens: int, truncation: str = "trim_co
             out["task"] = record["task"]
         examples.append(out)
     return examples, counts
-
-
-def read_records(paths):
-    """The records of JSONL files (globs allowed), in order; an unreadable line yields its
-    reason instead ("malformed_json" or "invalid_utf8"). A pattern matching no file raises."""
-    import json
-
-    from jaxlm.data.readers import expand
-
-    for path in expand(paths):
-        with open(path, "rb") as f:
-            for raw in f:
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    yield "invalid_utf8"
-                    continue
-                if not line.strip():
-                    continue
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError:
-                    yield "malformed_json"

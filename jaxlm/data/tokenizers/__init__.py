@@ -4,13 +4,25 @@
 SentencePiece model, which `jaxlm data tokenizer` trains with the specials reserved (`spm`). A
 path ending in `.json`: a Hugging Face tokenizer.json, through the `tokenizers` package (`hf`).
 """
+import hashlib
+from pathlib import Path
+
 from jaxlm.config import ConfigError
 from jaxlm.data.tokenizers.byte import ByteTokenizer
 from jaxlm.data.tokenizers.specials import SpecialIds
 
 TOKENIZERS = ("byte", "PATH.model (SentencePiece)", "PATH.json (Hugging Face tokenizer.json)")
 
-__all__ = ["ByteTokenizer", "SpecialIds", "TOKENIZERS", "load_tokenizer"]
+__all__ = ["ByteTokenizer", "SpecialIds", "TOKENIZERS", "file_sha256", "load_tokenizer"]
+
+
+def file_sha256(path) -> str:
+    """The SHA-256 of a file's bytes: a tokenizer file's identity (shards and runs record it)."""
+    h = hashlib.sha256()
+    with open(Path(path), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def load_tokenizer(name: str):

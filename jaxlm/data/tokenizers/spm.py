@@ -103,6 +103,23 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str | Path, vocab_si
     return model_prefix.with_name(model_prefix.name + ".model")
 
 
+def train_from_config(t, log=print) -> Path:
+    """`jaxlm data tokenizer`: train on the usable records of `t.inputs` (a TokenizerConfig)."""
+    from jaxlm.config import ConfigError
+    from jaxlm.data.readers import texts
+
+    if not t.inputs:
+        raise ConfigError("tokenizer.inputs is empty; name the prepared files to train on")
+    docs, counts = texts(t.inputs, t.text_field, t.max_documents)
+    try:
+        path = train_sentencepiece(docs, t.out, t.vocab_size, model_type=t.model_type, n_sentinels=t.n_sentinels)
+    except ValueError as e:
+        raise ConfigError(f"tokenizer: {e}") from None
+    n, skipped = counts()
+    log(f"trained {path} (vocab {t.vocab_size}) on {n} documents; {skipped} unusable records skipped")
+    return path
+
+
 class SentencePieceTokenizer:
     """A SentencePiece model file as a jaxlm tokenizer; adds no bos/eos when encoding.
 

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from jaxlm.data.examples import chat as formats
+from jaxlm.data.readers import read_records
 from jaxlm.data.tokenizers import ByteTokenizer
 
 TOK = ByteTokenizer()
@@ -111,7 +112,7 @@ def test_bad_records_are_counted_and_the_rest_used(tmp_path):
              json.dumps({"messages": []}), json.dumps(chat(("user", "q"), ("assistant", "r"))), ""]
     path = tmp_path / "sft.jsonl"
     path.write_bytes("\n".join(lines).encode() + b"\n\xff\xfe\n")
-    examples, counts = formats.render_all(R, formats.read_records([path]), 64)
+    examples, counts = formats.render_all(R, read_records([path]), 64)
     assert len(examples) == 2 and counts["used"] == 2
     assert {k: v for k, v in counts.items() if k not in ("records", "used", "truncated")} == {
         "malformed_json": 1, "invalid_utf8": 1, "unknown_format": 2, "missing_field": 2, "empty_response": 2,

@@ -47,7 +47,7 @@ def _forward(params, tokens_BT, targets_BT, loss_mask_BT, prefix_len_B):
     TRACES["forward"] += 1
     logits_BTV = model.apply(CFG, params, tokens_BT, prefix_len=prefix_len_B)
     _, metrics = lm_loss(logits_BTV, targets_BT, loss_mask_BT)
-    return token_log_probs(logits_BTV, targets_BT), metrics["loss_sum"]
+    return token_log_probs(logits_BTV, targets_BT), metrics["loss"][0]
 
 
 def _batch(examples):

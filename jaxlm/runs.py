@@ -1,0 +1,283 @@
+"""A run directory: what it holds, starting one safely, loading a trained one, and its metrics.
+
+    RUN_DIR/config.yaml      the resolved config the run was started with (paths absolute)
+    RUN_DIR/tokenizer.model  a copy of its tokenizer (tokenizer.json for a Hugging Face one;
+                             none for `byte`), so the run needs nothing outside itself
+    RUN_DIR/metrics.jsonl    one JSON object per logged step and per event
+    RUN_DIR/tensorboard/     the same scalars for TensorBoard
+    RUN_DIR/checkpoints/     Orbax checkpoints, one item per trained role (`jaxlm.checkpoint`)
+
+`load_run(run_dir)` gives a trained run's config, params, tokenizer and mesh from any working
+directory. `start(cfg)` refuses to train into a run directory that holds a different run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import yaml
+
+from jaxlm.config import Config, ConfigError, load_config, save_config, to_dict
+from jaxlm.data.tokenizers import file_sha256
+
+# What a run trains on and with: a run directory refuses a config that differs in one of these.
+IDENTITY = ("model", "data", "train.seq_len", "sft.train_files", "sft.eval_files", "sft.tasks",
+            "sft.task_examples", "sft.template", "sft.truncation", "sft.packing")
+# How the same model computes, free to change between a run's sessions (and from an init_from run).
+RUNTIME_MODEL_KEYS = ("dtype", "remat", "scan_layers", "scan_unroll", "attention")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+
+
+def config_path(run_dir) -> Path:
+    """RUN_DIR/config.yaml, or a ConfigError saying the directory holds no run."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"run directory {str(run_dir)!r} has no config.yaml (a training run writes it)")
+    return path
+
+
+def run_config(run_dir, overrides: Sequence[str] = ()) -> Config:
+    """The config a run was trained with, with `key=value` overrides (e.g. mesh sizes)."""
+    return load_config(config_path(run_dir), list(overrides))
+
+
+def tokenizer_copy(run_dir) -> Optional[Path]:
+    """The run's own copy of its tokenizer, if it has one."""
+    return next((Path(run_dir) / n for n in TOKENIZER_FILES if (Path(run_dir) / n).is_file()), None)
+
+
+def load_run_tokenizer(run_dir, cfg: Config):
+    """The tokenizer a run was trained with: its own copy, else `data.tokenizer` (byte, or a run
+    that keeps none, such as one converted with no tokenizer file)."""
+    from jaxlm.data.tokenizers import load_tokenizer
+
+    copy = tokenizer_copy(run_dir)
+    return load_tokenizer(str(copy) if copy is not None else cfg.data.tokenizer)
+
+
+def roles(run_dir, step: int) -> list[str]:
+    """The roles whose params checkpoint `step` of a run holds."""
+    step_dir = Path(run_dir) / "checkpoints" / str(step)
+    return sorted(p.name for p in step_dir.iterdir() if p.is_dir() and p.name not in ("opt_state", "meta"))
+
+
+def primary_role(run_dir, step: Optional[int] = None) -> str:
+    """The role `load_run` reads by default: the policy, else the run's one role (a reward model)."""
+    from jaxlm.checkpoint import check_step
+
+    held = roles(run_dir, check_step(run_dir, step))
+    return "policy" if "policy" in held or not held else held[0]
+
+
+@dataclasses.dataclass
+class Run:
+    """A trained run, loaded: unpacks as `cfg, params, tokenizer, mesh`."""
+
+    cfg: Config
+    params: dict
+    tokenizer: object
+    mesh: object
+    step: int
+    role: str
+    path: Path
+
+    def __iter__(self):
+        return iter((self.cfg, self.params, self.tokenizer, self.mesh))
+
+
+def load_run(run_dir, overrides: Sequence[str] = (), *, step: Optional[int] = None, role: Optional[str] = None,
+             mesh=None) -> Run:
+    """A run's config, one role's params (default: the policy, or the run's one role) at its latest
+    checkpoint (or `step`), its tokenizer, and the mesh the params are sharded on (from the run's
+    `mesh.*`, with `overrides`, unless given). A `--step` that does not exist lists those that do."""
+    from jaxlm import model, sharding
+    from jaxlm.checkpoint import restore_params
+
+    from jaxlm.checkpoint import check_step, param_names
+
+    cfg = run_config(run_dir, overrides)
+    step = check_step(run_dir, step)
+    role = role or primary_role(run_dir, step)
+    value_head = "value_head" in param_names(run_dir, step, role)
+    if value_head != cfg.model.value_head:  # a reward model or critic of an LM run's config
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, value_head=value_head))
+    mesh = mesh if mesh is not None else sharding.make_mesh(cfg.mesh)
+    target = model.abstract_params(cfg.model, mesh, cfg.mesh.rules)
+    params, step = restore_params(run_dir, target, step, role=role, what="run directory")
+    return Run(cfg, params, load_run_tokenizer(run_dir, cfg), mesh, step, role, Path(run_dir))
+
+
+# --- starting a run -----------------------------------------------------------------------
+
+
+def _absolute(path: str) -> str:
+    return str(Path(path).expanduser().absolute()) if path else path
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """`cfg` with every file path made absolute, so the saved config reads the same from anywhere."""
+    d, t, s = cfg.data, cfg.train, cfg.sft
+    data = dataclasses.replace(
+        d, tokenizer=d.tokenizer if d.tokenizer == "byte" else _absolute(d.tokenizer),
+        sources=tuple(dataclasses.replace(src, path=_absolute(src.path)) for src in d.sources))
+    return dataclasses.replace(
+        cfg, data=data, train=dataclasses.replace(t, run_dir=_absolute(t.run_dir), init_from=_absolute(t.init_from)),
+        sft=dataclasses.replace(s, train_files=tuple(map(_absolute, s.train_files)),
+                                eval_files=tuple(map(_absolute, s.eval_files))))
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and "." not in key:  # sections; mappings inside them are values
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _identity(tree: dict) -> dict:
+    flat = _flat(tree)
+    return {k: v for k, v in flat.items()
+            if any(k == p or k.startswith(p + ".") for p in IDENTITY)
+            and k not in {f"model.{r}" for r in RUNTIME_MODEL_KEYS}}
+
+
+def differences(saved: dict, cfg: Config) -> list[str]:
+    """`key=new (saved: old)` for each identity key where `cfg` differs from a saved config tree."""
+    ours = _identity(yaml.safe_load(yaml.safe_dump(to_dict(cfg))))
+    theirs = _identity(saved)
+    return [f"{k}={ours.get(k)!r} (saved: {theirs.get(k)!r})"
+            for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
+
+
+def _check_tokenizer(run_dir: Path, tokenizer: str) -> None:
+    copy = tokenizer_copy(run_dir)
+    if copy is None or tokenizer == "byte" or not Path(tokenizer).is_file():
+        return
+    if file_sha256(tokenizer) != file_sha256(copy):
+        raise ConfigError(f"data.tokenizer={tokenizer!r} is not the tokenizer the run in {str(run_dir)!r} was "
+                          f"trained with (its copy {str(copy)!r} differs); use another train.run_dir")
+
+
+def copy_tokenizer(run_dir: Path, tokenizer: str) -> None:
+    """Copy a tokenizer file (and a tokenizer.json's tokenizer_config.json) into a run directory."""
+    if tokenizer == "byte":
+        return
+    source = Path(tokenizer)
+    name = "tokenizer.json" if source.suffix == ".json" else "tokenizer.model"
+    shutil.copy2(source, run_dir / name)
+    if name == "tokenizer.json" and (source.parent / "tokenizer_config.json").is_file():
+        shutil.copy2(source.parent / "tokenizer_config.json", run_dir / "tokenizer_config.json")
+
+
+def start(cfg: Config, main: bool = True) -> Config:
+    """Check that `train.run_dir` is new or holds this same run, then (process 0) write its config
+    and tokenizer copy. Returns the resolved config. A run directory whose saved config differs in
+    what is trained (`IDENTITY`) is refused, naming the keys, before anything is written."""
+    cfg = resolve_paths(cfg)
+    run_dir = Path(cfg.train.run_dir)
+    if not main:  # process 0 alone checks and writes (others could read its config.yaml half-written)
+        return cfg
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"train.run_dir={str(run_dir)!r} is a file, not a directory")
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        try:
+            tree = yaml.safe_load(saved.read_text()) or {}
+        except yaml.YAMLError:
+            raise ConfigError(f"{str(saved)!r} is not valid YAML; use another train.run_dir") from None
+        diff = differences(tree, cfg)
+        if diff:
+            raise ConfigError(f"train.run_dir={str(run_dir)!r} holds a run with another config: "
+                              f"{'; '.join(diff)}; use another train.run_dir (or remove it to start over)")
+        _check_tokenizer(run_dir, cfg.data.tokenizer)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if tokenizer_copy(run_dir) is None:
+            copy_tokenizer(run_dir, cfg.data.tokenizer)
+        save_config(cfg, saved)
+    except OSError as e:
+        raise ConfigError(f"train.run_dir={str(run_dir)!r} cannot be written: {e.strerror}") from None
+    return cfg
+
+
+def check_init_from(model_cfg, tokenizer: str, run_dir, what: str = "train.init_from") -> None:
+    """A run to start from must have this model (runtime keys and the value head may differ) and
+    this tokenizer (by content), else one line naming what differs."""
+    theirs = yaml.safe_load(config_path(run_dir).read_text()) or {}
+    free = (*RUNTIME_MODEL_KEYS, "value_head")
+    for key, value in dataclasses.asdict(model_cfg).items():
+        other = (theirs.get("model") or {}).get(key, value)
+        if key not in free and other != value:
+            raise ConfigError(f"model.{key}={value!r} differs from the {what} run {str(run_dir)!r} "
+                              f"({other!r}); set it to the same value")
+    copy = tokenizer_copy(run_dir)
+    their_tok = str(copy) if copy is not None else (theirs.get("data") or {}).get("tokenizer", "byte")
+    same = (tokenizer == their_tok == "byte" or
+            ("byte" not in (tokenizer, their_tok) and Path(tokenizer).is_file() and Path(their_tok).is_file()
+             and file_sha256(tokenizer) == file_sha256(their_tok)))
+    if not same:
+        raise ConfigError(f"data.tokenizer={tokenizer!r} differs from the tokenizer of the {what} run "
+                          f"{str(run_dir)!r} ({their_tok!r}); set it to the same tokenizer")
+
+
+# --- metrics ------------------------------------------------------------------------------
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to RUN_DIR/metrics.jsonl and mirrors scalars to TensorBoard.
+
+    Only process 0 writes (`enabled`). Rows are {"step": ..., name: value, ...}; events are
+    {"event": name, "time": ..., ...} (start, resume, restore, nonfinite, spike, end).
+    """
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True):
+        self.enabled = enabled
+        self._tb = None
+        if not enabled:
+            return
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        try:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+        except ImportError:  # TensorBoard is optional: the JSONL has everything
+            self._tb = None
+
+    def scalars(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, row["step"])
+
+    def event(self, name: str, **fields) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps({"event": name, "time": time.time(), **fields}, default=str) + "\n")
+        if name not in ("start", "end"):
+            print(f"[jaxlm] {name}: " + ", ".join(f"{k}={v}" for k, v in fields.items()), file=sys.stderr)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """All rows and events of a run, in order."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

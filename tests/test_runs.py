@@ -1,0 +1,99 @@
+"""A run directory: self-contained (its tokenizer copied in, paths absolute, usable from anywhere),
+never resumed under a config that trains something else, and `--step` errors that say what exists."""
+import dataclasses
+import shutil
+
+import pytest
+import yaml
+
+from jaxlm import cli, runs
+from jaxlm.config import ConfigError
+from jaxlm.data.tokenizers.spm import train_sentencepiece
+from jaxlm.testing import tiny_config, write_run
+
+TEXTS = [f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(200)]
+
+
+def test_load_run_unpacks_into_config_params_tokenizer_mesh(tiny_run):
+    cfg, params, tokenizer, mesh = run = runs.load_run(tiny_run)
+    assert run.step == 20 and run.role == "policy" and cfg.train.steps == 20
+    assert tokenizer.name == "byte" and set(params) >= {"embed", "layers", "final_norm"}
+    assert params["embed"]["embedding"].sharding.mesh.shape == mesh.shape
+
+
+def test_a_run_keeps_its_tokenizer_and_works_from_any_directory(tmp_path, monkeypatch, capsys):
+    spm = train_sentencepiece(iter(TEXTS), tmp_path / "tok" / "spm", vocab_size=300, n_sentinels=3, num_threads=1)
+    cfg = tiny_config(model=dict(vocab_size=400), data=dict(tokenizer=str(spm)))
+    run_dir = write_run(tmp_path / "runs" / "spm", cfg, step=3)
+    assert (run_dir / "tokenizer.model").read_bytes() == spm.read_bytes()
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["data"]["tokenizer"] == str(spm) and saved["train"]["run_dir"] == str(run_dir)
+    shutil.rmtree(tmp_path / "tok")  # the original is gone: the run's copy serves
+    monkeypatch.chdir(tmp_path / "runs")
+    assert runs.load_run(run_dir).tokenizer.vocab_size == 300
+    assert cli.main(["generate", str(run_dir), "--prompt", "def ", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.startswith("def ")
+
+
+def _copy(tiny_run, tmp_path):
+    """A copy of the session's run, to try writing into."""
+    return shutil.copytree(tiny_run, tmp_path / "run")
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (dict(model=dict(n_layers=3)), "model.n_layers=3 (saved: 2)"),
+    (dict(data=dict(objective={"clm": 0.5, "fim": 0.5})), "data.objective={'clm': 0.5, 'fim': 0.5} (saved: {'clm': 1.0})"),
+    (dict(data=dict(max_documents=61)), "data.max_documents=61 (saved: 60)"),
+    (dict(train=dict(seq_len=16)), "train.seq_len=16 (saved: 32)"),
+])
+def test_a_run_directory_refuses_a_config_that_trains_something_else(tiny_run, tmp_path, change, fragment):
+    run_dir = _copy(tiny_run, tmp_path)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    train = dict(change.get("train", {}), run_dir=str(run_dir))
+    cfg = tiny_config(**{**change, "train": train})
+    with pytest.raises(ConfigError) as info:
+        runs.start(cfg)
+    msg = str(info.value)
+    assert "\n" not in msg and fragment in msg and "use another train.run_dir" in msg, msg
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before  # nothing written
+
+
+def test_a_run_directory_accepts_its_own_config_with_other_runtime_settings(tiny_run, tmp_path):
+    run_dir = _copy(tiny_run, tmp_path)
+    cfg = tiny_config(train=dict(run_dir=str(run_dir), steps=40), model=dict(remat="full", scan_layers=False),
+                      mesh=dict(rules="dp"), optim=dict(lr=1e-3))
+    saved = runs.start(cfg)
+    assert saved.train.steps == 40 and runs.run_config(run_dir).model.remat == "full"
+
+
+def test_a_changed_tokenizer_file_is_refused(tmp_path):
+    spm = train_sentencepiece(iter(TEXTS), tmp_path / "spm", vocab_size=300, n_sentinels=3, num_threads=1)
+    cfg = tiny_config(model=dict(vocab_size=400), data=dict(tokenizer=str(spm)),
+                      train=dict(run_dir=str(tmp_path / "run")))
+    runs.start(cfg)
+    train_sentencepiece(iter(TEXTS[::-1][:150]), tmp_path / "spm", vocab_size=310, n_sentinels=3, num_threads=1)
+    with pytest.raises(ConfigError, match="is not the tokenizer the run .* was trained with"):
+        runs.start(cfg)
+
+
+def test_an_unusable_run_directory_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a directory"):
+        runs.start(tiny_config(train=dict(run_dir=str(tmp_path / "file"))))
+
+
+def test_a_step_that_does_not_exist_lists_those_that_do(tiny_run, capsys):
+    assert cli.main(["generate", str(tiny_run), "--prompt", "x", "--step", "7"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no checkpoint at step 7" in err[0] and "it has steps 10, 15, 20" in err[0], err
+
+
+def test_init_from_a_run_with_another_model_or_tokenizer_is_one_line(tiny_run, tmp_path):
+    cfg = runs.run_config(tiny_run)
+    other = dataclasses.replace(cfg.model, d_ff=48)
+    with pytest.raises(ConfigError, match=r"model.d_ff=48 differs from the train.init_from run"):
+        runs.check_init_from(other, "byte", tiny_run)
+    spm = train_sentencepiece(iter(TEXTS), tmp_path / "spm", vocab_size=300, n_sentinels=3, num_threads=1)
+    with pytest.raises(ConfigError, match="differs from the tokenizer of the train.init_from run"):
+        runs.check_init_from(cfg.model, str(spm), tiny_run)
+    runs.check_init_from(dataclasses.replace(cfg.model, remat="full", value_head=True), "byte", tiny_run)
