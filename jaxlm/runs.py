@@ -96,9 +96,7 @@ def load_run(run_dir, overrides: Sequence[str] = (), *, step: Optional[int] = No
     checkpoint (or `step`), its tokenizer, and the mesh the params are sharded on (from the run's
     `mesh.*`, with `overrides`, unless given). A `--step` that does not exist lists those that do."""
     from jaxlm import model, sharding
-    from jaxlm.checkpoint import restore_params
-
-    from jaxlm.checkpoint import check_step, param_names
+    from jaxlm.checkpoint import check_step, param_names, restore_params
 
     cfg = run_config(run_dir, overrides)
     step = check_step(run_dir, step)

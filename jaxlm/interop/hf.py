@@ -1,7 +1,7 @@
 """`load_hf` and `save_hf`: Hugging Face Llama, Qwen2 and Mistral checkpoints <-> jaxlm params.
 
 Import streams: each parameter is built with `jax.make_array_from_callback` on its target
-sharding (`jaxlm.sharding.param_shardings`), and each device's block is read from the
+sharding (`jaxlm.model.shardings`), and each device's block is read from the
 memory-mapped safetensors files by rows and columns. A host holds its own shards and, for a
 moment, one parameter's blocks: never a second full copy of the model. Export writes one
 safetensors file at a time (5 GiB by default), gathering one layer's tensor at a time.
