@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import distributed, model, perf, runs, sharding
+from jaxlm import checkpoint, distributed, model, perf, runs, sharding
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import Config, ConfigError
 from jaxlm.data.prefetch import Prefetcher
@@ -81,8 +81,9 @@ def run(cfg: Config, stage: Stage, devices=None) -> dict:
     t = cfg.train
     main = jax.process_index() == 0
     pidx, pcount = jax.process_index(), jax.process_count()
-    for role in stage.roles:
-        if role.init_from:
+    resuming = bool(checkpoint.steps(t.run_dir))
+    for role in stage.roles:  # a trained role starts from its run only on a fresh start; a frozen one every time
+        if role.init_from and not (role.trained and resuming):
             runs.check_init_from(role.model, cfg.data.tokenizer, role.init_from, role.init_from_key)
     cfg = runs.start(cfg, main)  # refuses a run directory of another run before writing anything
     run_dir = Path(cfg.train.run_dir)

@@ -32,7 +32,9 @@ class Window:
             acc[1] += float(c)
 
     def means(self) -> dict[str, float]:
-        return {name: s / max(c, 1) for name, (s, c) in self.sums.items()}
+        """{name: sum / count}, the loss first."""
+        names = sorted(self.sums, key=lambda name: name != "loss")
+        return {name: self.sums[name][0] / max(self.sums[name][1], 1) for name in names}
 
     def seconds(self) -> float:
         return time.perf_counter() - self.t0

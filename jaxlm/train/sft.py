@@ -87,8 +87,6 @@ def build(cfg: Config) -> Stage:
     if tok.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                           f"vocabulary ({tok.vocab_size})")
-    if cfg.train.init_from:  # before the data: the starting run must fit this config
-        runs.check_init_from(cfg.model, cfg.data.tokenizer, cfg.train.init_from)
     train, evals, info = load_examples(cfg, tok)
     lookahead = cfg.data.lookahead if cfg.sft.packing else 1  # 1: one example per row
     common = dict(eos_id=tok.eos_id, seed=cfg.data.seed, packing="first_fit", lookahead=lookahead)
