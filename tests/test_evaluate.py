@@ -15,26 +15,15 @@ from jaxlm import cli, evaluate, model, runs, sharding
 from jaxlm.config import MeshConfig, ModelConfig, load_config
 from jaxlm.data.tokenizers import ByteTokenizer
 from jaxlm.runs import read_metrics
-from jaxlm.testing import write_run
+from jaxlm.testing import ODD, random_params, write_run
 
-CFG = ModelConfig(vocab_size=37, d_model=24, n_layers=2, n_heads=6, n_kv_heads=2, d_ff=40,
-                  max_seq_len=64, rope_theta=100.0, dtype="float32")
+CFG = ODD
 EOS = 2
-
-
-def _random_params(cfg, seed, scale=0.25):
-    rng = np.random.default_rng(seed)
-
-    def draw(path, a):
-        base = 1.0 if "scale" in jax.tree_util.keystr(path) else 0.0
-        return jnp.asarray(base + scale * rng.standard_normal(a.shape), a.dtype)
-
-    return jax.tree_util.tree_map_with_path(draw, model.abstract_params(cfg))
 
 
 @pytest.fixture(scope="module")
 def params():
-    return _random_params(CFG, 0)
+    return random_params(CFG, 0, norm_scale=0.25)
 
 
 def _docs(lengths, seed=1):
@@ -148,7 +137,7 @@ def run_dir(tmp_path_factory):
                              "data.heldout_fraction=0.1", "train.seq_len=32", f"train.run_dir={run}",
                              "optim.warmup_steps=0"])
     cfg = dataclasses.replace(cfg, model=RUN_MODEL)
-    return write_run(run, cfg, _random_params(RUN_MODEL, 3, scale=0.1), step=7)
+    return write_run(run, cfg, random_params(RUN_MODEL, 3, scale=0.1, norm_scale=0.1), step=7)
 
 
 def test_eval_command_scores_files_and_heldout_and_logs_metrics(run_dir, tmp_path, capsys):

@@ -18,27 +18,16 @@ from jaxlm import model, sharding
 from jaxlm.config import MeshConfig, ModelConfig
 from jaxlm.data.tokenizers import ByteTokenizer
 from jaxlm.data.examples.fim import fim_permute
+from jaxlm.testing import random_params
 
 CFG = ModelConfig(vocab_size=37, d_model=48, n_layers=2, n_heads=8, n_kv_heads=4, d_ff=56,
                   max_seq_len=64, rope_theta=100.0, dtype="float32")
 T_REF = 48  # the reference forward's fixed width: causal, so later columns never change earlier logits
 
 
-def _random_params(cfg, seed):
-    """Kernels ~N(0, 0.25^2), norm scales ~1 + N(0, 0.3^2): peaked but not one-hot next-token laws."""
-    rng = np.random.default_rng(seed)
-
-    def draw(path, a):
-        base = 1.0 if "scale" in jax.tree_util.keystr(path) else 0.0
-        scale = 0.3 if base else 0.25
-        return jnp.asarray(base + scale * rng.standard_normal(a.shape), a.dtype)
-
-    return jax.tree_util.tree_map_with_path(draw, model.abstract_params(cfg))
-
-
 @pytest.fixture(scope="module")
 def params():
-    return _random_params(CFG, 0)
+    return random_params(CFG, 0)
 
 
 _full_logits = jax.jit(lambda p, tokens, prefix_len: model.apply(CFG, p, tokens, prefix_len=prefix_len))
@@ -109,7 +98,7 @@ def test_decode_loop_holds_the_weights_in_the_compute_dtype(unroll_layers):
     the sampler's decode loop then carries bfloat16 weights (float32 ones would be read and
     converted at every step): its only float32 operands are the norm scales, used in float32."""
     cfg = dataclasses.replace(CFG, dtype="bfloat16", qkv_bias=True, value_head=True)
-    params = _random_params(cfg, 0)
+    params = random_params(cfg, 0)
     cast = model.compute_params(cfg, params)
     kept = {jax.tree_util.keystr(p) for p, a in jax.tree_util.tree_leaves_with_path(cast) if a.dtype == jnp.float32}
     assert kept == {"['final_norm']['scale']", "['layers']['attn_norm']['scale']",

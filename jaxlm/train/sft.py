@@ -108,9 +108,14 @@ def _run_accuracy(cfg: Config, run_dir: str) -> dict:
 
 def main(cfg: Config) -> dict:
     """Run SFT; with built-in tasks, the summary adds exact-match accuracy per task before
-    (the `train.init_from` params) and after training."""
+    (the `train.init_from` params, on a fresh start) and after training."""
+    from jaxlm.checkpoint import steps
+
     stage = build(cfg)
-    before = _run_accuracy(cfg, cfg.train.init_from) if cfg.sft.tasks and cfg.train.init_from else {}
+    before = {}
+    if cfg.sft.tasks and cfg.train.init_from and not steps(cfg.train.run_dir):
+        runs.check_init_from(cfg.model, cfg.data.tokenizer, cfg.train.init_from)  # before using its params
+        before = _run_accuracy(cfg, cfg.train.init_from)
     summary = run(cfg, stage)
     summary.update(counts_train=stage.info["counts_train"], counts_eval=stage.info["counts_eval"])
     if cfg.sft.tasks:

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm import model
+from jaxlm import testing
 from jaxlm.config import ModelConfig
 from jaxlm.interop import save_hf
 
@@ -14,9 +14,8 @@ ODD = ModelConfig(vocab_size=401, d_model=30, n_layers=2, n_heads=5, n_kv_heads=
 
 
 def random_params(cfg: ModelConfig, seed: int = 0) -> dict:
-    """Params with every entry random (norm scales and biases too), so any misplacement shows."""
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda a: (0.3 * rng.standard_normal(a.shape)).astype(a.dtype), model.abstract_params(cfg))
+    """Every entry ~N(0, 0.3^2), norm scales and biases too, so any misplacement shows."""
+    return testing.random_params(cfg, seed, scale=0.3, norm_scale=0.3, norm_base=0.0)
 
 
 @pytest.fixture

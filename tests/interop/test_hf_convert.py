@@ -4,14 +4,14 @@ import shutil
 
 import jax
 import pytest
-import yaml
 
 from jaxlm import cli
-from jaxlm.checkpoint import Checkpointer, restore_params
+from jaxlm.checkpoint import restore_params
 from jaxlm.config import load_config
 from jaxlm.data.tokenizers.spm import train_sentencepiece
 from jaxlm.data.tokenizers import load_tokenizer
 from jaxlm.interop import export_run, import_run, load_hf
+from jaxlm.testing import write_run
 from jaxlm.train.pretrain import lm_objective, policy_role
 from jaxlm.train.state import compile_stage
 
@@ -52,14 +52,9 @@ def test_export_follows_init_from_to_the_imported_family(hf_dir, odd_cfg, assert
     src, params, _ = hf_dir(odd_cfg, family="mistral")
     first, tuned, out = tmp_path / "imported", tmp_path / "tuned", tmp_path / "out"
     import_run(src, first)
-    tree = yaml.safe_load((first / "config.yaml").read_text())
-    tree["train"].update(init_from=str(first), run_dir=str(tuned))
-    tuned.mkdir()
-    (tuned / "config.yaml").write_text(yaml.safe_dump(tree))
+    cfg = load_config(first / "config.yaml", [f"train.init_from={first}"])
     new_params = jax.tree.map(lambda x: x * 2, params)
-    ckpt = Checkpointer(tuned / "checkpoints", roles=("policy",), async_save=False)
-    ckpt.save(7, {"policy": new_params}, None, {"step": 7})
-    ckpt.close()
+    write_run(tuned, cfg, new_params, step=7)
     files, notes = export_run(tuned, out)
     assert "read the params of step 7" in notes
     assert json.loads((out / "config.json").read_text())["architectures"] == ["MistralForCausalLM"]

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.parity
 transformers = pytest.importorskip("transformers")
 import torch  # noqa: E402  (transformers brings it; skipped above without it)
 

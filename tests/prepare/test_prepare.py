@@ -125,6 +125,7 @@ def jaxlm_cli(*args):
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_cli_prepare_tokenizer_tokenize_on_the_embedded_corpus(tmp_path):
     out = tmp_path / "stdlib"
     cfg = "configs/pretrain/tiny.yaml"

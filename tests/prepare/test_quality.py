@@ -145,6 +145,7 @@ def reference_mean_nll(rule, text):
     return -logp[np.arange(len(ids)), ids].mean()
 
 
+@pytest.mark.slow
 def test_perplexity_rule_keeps_code_and_drops_soup(run_dir):
     code = inspect.getsource(json.encoder)[:3000]
     rng = np.random.default_rng(0)
@@ -162,6 +163,7 @@ def test_perplexity_rule_keeps_code_and_drops_soup(run_dir):
     assert rule(soup) == Verdict(None, "perplexity.too_high")
 
 
+@pytest.mark.slow
 def test_perplexity_rule_checks_paths_when_built(run_dir, tmp_path):
     (tmp_path / "no_ckpt").mkdir()
     (tmp_path / "no_ckpt" / "config.yaml").write_text((run_dir / "config.yaml").read_text())

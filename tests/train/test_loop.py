@@ -1,5 +1,4 @@
 """The loop: exact resume after a hard kill, recovery from bad steps, init_from, outputs."""
-import json
 import math
 import subprocess
 import sys
@@ -10,18 +9,15 @@ import pytest
 import yaml
 
 from jaxlm.checkpoint import Checkpointer
-from jaxlm.config import from_dict, load_config
+from jaxlm.config import load_config
 from jaxlm.train import pretrain
 from jaxlm.train.loop import run
 from jaxlm.runs import read_metrics
-from jaxlm.testing import TINY_RUN
-
-TINY = TINY_RUN
+from jaxlm.testing import TINY_RUN, merge, tiny_config
 
 
 def write_config(tmp_path, name, **train):
-    tree = json.loads(json.dumps(TINY))
-    tree["train"].update(run_dir=str(tmp_path / name), **train)
+    tree = merge(TINY_RUN, train=dict(run_dir=str(tmp_path / name), **train))
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(tree))
     return path
@@ -43,7 +39,7 @@ def pretrain_cli(config_path, fault=None):
 
 @pytest.fixture(scope="module")
 def straight_run(tiny_run):
-    """The session's run of TINY: trained in process, it is the reference for the runs below."""
+    """The session's run of TINY_RUN: trained in process, it is the reference for the runs below."""
     return tiny_run
 
 
@@ -95,15 +91,12 @@ def test_run_writes_resolved_config_and_learns(straight_run):
     np.testing.assert_allclose([r["lr"] for r in rows], want, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_init_from_starts_from_another_runs_params(straight_run, tmp_path):
-    base = from_dict(json.loads(json.dumps(TINY)))
-    cfg = from_dict({**json.loads(json.dumps(TINY)),
-                     "train": {**TINY["train"], "steps": 2, "run_dir": str(tmp_path / "b"),
-                               "init_from": str(straight_run)}})
+    cfg = tiny_config(train=dict(steps=2, run_dir=str(tmp_path / "b"), init_from=str(straight_run)))
     run(cfg, pretrain.build(cfg))
     first = losses(tmp_path / "b")[1]
     assert first < losses(straight_run)[1] - 1.0  # far below a fresh model's first loss
-    del base
 
 
 class Poisoned:
@@ -123,13 +116,11 @@ class Poisoned:
         return b
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["nan", "spike"])
 def test_bad_steps_restore_last_checkpoint_and_skip_their_batches(tmp_path, kind):
-    tree = json.loads(json.dumps(TINY))
-    tree["optim"].update(lr=1e-2)
-    tree["train"].update(steps=30, save_every=10, run_dir=str(tmp_path / kind), max_bad_steps=3,
-                         spike_factor=1.3 if kind == "spike" else 0.0)
-    cfg = from_dict(tree)
+    cfg = tiny_config(optim=dict(lr=1e-2), train=dict(steps=30, save_every=10, run_dir=str(tmp_path / kind),
+                                                      max_bad_steps=3, spike_factor=1.3 if kind == "spike" else 0.0))
     stage = pretrain.build(cfg)
     bad = range(8 * 14, 8 * 17)  # the batches of steps 15, 16, 17
     stage.train_data = Poisoned(stage.train_data, bad, kind)

@@ -22,18 +22,17 @@ import yaml
 from jaxlm import distributed, sharding
 from jaxlm.config import ConfigError, load_config
 from jaxlm.runs import read_metrics
+from jaxlm.testing import TINY_RUN, merge
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCH = REPO / "launch"
 WORKER = Path(__file__).with_name("multiprocess_worker.py")
 FAULT_WORKER = Path(__file__).with_name("fault_worker.py")
 FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-TINY = {"model": dict(vocab_size=369, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=16),
-        "mesh": dict(data=2, fsdp=-1),  # data across the two processes, fsdp within each
-        "data": dict(max_documents=40, heldout_fraction=0.1),
-        "optim": dict(lr=3e-3, warmup_steps=2),
-        "train": dict(steps=6, batch_size=8, seq_len=16, log_every=1, eval_every=3, eval_batches=1,
-                      save_every=3, progress=False, peak_tflops=1.0, async_checkpoint=False)}
+TINY = merge(TINY_RUN, model=dict(max_seq_len=16),
+             mesh=dict(data=2, fsdp=-1),  # data across the two processes, fsdp within each
+             data=dict(max_documents=40),
+             train=dict(steps=6, seq_len=16, eval_every=3, eval_batches=1, save_every=3, async_checkpoint=False))
 RTOL = 1e-6  # Gloo and in-process all-reduces may add in different orders (seen: 1 ulp)
 
 
@@ -57,8 +56,7 @@ def devices_env(env: dict, devices: int, **extra) -> dict:
 
 
 def write_config(directory: Path, name: str, **distributed_keys) -> Path:
-    tree = json.loads(json.dumps(TINY))
-    tree["train"]["run_dir"] = str(directory / name)
+    tree = merge(TINY, train=dict(run_dir=str(directory / name)))
     if distributed_keys:
         tree["distributed"] = distributed_keys
     path = directory / f"{name}.yaml"
@@ -160,6 +158,7 @@ def preempted(base_env, tmp_path_factory):
                                                                            for i in range(2)]}
 
 
+@pytest.mark.multiprocess
 def test_two_processes_train_like_one(single, double):
     run_dir, stdout = double
     rows = [r for r in read_metrics(run_dir) if "loss" in r and "event" not in r]
@@ -175,6 +174,7 @@ def test_two_processes_train_like_one(single, double):
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["3", "6"]
 
 
+@pytest.mark.multiprocess
 def test_processes_read_disjoint_rows_that_make_the_batch(base_env, tmp_path):
     config = write_config(tmp_path, "data")
     procs = start_processes(base_env, [str(WORKER), str(config), str(tmp_path)], tmp_path)
@@ -198,6 +198,7 @@ def test_processes_read_disjoint_rows_that_make_the_batch(base_env, tmp_path):
         np.testing.assert_array_equal(b1["global"], reference)
 
 
+@pytest.mark.multiprocess
 def test_killed_process_stops_the_other_with_a_message(killed):
     rc0, rc1 = killed["rc"]
     assert rc1 == -signal.SIGKILL
@@ -212,6 +213,7 @@ def test_killed_process_stops_the_other_with_a_message(killed):
     assert steps == [3]
 
 
+@pytest.mark.multiprocess
 def test_two_process_checkpoint_resumes_in_one_process(killed, single, base_env):
     out = one_process(base_env, killed["config"])  # same run dir: resumes where the pair stopped
     assert out.returncode == 0, out.stderr[-3000:]
@@ -225,6 +227,7 @@ def test_two_process_checkpoint_resumes_in_one_process(killed, single, base_env)
     np.testing.assert_allclose(losses(killed["run_dir"], "eval_loss")[6], losses(single, "eval_loss")[6], rtol=RTOL)
 
 
+@pytest.mark.multiprocess
 def test_sigterm_on_one_process_stops_all_at_one_step_with_a_checkpoint(preempted):
     assert preempted["rc"] == [130, 130], preempted["stderr"][0][-3000:]
     (event,) = [r for r in read_metrics(preempted["run_dir"]) if r.get("event") == "interrupted"]
@@ -233,6 +236,7 @@ def test_sigterm_on_one_process_stops_all_at_one_step_with_a_checkpoint(preempte
     assert steps[-1] == event["step"]
 
 
+@pytest.mark.multiprocess
 def test_two_process_checkpoint_restores_onto_fewer_devices(preempted):
     """Restore reshards: the same values on a 4-device mesh as on the 8-device one."""
     from jaxlm.checkpoint import Checkpointer
@@ -279,6 +283,7 @@ def test_detect_reads_explicit_slurm_and_auto_environments():
             distributed.detect(bad)
 
 
+@pytest.mark.multiprocess
 def test_auto_mode_without_a_cluster_is_a_one_line_error(base_env, tmp_path):
     out = subprocess.run([sys.executable, "-m", "jaxlm", "pretrain", str(write_config(tmp_path, "auto"))],
                          env=devices_env(base_env, 1, JAXLM_DISTRIBUTED="auto"), capture_output=True, text=True,

@@ -10,7 +10,7 @@ import pytest
 
 from jaxlm import evaluate, model, sharding
 from jaxlm.config import ConfigError, from_dict
-from jaxlm.testing import write_run
+from jaxlm.testing import TINY_RUN, merge, write_run
 from jaxlm.data import tasks
 from jaxlm.data.examples import chat as formats
 from jaxlm.data.loader import pack_first_fit
@@ -22,15 +22,12 @@ from jaxlm.train.state import compile_stage
 
 TOK = ByteTokenizer()
 T = 128
-MODEL = dict(vocab_size=369, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=T)
+MODEL = dict(TINY_RUN["model"], max_seq_len=T)
 
 
 def config(**sections):
-    tree = {"model": dict(MODEL), "train": dict(steps=4, batch_size=8, seq_len=T),
-            "optim": dict(lr=1e-2, warmup_steps=0, decay="constant")}
-    for name, values in sections.items():
-        tree.setdefault(name, {}).update(values)
-    return from_dict(tree)
+    return from_dict(merge({"model": MODEL, "train": dict(steps=4, batch_size=8, seq_len=T),
+                            "optim": dict(lr=1e-2, warmup_steps=0, decay="constant")}, **sections))
 
 
 CFG = config()
@@ -133,6 +130,7 @@ def one_step(cfg, batch_ABT, devices=None):
     return jax.device_get(state["params"]), jax.device_get(out)
 
 
+@pytest.mark.slow
 def test_accumulated_and_sharded_losses_equal_the_plain_one(examples):
     rows = unpacked_rows(examples[:8])  # 8 rows with very different response counts
     counts = rows["loss_mask"].sum(1)
@@ -166,6 +164,7 @@ def write_base_run(run_dir, cfg):
     return params
 
 
+@pytest.mark.slow
 def test_sft_stage_counts_bad_records_and_starts_from_another_run(tmp_path):
     lines = [json.dumps(r) for r in records()[:4]] + ["{oops", json.dumps({"instruction": "x", "output": ""}),
                                                       json.dumps({"messages": [{"role": "user", "content": "q"}]})]
@@ -242,9 +241,11 @@ def test_unusable_inputs_stop_with_one_line(tmp_path):
     from jaxlm.config import save_config
 
     save_config(base, tmp_path / "base" / "config.yaml")
-    cfg = config(train=dict(init_from=str(tmp_path / "base")), sft=dict(tasks=["add"], task_examples=2))
+    cfg = config(train=dict(init_from=str(tmp_path / "base"), run_dir=str(tmp_path / "sft")),
+                 sft=dict(tasks=["add"], task_examples=2))
     with pytest.raises(ConfigError, match=r"model.d_model=32 differs from the train.init_from run"):
-        sft.build(cfg)
+        sft.main(cfg)
+    assert not (tmp_path / "sft").exists()  # refused before anything was written
 
 
 def test_cli_has_sft_and_eval_tasks(capsys):

@@ -17,6 +17,7 @@ from jaxlm.data import examples as objectives
 from jaxlm.data.examples import fim, lm, span
 from jaxlm.data.tokenizers.specials import SpecialIds
 from jaxlm.objectives import lm_loss, token_log_probs
+from jaxlm.testing import random_params
 
 SP = SpecialIds(pad=0, bos=None, eos=1, fim_prefix=2, fim_middle=3, fim_suffix=4, ul2={"r": 5, "s": 6, "x": 7},
                 sentinels=tuple(range(8, 108)))
@@ -30,15 +31,9 @@ TRACES = {"forward": 0}
 
 @pytest.fixture(scope="module")
 def params():
-    """Random N(0, 0.2^2) params in the tree of `model.init` (its eager init costs seconds;
-    norm scales around 1 so every layer passes signal)."""
-    rng = np.random.default_rng(0)
-
-    def draw(path, a):
-        centre = 1.0 if "scale" in jax.tree_util.keystr(path) else 0.0
-        return jnp.asarray(centre + 0.2 * rng.standard_normal(a.shape), a.dtype)
-
-    return jax.tree_util.tree_map_with_path(draw, model.abstract_params(CFG))
+    """Random N(0, 0.2^2) params (`model.init`'s eager init costs seconds); norm scales around 1
+    so every layer passes signal."""
+    return random_params(CFG, 0, scale=0.2, norm_scale=0.2)
 
 
 @jax.jit
