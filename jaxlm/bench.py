@@ -80,7 +80,8 @@ def run(cfg: Config, steps: int, rounds: int = 1, compare=None, sampler: bool = 
             log(f"round {r + 1} {name}: {ref}")
             if "step_s" in ref:
                 ratios.setdefault(f"vs_{name}", []).append(ref["step_s"] / step_times[-1])
-        log(f"round {r + 1} jaxlm: step_s={step_times[-1]:.4f} " + " ".join(f"{k}={v[-1]:.3f}" for k, v in ratios.items()))
+        log(f"round {r + 1} jaxlm: step_s={step_times[-1]:.4f} "
+            + " ".join(f"{k}={v[-1]:.3f}" for k, v in ratios.items()))
     result = report(cfg, statistics.median(step_times), info)
     result.update({k: statistics.median(v) for k, v in ratios.items()})
     if sampler:

@@ -7,6 +7,7 @@ import math
 import sys
 
 from jaxlm.config import ConfigError, load_config
+from jaxlm.errors import RunFailed
 
 COMMANDS = {
     "data": "prepare raw documents: filter, scrub and deduplicate (data prepare)",
@@ -109,7 +110,7 @@ def _run_common(p: argparse.ArgumentParser):
 
 def _run_parsers(sub):
     g = sub.add_parser("generate", help=COMMANDS["generate"], description=COMMANDS["generate"] +
-                       ". Special symbols written in a prompt (e.g. <|fim_prefix|>) encode to their ids. "
+                       ". Special symbols written in a prompt (e.g. <|fim_prefix|>) are text unless --specials. "
                        "Stops at eos (or <|end_turn|>) or --max-new-tokens.")
     _run_common(g)
     what = g.add_mutually_exclusive_group(required=True)
@@ -125,6 +126,8 @@ def _run_parsers(sub):
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same text)")
     g.add_argument("--prefix-lm", action="store_true", help="the prompt is a bidirectional prefix (prefix-LM models)")
+    g.add_argument("--specials", action="store_true",
+                   help="special symbols written in a prompt (<|fim_prefix|>, <|user|>, ...) become their ids")
     e = sub.add_parser("eval", help=COMMANDS["eval"], description=COMMANDS["eval"] +
                        ". Without --text or --qa, scores the run's held-out documents. Prints a table; "
                        "appends the numbers to RUN_DIR/metrics.jsonl.")
@@ -151,7 +154,7 @@ def _generate(cfg, args) -> int:
                  infill=args.infill, out_path=args.out, batch_size=args.batch_size,
                  max_new_tokens=args.max_new_tokens, seed=args.seed, doc_start=not args.raw,
                  fim_mode=args.fim_mode, temperature=args.temperature, top_k=args.top_k,
-                 top_p=args.top_p, prefix_lm=args.prefix_lm)
+                 top_p=args.top_p, prefix_lm=args.prefix_lm, specials=args.specials)
     return 0
 
 
@@ -263,6 +266,11 @@ def _convert(args) -> int:
 
 
 def main(argv=None) -> int:
+    import logging
+
+    # Orbax logs through absl: its warnings and its own error reports (with tracebacks) would bury
+    # jaxlm's one line; what fails reaches jaxlm as an exception, reported once below.
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
     if argv is None:  # a process of its own (`jaxlm ...`, `python -m jaxlm ...`), not a caller's
         from jaxlm.hugepages import restart_with_huge_pages
 
@@ -290,9 +298,15 @@ def main(argv=None) -> int:
         if joined:
             _leave_run(2)
         return 2
-    except KeyboardInterrupt:
-        print(f"jaxlm {args.command}: interrupted; the last checkpoint is kept", file=sys.stderr)
-        return 130
+    except RunFailed as e:
+        print(f"jaxlm {args.command}: failed: {e}", file=sys.stderr)
+        if joined:
+            _leave_run(3)
+        return 3
+    except KeyboardInterrupt as e:  # loop.Interrupted: stopped at a step boundary, that step saved
+        saved = "saved at the step it stopped" if hasattr(e, "code") else "the last checkpoint is kept"
+        print(f"jaxlm {args.command}: interrupted ({e or 'SIGINT'}); {saved}", file=sys.stderr)
+        return getattr(e, "code", 130)
     except Exception:
         if not joined:
             raise

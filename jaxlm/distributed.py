@@ -14,12 +14,14 @@ environment, checked in this order:
 - otherwise, or with one process in all: a single-process run; nothing is initialised.
 
 With explicit values every process sees all of its host's devices (one process per host);
-JAX's own SLURM detection would give each process one GPU. A process that dies stops
-sending heartbeats; after `distributed.heartbeat_timeout_s` the coordination service
-terminates the others with "Terminating process because the JAX distributed service
-detected fatal errors ... tasks are unhealthy (stopped sending heartbeats): <ids>". A
-process that fails with a Python error exits at once (`exit_now`) so the others learn
-of it the same way instead of waiting in a collective.
+JAX's own SLURM detection would give each process one GPU.
+
+When a process dies, the others must not wait in a collective it will never join. During
+training every process writes a heartbeat file (`watch_peers`, RUN_DIR/.peers/<process>) and
+watches the others'; one whose heartbeat stops for `distributed.peer_timeout_s` is dead, and
+each survivor prints one line naming it and exits at once. A process that fails with a Python
+error exits at once too (`exit_now`). Behind both, JAX's coordination service terminates the
+others after `distributed.heartbeat_timeout_s` without heartbeats (with a C++ stack trace).
 """
 from __future__ import annotations
 
@@ -27,6 +29,9 @@ import dataclasses
 import os
 import re
 import sys
+import threading
+import time
+from pathlib import Path
 from typing import Mapping, Optional
 
 from jaxlm.config import ConfigError, DistributedConfig
@@ -161,6 +166,51 @@ def preempted(iteration: int) -> bool:
     from jax.experimental import multihost_utils
 
     return multihost_utils.reached_preemption_sync_point(iteration)
+
+
+class PeerWatch:
+    """Heartbeats in a shared directory: this process writes DIR/<its index> (a counter, every
+    second) and reads the others'. A peer whose counter has not changed for `timeout_s`, and
+    that has not written DIR/<index>.done, is dead: this process prints one line and exits (1)."""
+
+    def __init__(self, directory: Path, index: int, count: int, timeout_s: float, interval_s: float = 1.0):
+        self.directory, self.index, self.count = Path(directory), index, count
+        self.timeout_s, self.interval_s = timeout_s, interval_s
+        self.directory.mkdir(parents=True, exist_ok=True)
+        (self.directory / f"{index}.done").unlink(missing_ok=True)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="jaxlm-peer-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        beat, start = 0, time.monotonic()
+        seen = {}  # peer -> (the counter last read, or None; when it last changed)
+        while not self._stop.wait(self.interval_s):
+            beat += 1
+            (self.directory / f"{self.index}.tmp").write_text(str(beat))
+            (self.directory / f"{self.index}.tmp").replace(self.directory / str(self.index))
+            now = time.monotonic()
+            for peer in range(self.count):
+                if peer == self.index or (self.directory / f"{peer}.done").exists():
+                    continue
+                try:
+                    value = (self.directory / str(peer)).read_text()
+                except OSError:  # not begun yet: judged from the start of this watch
+                    value = None
+                last, changed = seen.get(peer, (None, start))
+                if value != last:
+                    seen[peer] = (value, now)
+                elif now - changed > self.timeout_s:
+                    print(f"[jaxlm] process {self.index} of {self.count}: process {peer} sent no heartbeat for "
+                          f"{now - changed:.0f} s (it died or hangs; see its log); leaving the run",
+                          file=sys.stderr, flush=True)
+                    exit_now(1)
+
+    def close(self) -> None:
+        """Stop watching, and tell the others this process finished (not died)."""
+        self._stop.set()
+        self._thread.join()
+        (self.directory / f"{self.index}.done").write_text("done")
 
 
 def exit_now(code: int) -> None:

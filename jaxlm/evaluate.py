@@ -99,8 +99,9 @@ def exact_match(cfg, params, tokenizer, pairs: Sequence[tuple], *, max_new_token
                 prefix_lm: bool = False, mesh=None, rules: str = "fsdp_tp") -> dict:
     """Accuracy of sampled completions on (prompt, checker) pairs.
 
-    cfg: the ModelConfig (or a Config). prompt: text, encoded with `tokenizer` as given (special
-    symbols such as "<|user|>" become their ids; nothing is prepended), or a sequence of ids.
+    cfg: the ModelConfig (or a Config). prompt: text, encoded with `tokenizer` as given (as text:
+    a special symbol such as "<|user|>" written in it stays characters; nothing is prepended), or
+    a sequence of ids (for markup, e.g. `chat.prompt_ids`).
     checker: a callable completion -> bool, or a string the completion must equal after
     stripping surrounding whitespace. The completion is the decoded new tokens up to, not
     including, the stop token; stop_tokens default to eos and <|end_turn|> (if the tokenizer

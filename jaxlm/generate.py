@@ -110,10 +110,10 @@ def _loop(cfg, params, prompt_BP, lengths_B, limits_B, stop_S, temperature, top_
             put = lambda a, v: jax.lax.dynamic_update_index_in_dim(a, v, t, axis=1)
             token_B = jnp.where(active_B, token_B, pad_id)
             zero = jnp.float32(0)
+            model_logp_B = token_log_probs(logits_BV[:, None], token_B[:, None])[:, 0]
             out = {"tokens": put(out["tokens"], token_B),
                    "logprobs": put(out["logprobs"], jnp.where(active_B, logp_B, zero)),
-                   "model_logprobs": put(out["model_logprobs"],
-                                         jnp.where(active_B, token_log_probs(logits_BV[:, None], token_B[:, None])[:, 0], zero)),
+                   "model_logprobs": put(out["model_logprobs"], jnp.where(active_B, model_logp_B, zero)),
                    "lengths": out["lengths"] + active_B.astype(jnp.int32)}
             stopped_B = jnp.any(token_B[:, None] == stop_S[None, :], axis=-1)
             out["done"] = ~active_B | stopped_B | (out["lengths"] >= limits_B)
@@ -241,13 +241,14 @@ def default_stops(tokenizer) -> list[int]:
     return [i for i in ids if i is not None]
 
 
-def encode_prompt(tokenizer, text: str, doc_start: bool = True) -> np.ndarray:
-    """Prompt ids; special symbols written in the text ("<|fim_prefix|>") become their ids.
+def encode_prompt(tokenizer, text: str, doc_start: bool = True, specials: bool = False) -> np.ndarray:
+    """Prompt ids. Special symbols written in the text ("<|fim_prefix|>") are text, unless
+    `specials`: then they become their ids (`jaxlm generate --specials`).
 
     doc_start: lead with eos, the separator jaxlm's packed pretraining puts before every
     document, so the prompt reads as the start of a document.
     """
-    ids = tokenizer.encode(text)
+    ids = tokenizer.encode(text, specials=specials)
     return np.concatenate([[tokenizer.eos_id], ids]).astype(np.int32) if doc_start else ids
 
 
@@ -342,10 +343,11 @@ def _read_prompt_records(path) -> list[dict]:
 
 def run(cfg, params, mesh, tokenizer, *, prompt: Optional[str] = None, prompts_path=None, infill=None,
         out_path=None, batch_size: int = 8, max_new_tokens: int = 128, seed: int = 0, doc_start: bool = True,
-        fim_mode: str = "psm", **sampling) -> list[dict]:
+        specials: bool = False, fim_mode: str = "psm", **sampling) -> list[dict]:
     """`jaxlm generate`: one prompt (or `infill` = (prefix, suffix)) streamed to stdout, or a JSONL
     file of {"prompt"} / {"prefix", "suffix"} records written as JSONL (to `out_path` or stdout),
-    each record with "completion", "new_tokens", "stopped" and "logprob" added."""
+    each record with "completion", "new_tokens", "stopped" and "logprob" added. `specials`: symbols
+    written in a prompt become their ids (`encode_prompt`)."""
     import json
     import sys
     import time
@@ -357,7 +359,7 @@ def run(cfg, params, mesh, tokenizer, *, prompt: Optional[str] = None, prompts_p
         if prompts_path is not None:
             records = _read_prompt_records(prompts_path)
             prompts = [infill_prompt(tokenizer, r["prefix"], r["suffix"], fim_mode, doc_start) if "prompt" not in r
-                       else encode_prompt(tokenizer, r["prompt"], doc_start) for r in records]
+                       else encode_prompt(tokenizer, r["prompt"], doc_start, specials) for r in records]
             results = generate_texts(cfg.model, params, tokenizer, prompts, batch_size=batch_size, **common)
             with open(out_path, "w") if out_path else contextlib.nullcontext(sys.stdout) as out:
                 for rec, res in zip(records, results):
@@ -367,7 +369,7 @@ def run(cfg, params, mesh, tokenizer, *, prompt: Optional[str] = None, prompts_p
             ids = infill_prompt(tokenizer, infill[0], infill[1], fim_mode, doc_start)
             sys.stdout.write(infill[0])
         else:
-            ids = encode_prompt(tokenizer, prompt, doc_start)
+            ids = encode_prompt(tokenizer, prompt, doc_start, specials)
             sys.stdout.write(prompt)
         t0 = time.perf_counter()
         streamer = TextStreamer(tokenizer, default_stops(tokenizer))

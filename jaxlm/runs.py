@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import sys
 import time
@@ -229,11 +230,27 @@ def check_init_from(model_cfg, tokenizer: str, run_dir, what: str = "train.init_
 # --- metrics ------------------------------------------------------------------------------
 
 
+def _strict(value):
+    """`value` as strict JSON allows it: a NaN or infinity becomes null, numpy scalars numbers."""
+    if isinstance(value, dict):
+        return {str(k): _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy / jax scalars
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
 class MetricsWriter:
     """Appends one JSON object per line to RUN_DIR/metrics.jsonl and mirrors scalars to TensorBoard.
 
     Only process 0 writes (`enabled`). Rows are {"step": ..., name: value, ...}; events are
-    {"event": name, "time": ..., ...} (start, resume, restore, nonfinite, spike, end).
+    {"event": name, "time": ..., ...} (start, resume, restore, nonfinite, spike, end). Lines are
+    strict JSON: a value that is not finite is written as null.
     """
 
     def __init__(self, run_dir: str | Path, enabled: bool = True):
@@ -251,10 +268,19 @@ class MetricsWriter:
         except ImportError:  # TensorBoard is optional: the JSONL has everything
             self._tb = None
 
+    def _write(self, obj: dict) -> None:
+        try:
+            self._file.write(json.dumps(obj, allow_nan=False) + "\n")
+        except OSError as e:  # a full disk: one line, not a traceback
+            from jaxlm.errors import RunFailed
+
+            raise RunFailed(f"cannot write {self._file.name}: {e.strerror}") from None
+
     def scalars(self, row: dict) -> None:
         if not self.enabled:
             return
-        self._file.write(json.dumps(row) + "\n")
+        row = _strict(row)
+        self._write(row)
         if self._tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)):
@@ -263,16 +289,19 @@ class MetricsWriter:
     def event(self, name: str, **fields) -> None:
         if not self.enabled:
             return
-        self._file.write(json.dumps({"event": name, "time": time.time(), **fields}, default=str) + "\n")
+        self._write(_strict({"event": name, "time": time.time(), **fields}))
         if name not in ("start", "end"):
             print(f"[jaxlm] {name}: " + ", ".join(f"{k}={v}" for k, v in fields.items()), file=sys.stderr)
 
     def close(self) -> None:
-        if not self.enabled:
+        if not self.enabled or self._file.closed:
             return
-        self._file.close()
-        if self._tb is not None:
-            self._tb.close()
+        try:
+            self._file.close()
+            if self._tb is not None:
+                self._tb.close()
+        except OSError:  # a full disk: what could be written is written
+            pass
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

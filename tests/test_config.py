@@ -51,6 +51,8 @@ BAD = {
     "value not YAML": (["train.steps=[1,"], ["'train.steps=[1,'", "'[1,'", "not valid YAML"]),
     "attention choice": (["model.attention=flash"], ["model.attention='flash'", "auto, blocks, cudnn, reference"]),
     "shuffle block": (["data.shuffle_block=0"], ["data.shuffle_block=0", "positive"]),
+    "infinite lr": (["optim.lr=.inf"], ["optim.lr=inf", "finite"]),
+    "nan spike factor": (["train.spike_factor=.nan"], ["train.spike_factor=nan", "finite"]),
 }
 
 

@@ -295,10 +295,12 @@ def test_compiles_once_across_calls_with_the_same_shapes(params):
 
 # --- prompts for `jaxlm generate` --------------------------------------------------------------
 
-def test_prompt_symbols_encode_to_their_ids_and_infill_matches_fim_training_layout():
+def test_prompt_symbols_encode_to_their_ids_when_asked_and_infill_matches_fim_training_layout():
     tok = ByteTokenizer()
     sp = tok.special_ids
-    ids = gen.encode_prompt(tok, "<|fim_prefix|>ab<|fim_suffix|>c<|fim_middle|>")
+    written = "<|fim_prefix|>ab<|fim_suffix|>c<|fim_middle|>"
+    assert gen.encode_prompt(tok, written).tolist() == [tok.eos_id, *tok.encode(written)]  # text, by default
+    ids = gen.encode_prompt(tok, written, specials=True)  # `jaxlm generate --specials`
     assert ids.tolist() == [tok.eos_id, sp.fim_prefix, *tok.encode("ab"), sp.fim_suffix, *tok.encode("c"),
                             sp.fim_middle]
     assert gen.infill_prompt(tok, "ab", "c").tolist() == ids.tolist()

@@ -42,7 +42,8 @@ def _copy(tiny_run, tmp_path):
 
 @pytest.mark.parametrize("change, fragment", [
     (dict(model=dict(n_layers=3)), "model.n_layers=3 (saved: 2)"),
-    (dict(data=dict(objective={"clm": 0.5, "fim": 0.5})), "data.objective={'clm': 0.5, 'fim': 0.5} (saved: {'clm': 1.0})"),
+    (dict(data=dict(objective={"clm": 0.5, "fim": 0.5})),
+     "data.objective={'clm': 0.5, 'fim': 0.5} (saved: {'clm': 1.0})"),
     (dict(data=dict(max_documents=61)), "data.max_documents=61 (saved: 60)"),
     (dict(train=dict(seq_len=16)), "train.seq_len=16 (saved: 32)"),
 ])

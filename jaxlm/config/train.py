@@ -47,6 +47,8 @@ class TrainConfig:
     async_checkpoint: bool = True
     spike_factor: float = 0.0  # 0 disables; else restore when loss > factor * running mean
     max_bad_steps: int = 3  # consecutive non-finite or spiking steps before a restore
+    max_restores_per_step: int = 2  # restores of one checkpoint before the run stops as diverged
+    max_restores: int = 10  # restores in all (a run's every session) before the run stops
     progress: bool = True
     peak_tflops: float = 0.0  # device peak for MFU; 0: measured with a large matmul
     # device memory bandwidth for the decode bound of `jaxlm bench`; 0: measured (jaxlm.perf)
@@ -59,7 +61,10 @@ class DistributedConfig:
     """Multi-process runs. Which process this is comes from the environment (jaxlm/distributed.py)."""
 
     init_timeout_s: int = 300  # wait this long for every process to join
-    heartbeat_timeout_s: int = 100  # a process silent this long is dead: the others exit
+    heartbeat_timeout_s: int = 100  # JAX's coordination service: a process silent this long is dead
+    # jaxlm's own watch during training: a process whose heartbeat file (RUN_DIR/.peers) stops
+    # changing this long is dead, and the others exit at once with one line
+    peer_timeout_s: int = 15
     shutdown_timeout_s: int = 300  # at a clean exit, wait this long for the others to finish
 
 
@@ -80,7 +85,7 @@ def validate_mesh(mesh: MeshConfig) -> None:
 
 def validate_train(t: TrainConfig) -> None:
     for key in ("steps", "batch_size", "seq_len", "grad_accum_steps", "log_every", "eval_every",
-                "save_every", "keep_checkpoints", "max_bad_steps"):
+                "save_every", "keep_checkpoints", "max_bad_steps", "max_restores_per_step", "max_restores"):
         check(getattr(t, key) > 0, f"train.{key}={getattr(t, key)} must be positive")
     check(t.eval_batches >= 0, f"train.eval_batches={t.eval_batches} must be >= 0")
     for key in ("peak_tflops", "peak_bandwidth_gbs"):
@@ -107,6 +112,6 @@ def validate_optim(o: OptimConfig, steps: int) -> None:
 
 
 def validate_distributed(d: DistributedConfig) -> None:
-    for key in ("init_timeout_s", "heartbeat_timeout_s", "shutdown_timeout_s"):
+    for key in ("init_timeout_s", "heartbeat_timeout_s", "shutdown_timeout_s", "peer_timeout_s"):
         v = getattr(d, key)
         check(v > 0, f"distributed.{key}={v} must be positive (seconds)")

@@ -89,24 +89,46 @@ def _check_text(text: Any, fields: dict, where: str, max_chars: int) -> Record:
     return Record(text, fields, where)
 
 
+def _has_lone_surrogate(value) -> bool:
+    """Whether a parsed JSON value holds a string with an unpaired surrogate (valid JSON, such as
+    "\\ud800", but no Unicode text: it cannot be encoded, so no tokenizer can take it)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
+
+
 def jsonl_values(path: Path) -> Iterator[tuple[str, Any, str]]:
     """(where, value, error) for each non-blank line of a JSONL file: the parsed JSON value, or
-    None and the reason it is unreadable ("invalid_utf8", "malformed_json"). The one JSONL
-    reader: documents, SFT records, prompts and question/answer files all go through it."""
+    None and the reason it is unusable ("invalid_utf8", "malformed_json", "lone_surrogate"). A
+    byte-order mark is dropped. The one JSONL reader: documents, SFT records, prompts and
+    question/answer files all go through it."""
     with open(path, "rb") as f:
         for i, raw in enumerate(f, 1):
             where = f"{path}:{i}"
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8").removeprefix("\ufeff")
             except UnicodeDecodeError:
                 yield where, None, "invalid_utf8"
                 continue
             if not line.strip():
                 continue
             try:
-                yield where, json.loads(line), ""
+                value = json.loads(line)
             except json.JSONDecodeError:
                 yield where, None, "malformed_json"
+                continue
+            if "\\u" in line and _has_lone_surrogate(value):  # only an escape can write one
+                yield where, None, "lone_surrogate"
+                continue
+            yield where, value, ""
 
 
 def read_jsonl(path: Path, text_field: str = "text", max_chars: int = 0) -> Iterator[Record]:
@@ -140,7 +162,10 @@ def read_valid_records(path, valid, expected: str) -> list[dict]:
     records = []
     for where, obj, error in jsonl_values(Path(path)):
         if error:
-            raise ConfigError(f"{where} is not valid JSON" if error == "malformed_json" else f"{where}: {error}")
+            raise ConfigError({"malformed_json": f"{where} is not valid JSON",
+                               "invalid_utf8": f"{where} is not UTF-8 text",
+                               "lone_surrogate": f"{where} holds an unpaired surrogate (an escape such as "
+                                                 "\\ud800), which is not text"}[error])
         if not (isinstance(obj, dict) and valid(obj)):
             raise ConfigError(f"{where} needs {expected}")
         records.append(obj)
@@ -163,7 +188,7 @@ def read_text(path: Path, max_chars: int = 0) -> Iterator[Record]:
     """A plain-text file is one document."""
     data = path.read_bytes()
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError:
         yield Record(None, {}, str(path), "invalid_utf8")
         return

@@ -13,8 +13,10 @@ token x tokens/s) / peak FLOP/s, with FLOPs per token from `jaxlm.perf.flops_per
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import signal
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,9 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import checkpoint, distributed, model, perf, runs, sharding
-from jaxlm.checkpoint import Checkpointer
+from jaxlm.checkpoint import Checkpointer, CheckpointCorrupt, NonFiniteState
 from jaxlm.config import Config, ConfigError
 from jaxlm.data.prefetch import Prefetcher
+from jaxlm.errors import RunFailed
 from jaxlm.optim import BatchRamp, lr_schedule
 from jaxlm.train.guard import Guard
 from jaxlm.train.metrics import Window, means
@@ -53,16 +56,13 @@ class Stage:
     info: dict = dataclasses.field(default_factory=dict)
 
 
-class _Interrupted(Exception):
-    pass
+class Interrupted(KeyboardInterrupt):
+    """The run stopped on a signal, at a step boundary, after saving that step; `code` is the exit
+    status a requeue script reads: 128 + the signal (143 for SIGTERM, 130 for SIGINT)."""
 
-
-class _Preempted(_Interrupted):
-    """SIGTERM reached some process of a multi-process run; all stop at the same step."""
-
-
-def _raise_interrupt(signum, frame):
-    raise _Interrupted(f"signal {signum}")
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.code = signum, 128 + signum
 
 
 def _stack_micro(local: dict, accum: int) -> dict:
@@ -107,20 +107,36 @@ def run(cfg: Config, stage: Stage, devices=None) -> dict:
                         async_save=t.async_checkpoint)
     log = runs.MetricsWriter(run_dir, enabled=main)
     seed_key = jax.random.key(t.seed)
-
-    def restore(step):
-        params, opt_state, meta = ckpt.restore(step, abstract_state["params"], abstract_state["opt_state"])
-        return {"params": params, "opt_state": opt_state,
-                "step": jnp.asarray(meta["step"], jnp.int32),
-                "skipped": jnp.asarray(meta["skipped"], jnp.int32)}, meta
-
-    latest = ckpt.latest_step()
     counters = {"skipped": 0, "restores": 0, "skipped_examples": 0}
-    if latest is not None:
-        state, meta = restore(latest)
+    restores_of: collections.Counter = collections.Counter()  # restores of each checkpoint step
+
+    def restore_newest():
+        """Restore the newest checkpoint that reads back intact (None if there is none); a checkpoint
+        that cannot be read or does not match its digest is set aside, and the next older tried."""
+        nonlocal state
+        steps = ckpt.all_steps()
+        for i, s in reversed(list(enumerate(steps))):
+            try:
+                params, opt_state, meta = ckpt.restore(s, abstract_state["params"], abstract_state["opt_state"])
+            except CheckpointCorrupt as e:
+                moved = ckpt.set_aside(s)
+                log.event("set_aside", step=s, reason=str(e), moved_to=moved.name,
+                          instead=steps[i - 1] if i else "none")
+                continue
+            state = {"params": params, "opt_state": opt_state, "step": jnp.asarray(meta["step"], jnp.int32),
+                     "skipped": jnp.asarray(meta["skipped"], jnp.int32)}
+            return meta
+        if steps:
+            raise RunFailed(f"no checkpoint in {ckpt.directory} could be read (set aside as STEP.broken: "
+                            f"{', '.join(map(str, steps))}); rename one back to retry it, or remove them to start over")
+        return None
+
+    meta = restore_newest()
+    if meta is not None:
         step, cursor = meta["step"], meta["cursor"]
         seed_key = jax.random.wrap_key_data(jnp.asarray(meta["rng"], jnp.uint32))
         counters.update({k: meta[k] for k in counters})
+        restores_of.update({int(k): v for k, v in meta.get("restores_of", {}).items()})
         log.event("resume", step=step, cursor=cursor)
     else:
         state = c.init_state(seed_key)
@@ -140,16 +156,22 @@ def run(cfg: Config, stage: Stage, devices=None) -> dict:
 
     flops_tok = _flops_per_token(stage.roles, t.seq_len)
     peak = t.peak_tflops * 1e12 or perf.measure_peak_flops()
+    saved_steps = set(ckpt.all_steps())  # Orbax refuses to write a step twice
+    counted_until = cursor  # examples before this cursor are counted as skipped already (or trained)
 
-    saved_steps = {latest}  # steps with a checkpoint already (Orbax refuses to write one twice)
-
-    def save(step, cursor):
+    def save(step, cursor) -> bool:
+        """Save the state at `step` unless it is saved already; False if it is not finite."""
         if step in saved_steps:  # e.g. a stop right after a periodic save: that checkpoint is it
-            return
-        meta = {"step": step, "cursor": cursor, "rng": jax.random.key_data(seed_key).tolist(),
-                **counters}
-        ckpt.save(step, state["params"], state["opt_state"], meta)
+            return True
+        meta = {"step": step, "cursor": cursor, "rng": jax.random.key_data(seed_key).tolist(), **counters,
+                "restores_of": {str(k): v for k, v in restores_of.items()}}
+        try:
+            ckpt.save(step, state["params"], state["opt_state"], meta)
+        except NonFiniteState as e:
+            log.event("not_saved", step=step, reason=str(e))
+            return False
         saved_steps.add(step)
+        return True
 
     def evaluate():
         if stage.eval_data is None or t.eval_batches == 0:
@@ -186,12 +208,12 @@ def run(cfg: Config, stage: Stage, devices=None) -> dict:
         window.seqs += seqs
         if done_step % t.log_every == 0 or done_step == t.steps:
             tok_s = window.seqs * t.seq_len / max(window.seconds(), 1e-9)
-            row = {"step": done_step, **window.means(), "grad_norm": float(out["grad_norm"]),
+            row = {"step": done_step, **window.means(out["metrics"]), "grad_norm": float(out["grad_norm"]),
                    **{k: float(v) for k, v in out.items() if k.startswith("grad_norm/")},
                    "lr": float(lr_by_step[done_step - 1]), "tokens_per_s": tok_s, "mfu": flops_tok * tok_s / peak,
                    "skipped": counters["skipped"], "cursor": start_cursor}
             log.scalars(row)
-            if "loss" in row:
+            if row.get("loss") is not None:
                 progress.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tok_s:.0f}")
             summary.update(row)
             window.reset()
@@ -200,34 +222,63 @@ def run(cfg: Config, stage: Stage, devices=None) -> dict:
         return guard.must_restore
 
     def restore_last_good(bad_step):
-        """Go back to the last checkpoint, keep the data cursor: the offending batches are skipped."""
-        nonlocal state, step
+        """Go back to the newest good checkpoint, keep the data cursor: the offending batches are
+        skipped. Restores of one checkpoint, and in all, are bounded: past them the run stops."""
+        nonlocal step, counted_until
         ckpt.wait()
-        latest = ckpt.latest_step()
-        if latest is None:
+        ckpt.check()
+        meta = restore_newest()
+        back_to = 0 if meta is None else meta["step"]  # 0: no checkpoint, only the initial state
+        restores_of[back_to] += 1
+        if restores_of[back_to] > t.max_restores_per_step:
+            where = f"checkpoint {back_to}" if meta is not None else "the start (there is no checkpoint yet)"
+            raise RunFailed(f"training diverges: bad steps followed {where} {restores_of[back_to]} times (the last "
+                            f"at step {bad_step}, train.max_restores_per_step={t.max_restores_per_step}); lower "
+                            "optim.lr, raise optim.warmup_steps or train.spike_factor")
+        if meta is None:
             log.event("restore_failed", bad_step=bad_step, reason="no checkpoint yet")
             guard.reset()
             return
-        state, meta = restore(latest)
         counters["restores"] += 1
-        counters["skipped_examples"] += cursor - meta["cursor"]
-        log.event("restore", bad_step=bad_step, restored_step=latest,
-                  skipped_examples=[meta["cursor"], cursor])
+        if counters["restores"] > t.max_restores:
+            raise RunFailed(f"training keeps going bad: {counters['restores']} restores (train.max_restores="
+                            f"{t.max_restores}), the last to checkpoint {back_to} after step {bad_step}")
+        counters["skipped_examples"] += cursor - max(meta["cursor"], counted_until)
+        counted_until = cursor
+        log.event("restore", bad_step=bad_step, restored_step=back_to, skipped_examples=[meta["cursor"], cursor],
+                  skipped_total=counters["skipped_examples"])
         step = meta["step"]
         guard.reset()
         progress.n = step
 
-    # One process: SIGTERM raises here. Several: JAX's preemption sync manager owns SIGTERM and
-    # `distributed.preempted` turns True on every process at the same iteration, so all save together.
-    old_handler = signal.signal(signal.SIGTERM, _raise_interrupt) if main and pcount == 1 else None
+    # A signal only sets a flag; the loop stops at the next step boundary and saves there, never
+    # inside a save. With several processes JAX's preemption sync manager owns SIGTERM and
+    # `distributed.preempted` turns True on every process at the same iteration: all save together.
+    stop: list[int] = []
+
+    def on_signal(signum, frame):
+        if stop and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: at once, without the save
+        stop.append(signum)
+
+    in_main_thread = threading.current_thread() is threading.main_thread()  # where Python allows handlers
+    handled = (signal.SIGTERM, signal.SIGINT) if pcount == 1 and in_main_thread else ()
+    old_handlers = {s: signal.signal(s, on_signal) for s in handled}
+    # Several processes: if one dies, the others leave within distributed.peer_timeout_s.
+    peers = None
+    if pcount > 1:
+        peers = distributed.PeerWatch(run_dir / ".peers", pidx, pcount, cfg.distributed.peer_timeout_s)
     train_data = Prefetcher(stage.train_data)
-    pending = None
+    pending, finished = None, False
     iteration = step  # counts up, never back after a restore: the sync point needs a monotone id
     try:
         while step < t.steps:
-            if distributed.preempted(iteration):
-                raise _Preempted("SIGTERM (preemption) on some process")
+            if distributed.preempted(iteration) and not stop:
+                stop.append(signal.SIGTERM)
+            if stop:
+                break
             iteration += 1
+            ckpt.check()  # a save that failed in the background stops the run now, not a save later
             B = ramp(step)
             local = train_data.batch(cursor, B, pidx, pcount)
             batch = sharding.put_batch(mesh, _stack_micro(local, accum), leading=1)
@@ -245,25 +296,42 @@ def run(cfg: Config, stage: Stage, devices=None) -> dict:
             if handle(*previous):
                 restore_last_good(previous[0])
                 continue
-            if step == t.steps or (step % t.save_every == 0 and guard.bad_run == 0):
+            if step % t.save_every == 0 and guard.bad_run == 0:
                 save(step, cursor)  # a save waits for a good step, so a restore never lands on a spike
+            if step == t.steps and not save(step, cursor):
+                raise RunFailed(f"the final state (step {step}) is not finite and was not saved; the latest "
+                                f"checkpoint is {ckpt.latest_step()}")
             if step % t.eval_every == 0 or step == t.steps:
                 ev = evaluate()
                 if ev:
                     log.scalars({"step": step, **ev})
                     summary.update(ev)
-    except (_Interrupted, KeyboardInterrupt) as e:
-        log.event("interrupted", step=step, reason=str(e) or "keyboard interrupt")
-        # A save is collective: with several processes only an agreed stop may save.
-        if (pcount == 1 or isinstance(e, _Preempted)) and (pending is None or not handle(*pending)):
-            save(step, cursor)
-        raise KeyboardInterrupt from None
+        if stop:
+            log.event("interrupted", step=step, signal=signal.Signals(stop[0]).name)
+            if pending is None or not handle(*pending):  # its row is logged; a bad step is not saved
+                save(step, cursor)
+            ckpt.wait()
+            ckpt.check()
+            raise Interrupted(stop[0])
+        ckpt.wait()
+        ckpt.check()
+        if int(jax.device_get(state["step"])) == 0:
+            raise RunFailed(f"no step of the run was finite ({counters['skipped']} skipped): nothing was learned; "
+                            "lower optim.lr and check the data")
+        finished = True
     finally:
-        if old_handler is not None:
-            signal.signal(signal.SIGTERM, old_handler)
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        if peers is not None:
+            peers.close()
         train_data.close()
         progress.close()
-        ckpt.close()
+        try:
+            ckpt.close()
+        except Exception:  # a failed background save: reported by `check` above, or the error in flight
+            pass
+        if not finished:
+            log.close()  # on the way out with an error; a finished run logs its end first
     summary.update(final_step=step, **counters)
     log.event("end", **summary)
     log.close()

@@ -31,10 +31,12 @@ class Window:
             acc[0] += float(s)
             acc[1] += float(c)
 
-    def means(self) -> dict[str, float]:
-        """{name: sum / count}, the loss first."""
-        names = sorted(self.sums, key=lambda name: name != "loss")
-        return {name: self.sums[name][0] / max(self.sums[name][1], 1) for name in names}
+    def means(self, names=()) -> dict:
+        """{name: sum / count} of the metrics added, and None for those of `names` never added (no
+        finite step in the window); the loss first."""
+        names = sorted(set(names) | set(self.sums), key=lambda name: name != "loss")
+        return {name: self.sums[name][0] / max(self.sums[name][1], 1) if name in self.sums else None
+                for name in names}
 
     def seconds(self) -> float:
         return time.perf_counter() - self.t0

@@ -232,8 +232,9 @@ def test_byte_tokenizer_reserves_jaxlm_specials_after_the_bytes():
     symbols = spm.user_symbols()
     ids = [sp.fim_prefix, sp.fim_middle, sp.fim_suffix, *sp.ul2.values(), *sp.sentinels, *sp.roles.values()]
     assert ids == list(range(259, 259 + len(symbols))) and tok.vocab_size == 259 + len(symbols)
-    # A symbol written in text is its one id; decode drops it and keeps the bytes around it.
-    got = tok.encode("a<|user|>b<|sentinel_7|><|no_such|>")
+    # Asked for (specials=True), a symbol written in text is its one id; decode drops it and keeps
+    # the bytes around it. Unasked, it is its bytes (tests/data/test_untrusted_text.py).
+    got = tok.encode("a<|user|>b<|sentinel_7|><|no_such|>", specials=True)
     want = [ord("a") + 3, sp.roles["user"], ord("b") + 3, sp.sentinels[7]] + list(tok.encode("<|no_such|>"))
     np.testing.assert_array_equal(got, want)
     assert tok.decode(got) == "ab<|no_such|>"

@@ -49,16 +49,18 @@ def test_special_tokens_have_fixed_ids(tok):
     assert tok.vocab_size == 600
 
 
-def test_user_symbols_in_text_encode_to_their_one_id(tok):
+def test_user_symbols_in_text_encode_to_their_one_id_when_asked_and_to_text_otherwise(tok):
     for i, piece in enumerate(SPECIAL_TOKENS[4:], start=4):
-        assert tok.encode(piece).tolist() == [i]
+        assert tok.encode(piece, specials=True).tolist() == [i]
         text = f"x{piece}y = 1 {piece}{piece}\n"
-        ids = tok.encode(text)
+        ids = tok.encode(text, specials=True)
         assert (ids == i).sum() == 3, piece
         assert tok.decode(ids) == text
+        literal = tok.encode(text)  # the default: text is text
+        assert not (literal < 114).any() and tok.decode(literal) == text, piece
     # Symbols next to each other, and inside words, still come out whole.
     text = "<|fim_prefix|>a<|fim_suffix|>b<|fim_middle|><|sentinel_99|><|end_turn|>"
-    assert [i for i in tok.encode(text).tolist() if i < 114] == [4, 6, 5, 109, 113]
+    assert [i for i in tok.encode(text, specials=True).tolist() if i < 114] == [4, 6, 5, 109, 113]
 
 
 def test_control_symbols_cannot_come_from_text(tok):

@@ -42,8 +42,9 @@ def test_tokenizer_json(tokenizer_json):
     assert ids.dtype.name == "int32" and 1 not in ids and 2 not in ids  # no bos/eos added
     assert tok.decode(ids) == text
     assert tok.decode([1, *ids, 2, 0]) == text  # pad/bos/eos dropped
-    with_role = tok.encode("<|user|>the fox")
+    with_role = tok.encode("<|user|>the fox", specials=True)
     assert with_role[0] == 3 and tok.decode(with_role[1:]) == "the fox"
+    assert 3 not in tok.encode("<|user|>the fox").tolist()  # unasked, the added token is text
     assert [list(x) for x in tok.encode_batch(["the fox", text])] == [list(tok.encode("the fox")), list(ids)]
     assert tok.vocab_size == 300
 

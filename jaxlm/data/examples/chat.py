@@ -10,6 +10,10 @@ Two record kinds (JSONL, one per line):
   rendered as <|role|> content <|end_turn|> per message with the tokenizer's reserved role
   markers (`tok.special_ids.roles`). The conversation must end with an assistant turn.
 
+Markup comes from the renderer only: the role ids are inserted as ids, and the record's text is
+encoded as text, so a message that writes "<|end_turn|><|assistant|>" cannot forge a turn. The
+template (config, not data) may hold special symbols, which become their ids.
+
 Masks: a token is trained when it is a response token: every assistant turn's content and
 its closing <|end_turn|> (chat), or the output and its closing eos (instruction). The
 closing marker is trained so the model learns to stop; role markers, template text and
@@ -56,15 +60,17 @@ class Piece:
 class Renderer:
     """What rendering needs from a tokenizer: `encode(text) -> ids`, eos, and the role ids."""
 
-    encode: Callable[[str], np.ndarray]
+    encode: Callable[[str], np.ndarray]  # record text: symbols in it stay text
     eos: int
     roles: dict  # system, user, assistant, end_turn -> id (None where the tokenizer lacks one)
     template: str = DEFAULT_TEMPLATE
+    markup: Optional[Callable[[str], np.ndarray]] = None  # the template's text (symbols -> ids); None: encode
 
     @classmethod
     def from_tokenizer(cls, tok, template: str = DEFAULT_TEMPLATE) -> "Renderer":
         check_template(template)
-        return cls(tok.encode, tok.eos_id, dict(tok.special_ids.roles), template)
+        return cls(tok.encode, tok.eos_id, dict(tok.special_ids.roles), template,
+                   functools.partial(tok.encode, specials=True))
 
 
 def check_template(template: str) -> None:
@@ -145,7 +151,7 @@ def _template_ids(encode, template: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _instruction_pieces(r: Renderer, record: dict, with_response: bool) -> list[Piece]:
-    head, tail = _template_ids(r.encode, r.template)
+    head, tail = _template_ids(r.markup or r.encode, r.template)
     pieces = [Piece(head, False, False, 0, "user"),
               Piece(_ids(r.encode(instruction_prompt(record))), False, True, 0, "user"),
               Piece(tail, False, False, 0, "user")]

@@ -25,8 +25,7 @@ class ByteTokenizer:
     """Byte b -> id b + 3; ids 0, 1, 2 are pad, bos, eos. Lossless on any text that is valid UTF-8.
 
     jaxlm's user-defined symbols (FIM, UL2 modes, 100 span sentinels, chat roles; the order of
-    `specials.user_symbols()`) follow the bytes from id 259. As in a jaxlm SentencePiece model,
-    a symbol written in text (e.g. "<|user|>") encodes to its one id.
+    `specials.user_symbols()`) follow the bytes from id 259.
     """
 
     name: ClassVar[str] = "byte"
@@ -40,9 +39,10 @@ class ByteTokenizer:
         raw = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
         return raw.astype(np.int32) + self.offset
 
-    def encode(self, text: str) -> np.ndarray:
-        """`text` -> int32 ids [n]; adds no bos/eos. Special symbols in the text map to their ids."""
-        if "<|" not in text:
+    def encode(self, text: str, specials: bool = False) -> np.ndarray:
+        """`text` -> int32 ids [n], its UTF-8 bytes; adds no bos/eos. specials=True: jaxlm's symbols
+        written in the text ("<|user|>") become their ids (`specials` module docstring)."""
+        if not specials or "<|" not in text:
             return self._encode_bytes(text)
         ids, pattern = _byte_specials()
         parts = [np.array([ids[p]], np.int32) if i % 2 else self._encode_bytes(p)

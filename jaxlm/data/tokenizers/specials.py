@@ -10,11 +10,20 @@ Every model jaxlm trains has the same special ids, whatever the corpus:
 
 (`jaxlm.data.tokenizers.spm`); the byte tokenizer puts the same user symbols after its 256
 bytes, and a tokenizer jaxlm did not train has the ids its vocabulary holds (None for the rest).
+
+Text never becomes a special id by itself: every tokenizer's `encode(text)` encodes a symbol
+written in the text ("<|user|>" in a document, a chat message or a prompt) as ordinary
+characters, so data cannot forge chat turns or sentinels. Markup comes from the code that
+renders it (role ids from `SpecialIds`, FIM layouts from `fim_permute`), or from
+`encode(text, specials=True)`, the explicit opt-in for text a user writes markup into.
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Callable, Iterable, Optional
+
+import numpy as np
 
 CONTROL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0, 1, 2, 3
 FIM_TOKENS = ("<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>")
@@ -101,3 +110,22 @@ def find_special_ids(piece_id: Callable[[str], Optional[int]], *, pad=None, bos=
                       fim_middle=piece_id(FIM_TOKENS[1]), fim_suffix=piece_id(FIM_TOKENS[2]),
                       ul2={k: piece_id(v) for k, v in UL2_TOKENS.items()}, sentinels=tuple(sentinels),
                       roles={k: piece_id(v) for k, v in ROLE_TOKENS.items()})
+
+
+def symbol_pattern(symbols: Iterable[str]) -> Optional[re.Pattern]:
+    """A regex matching any of `symbols` (the longest first), or None when there is none."""
+    symbols = sorted({s for s in symbols if len(s) >= 2}, key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, symbols))) if symbols else None
+
+
+def encode_literally(encode: Callable[[str], Iterable[int]], text: str, pattern: Optional[re.Pattern]) -> np.ndarray:
+    """`encode(text)`, with every reserved symbol written in the text encoded as ordinary text: its
+    first character and its rest apart, so that neither half can match a symbol."""
+    if pattern is None or pattern.search(text) is None:
+        return np.asarray(encode(text), np.int32)
+    parts, last = [], 0
+    for m in pattern.finditer(text):
+        parts += [text[last:m.start()], m.group()[:1], m.group()[1:]]
+        last = m.end()
+    parts.append(text[last:])
+    return np.concatenate([np.asarray(encode(p), np.int32) for p in parts if p] or [np.zeros(0, np.int32)])

@@ -1,10 +1,12 @@
 """SentencePiece: train a model with jaxlm's reserved special symbols, and tokenize with it.
 
 Every model jaxlm trains has the same special ids, whatever the corpus (the table in
-`jaxlm.data.tokenizers.specials`), then, with byte fallback, the 256 byte pieces <0x00>..<0xFF>, then the learned pieces.
+`jaxlm.data.tokenizers.specials`), then, with byte fallback, the 256 byte pieces
+<0x00>..<0xFF>, then the learned pieces.
 pad/bos/eos/unk are control symbols: text can never produce them (a literal "</s>" in a
-document is ordinary characters). The others are user-defined symbols: wherever one appears
-in text it encodes to exactly its one id, never split, so formatters may write them inline.
+document is ordinary characters). The others are user-defined symbols, which SentencePiece
+would match wherever they appear in text; `encode` keeps text literal (a symbol written in a
+document is encoded as its characters) unless asked with `specials=True`.
 """
 from __future__ import annotations
 
@@ -19,8 +21,10 @@ import sentencepiece
 from jaxlm.data.tokenizers.specials import (
     DEFAULT_N_SENTINELS,
     SpecialIds,
+    encode_literally,
     find_special_ids,
     special_tokens,
+    symbol_pattern,
     user_symbols,
 )
 
@@ -136,6 +140,9 @@ class SentencePieceTokenizer:
         self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
         self.vocab_size = self._sp.vocab_size()
         self.special_ids = self._find_special_ids()
+        # jaxlm's user-defined symbols in this vocabulary: SentencePiece matches them in any text
+        self._symbols = symbol_pattern(s for s in user_symbols(len(self.special_ids.sentinels))
+                                       if self._piece_id(s) is not None)
         self.pad_id = self.special_ids.pad
         self.bos_id = self.special_ids.bos
         self.eos_id = self.special_ids.eos
@@ -151,14 +158,20 @@ class SentencePieceTokenizer:
         return find_special_ids(self._piece_id, pad=control(self._sp.pad_id()), bos=control(self._sp.bos_id()),
                                 eos=control(self._sp.eos_id()), unk=control(self._sp.unk_id()))
 
-    def encode(self, text: str) -> np.ndarray:
-        """`text` -> int32 ids [n]; adds no bos/eos."""
-        return np.asarray(self._sp.encode(text), dtype=np.int32)
+    def encode(self, text: str, specials: bool = False) -> np.ndarray:
+        """`text` -> int32 ids [n]; adds no bos/eos. A reserved symbol written in the text is encoded
+        as its characters; specials=True: as its id (`specials` module docstring)."""
+        if specials:
+            return np.asarray(self._sp.encode(text), dtype=np.int32)
+        return encode_literally(self._sp.encode, text, self._symbols)
 
     def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[np.ndarray]:
         """`encode` of each text; SentencePiece spreads the batch over `num_threads` threads."""
-        return [np.asarray(ids, dtype=np.int32)
-                for ids in self._sp.encode(list(texts), num_threads=num_threads)]
+        texts = list(texts)
+        out = [np.asarray(ids, dtype=np.int32) for ids in self._sp.encode(texts, num_threads=num_threads)]
+        if self._symbols is not None:
+            out = [self.encode(t) if self._symbols.search(t) else ids for t, ids in zip(texts, out)]
+        return out
 
     def decode(self, ids) -> str:
         """ids -> text; drops pad/bos/eos and out-of-range ids; unk decodes to " ⁇ "."""
