@@ -267,6 +267,9 @@ def run(cfg: Config, stage: Stage, devices=None) -> dict:
     # Several processes: if one dies, the others leave within distributed.peer_timeout_s.
     peers = None
     if pcount > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("jaxlm peer watch")  # every watch starts together
         peers = distributed.PeerWatch(run_dir / ".peers", pidx, pcount, cfg.distributed.peer_timeout_s)
     train_data = Prefetcher(stage.train_data)
     pending, finished = None, False

@@ -126,7 +126,7 @@ def double(base_env, tmp_path_factory):
 def killed(base_env, tmp_path_factory):
     """Two processes; process 1 is SIGKILLed after step 5 (checkpoints at step 3)."""
     tmp = tmp_path_factory.mktemp("killed")
-    config = write_config(tmp, "run", peer_timeout_s=3)  # JAX's own heartbeat timeout stays at 100 s
+    config = write_config(tmp, "run", peer_timeout_s=5)  # JAX's own heartbeat timeout stays at 100 s
     procs = start_processes(base_env, ["-m", "jaxlm", "pretrain", str(config)], tmp,
                             per_process={1: [str(FAULT_WORKER), "5", "KILL", "pretrain", str(config)]})
     try:
@@ -209,7 +209,7 @@ def test_killed_process_stops_the_other_with_a_message(killed):
     assert ("process 0 of 2 failed" in err and "another process died" in err
             or "process 0 of 2: process 1 sent no heartbeat" in err), err[-3000:]
     assert "detected fatal errors" not in err  # not JAX's abort with its C++ stack trace
-    assert killed["after_death_s"] < 30  # seconds: peer_timeout_s=3, JAX's heartbeat timeout 100 s
+    assert killed["after_death_s"] < 30  # seconds: peer_timeout_s=5, JAX's heartbeat timeout 100 s
     steps = sorted(int(p.name) for p in (killed["run_dir"] / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [3]
 
@@ -333,3 +333,26 @@ def test_launch_scripts_parse_and_explain_themselves():
         assert "usage:" in path.read_text().split("set -euo pipefail")[0], name
     usage = subprocess.run([str(LAUNCH / "multiprocess_cpu.sh"), "-h"], capture_output=True, text=True)
     assert usage.returncode == 0 and "usage:" in usage.stdout
+
+
+def test_peer_watch_leaves_when_a_peer_stops_and_not_while_it_beats_or_is_done(tmp_path):
+    """The watch in a process of its own (it exits that process): peer 1 beats for 3 s, then stops."""
+    watcher = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from jaxlm.distributed import PeerWatch; "
+         f"PeerWatch(__import__('pathlib').Path({str(tmp_path)!r}), 0, 2, timeout_s=2, interval_s=0.2); "
+         "time.sleep(20); sys.exit(0)"], stderr=subprocess.PIPE, text=True)
+    start = time.monotonic()
+    for beat in range(15):  # peer 1's heartbeat, as its own watch would write it
+        (tmp_path / "1").write_text(str(beat))
+        time.sleep(0.2)
+    assert watcher.poll() is None  # alive while the peer beats
+    stopped = time.monotonic()
+    rc = watcher.wait(timeout=30)
+    assert rc == 1 and 1.5 < time.monotonic() - stopped < 10, time.monotonic() - start
+    assert "process 0 of 2: process 1 sent no heartbeat" in watcher.stderr.read()
+    done = subprocess.Popen(
+        [sys.executable, "-c", "import time; from jaxlm.distributed import PeerWatch; "
+         f"PeerWatch(__import__('pathlib').Path({str(tmp_path)!r}), 0, 2, timeout_s=1, interval_s=0.2); "
+         "time.sleep(4)"])
+    (tmp_path / "1.done").write_text("done")  # a peer that finished is not dead
+    assert done.wait(timeout=30) == 0
