@@ -13,6 +13,8 @@ COMMANDS = {
     "data": "prepare raw documents: filter, scrub and deduplicate (data prepare)",
     "pretrain": "train a decoder from scratch (or resume) on a config",
     "sft": "supervised fine-tuning on instruction / chat JSONL and built-in tasks (loss on responses)",
+    "reward": "train a reward model (value head on an LM backbone) on preference pairs and rankings",
+    "score": "the reward of every response of a JSONL file under a reward-model run",
     "bench": "time the train step of a config; optionally side by side with reference steps",
     "plan": "bytes per device, compute and training time of a config on N devices, before running it",
     "generate": "sample text from a run's checkpoint: one prompt streamed, or a JSONL of prompts",
@@ -39,6 +41,10 @@ def parser() -> argparse.ArgumentParser:
                          "RUN_DIR's latest checkpoint; counts unusable records; with sft.tasks, reports "
                          "exact-match accuracy per task before and after training.")
     _common(sft)
+    rw = sub.add_parser("reward", help=COMMANDS["reward"], description=COMMANDS["reward"] +
+                        ". Starts the backbone from train.init_from (an SFT run), the value head fresh; reports "
+                        "held-out pairwise accuracy per task and writes RUN_DIR/reward_stats.json.")
+    _common(rw)
     data = sub.add_parser("data", help=COMMANDS["data"], description="Data preparation commands.")
     data_sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
     prep = data_sub.add_parser("prepare", help="filter, scrub and deduplicate raw documents per source",
@@ -109,6 +115,15 @@ def _run_common(p: argparse.ArgumentParser):
 
 
 def _run_parsers(sub):
+    sc = sub.add_parser("score", help=COMMANDS["score"], description=COMMANDS["score"] +
+                        '. Records: {"prompt", "chosen", "rejected"}, {"prompt", "responses": [...]} or '
+                        '{"prompt", "response"}; each is written back with "rewards" added (JSONL).')
+    sc.add_argument("run_dir", metavar="RUN_DIR", help="a `jaxlm reward` run")
+    sc.add_argument("file", metavar="FILE.jsonl", help="records to score")
+    sc.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides of RUN_DIR/config.yaml")
+    sc.add_argument("--out", metavar="FILE.jsonl", default=None, help="write here (default: stdout)")
+    sc.add_argument("--normalize", action="store_true",
+                    help="(r - mean) / std with the run's training statistics (RUN_DIR/reward_stats.json)")
     g = sub.add_parser("generate", help=COMMANDS["generate"], description=COMMANDS["generate"] +
                        ". Special symbols written in a prompt (e.g. <|fim_prefix|>) are text unless --specials. "
                        "Stops at eos (or <|end_turn|>) or --max-new-tokens.")
@@ -171,6 +186,27 @@ def _eval(cfg, args) -> int:
     if _process_index() == 0:
         print(f"checkpoint step {step} of {args.run_dir}")
         print(evaluate.format_table(rows))
+    return 0
+
+
+def _reward(cfg, args) -> int:
+    from jaxlm.train import reward
+
+    summary = reward.main(cfg)
+    if _process_index() != 0:
+        return 0
+    print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (list, dict))}))
+    for name, acc in sorted(summary.get("accuracy", {}).items()):
+        print(f"held-out pairwise accuracy {name}: {acc:.3f}")
+    s = summary["reward_stats"]
+    print(f"reward over {s['responses']} training responses: mean {s['mean']:.3f}, std {s['std']:.3f}")
+    return 0
+
+
+def _score(cfg, args) -> int:
+    from jaxlm.train import reward
+
+    reward.score_file(args.run_dir, args.file, out_path=args.out, normalize=args.normalize, overrides=args.overrides)
     return 0
 
 
@@ -240,7 +276,7 @@ def _data(cfg, args) -> int:
 
 # Commands that use JAX devices join the other processes of a multi-process run first,
 # before any device use (jaxlm/distributed.py; the environment says whether there are any).
-DISTRIBUTED_COMMANDS = ("pretrain", "sft", "reward", "rejection-sample", "dpo", "ppo", "eval", "bench")
+DISTRIBUTED_COMMANDS = ("pretrain", "sft", "reward", "rejection-sample", "dpo", "ppo", "eval", "score", "bench")
 
 
 def _process_index() -> int:
@@ -280,7 +316,7 @@ def main(argv=None) -> int:
     try:
         if args.command == "convert":
             return _convert(args)
-        if args.command in ("generate", "eval"):
+        if args.command in ("generate", "eval", "score"):
             from jaxlm.runs import run_config
 
             cfg = run_config(args.run_dir, args.overrides)
@@ -290,8 +326,8 @@ def main(argv=None) -> int:
             from jaxlm import distributed
 
             joined = distributed.initialize(cfg.distributed) is not None
-        return {"pretrain": _pretrain, "sft": _sft, "bench": _bench, "data": _data, "generate": _generate,
-                "eval": _eval, "plan": _plan}[args.command](cfg, args)
+        return {"pretrain": _pretrain, "sft": _sft, "reward": _reward, "score": _score, "bench": _bench,
+                "data": _data, "generate": _generate, "eval": _eval, "plan": _plan}[args.command](cfg, args)
     except (ConfigError, FileNotFoundError) as e:
         name = args.command if args.command != "data" else f"data {args.data_command}"
         print(f"jaxlm {name}: error: {e}", file=sys.stderr)

@@ -28,7 +28,9 @@ from jaxlm.data.tokenizers import file_sha256
 
 # What a run trains on and with: a run directory refuses a config that differs in one of these.
 IDENTITY = ("model", "data", "train.seq_len", "sft.train_files", "sft.eval_files", "sft.tasks",
-            "sft.task_examples", "sft.template", "sft.truncation", "sft.packing")
+            "sft.task_examples", "sft.template", "sft.truncation", "sft.packing", "reward.train_files",
+            "reward.eval_files", "reward.tasks", "reward.task_pairs", "reward.margins", "reward.max_responses",
+            "reward.groups_per_row", "reward.truncation")
 # How the same model computes, free to change between a run's sessions (and from an init_from run).
 RUNTIME_MODEL_KEYS = ("dtype", "remat", "scan_layers", "scan_unroll", "attention")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
@@ -120,14 +122,16 @@ def _absolute(path: str) -> str:
 
 def resolve_paths(cfg: Config) -> Config:
     """`cfg` with every file path made absolute, so the saved config reads the same from anywhere."""
-    d, t, s = cfg.data, cfg.train, cfg.sft
+    d, t, s, r = cfg.data, cfg.train, cfg.sft, cfg.reward
     data = dataclasses.replace(
         d, tokenizer=d.tokenizer if d.tokenizer == "byte" else _absolute(d.tokenizer),
         sources=tuple(dataclasses.replace(src, path=_absolute(src.path)) for src in d.sources))
     return dataclasses.replace(
         cfg, data=data, train=dataclasses.replace(t, run_dir=_absolute(t.run_dir), init_from=_absolute(t.init_from)),
         sft=dataclasses.replace(s, train_files=tuple(map(_absolute, s.train_files)),
-                                eval_files=tuple(map(_absolute, s.eval_files))))
+                                eval_files=tuple(map(_absolute, s.eval_files))),
+        reward=dataclasses.replace(r, train_files=tuple(map(_absolute, r.train_files)),
+                                   eval_files=tuple(map(_absolute, r.eval_files))))
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -151,7 +155,8 @@ def _identity(tree: dict) -> dict:
 def differences(saved: dict, cfg: Config) -> list[str]:
     """`key=new (saved: old)` for each identity key where `cfg` differs from a saved config tree."""
     ours = _identity(yaml.safe_load(yaml.safe_dump(to_dict(cfg))))
-    theirs = _identity(saved)
+    # a key the saved config predates had its default value then
+    theirs = {**_identity(yaml.safe_load(yaml.safe_dump(to_dict(Config())))), **_identity(saved)}
     return [f"{k}={ours.get(k)!r} (saved: {theirs.get(k)!r})"
             for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
 

@@ -23,12 +23,13 @@ from jaxlm.config.data import (
 from jaxlm.config.load import Config, from_dict, load_config, parse_overrides, save_config, to_dict, validate
 from jaxlm.config.model import PRESET_NAMES, ModelConfig, model_preset
 from jaxlm.config.schema import ConfigError
-from jaxlm.config.stages import SFTConfig
+from jaxlm.config.stages import RewardConfig, SFTConfig
 from jaxlm.config.train import DistributedConfig, MeshConfig, OptimConfig, TrainConfig
 
 __all__ = [
     "Config", "ConfigError", "DataConfig", "DistributedConfig", "MeshConfig", "MixSourceConfig", "ModelConfig",
-    "OptimConfig", "PRESET_NAMES", "PrepareConfig", "SFTConfig", "SourceConfig", "StageConfig", "TokenizeConfig",
+    "OptimConfig", "PRESET_NAMES", "PrepareConfig", "RewardConfig", "SFTConfig", "SourceConfig", "StageConfig",
+    "TokenizeConfig",
     "TokenizerConfig", "TrainConfig", "from_dict", "load_config", "model_preset", "parse_overrides", "save_config",
     "to_dict", "validate",
 ]

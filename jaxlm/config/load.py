@@ -11,7 +11,7 @@ from jaxlm.config import data, model, stages, train
 from jaxlm.config.data import DataConfig, PrepareConfig, TokenizeConfig, TokenizerConfig
 from jaxlm.config.model import ModelConfig, model_preset
 from jaxlm.config.schema import ConfigError, build, check
-from jaxlm.config.stages import SFTConfig
+from jaxlm.config.stages import RewardConfig, SFTConfig
 from jaxlm.config.train import DistributedConfig, MeshConfig, OptimConfig, TrainConfig
 
 
@@ -26,6 +26,7 @@ class Config:
     tokenizer: TokenizerConfig = TokenizerConfig()
     tokenize: TokenizeConfig = TokenizeConfig()
     sft: SFTConfig = SFTConfig()
+    reward: RewardConfig = RewardConfig()
     distributed: DistributedConfig = DistributedConfig()
 
 
@@ -131,3 +132,4 @@ def validate(cfg: Config) -> None:
     train.validate_distributed(cfg.distributed)
     data.validate_data(cfg.data)
     stages.validate_sft(cfg.sft)
+    stages.validate_reward(cfg.reward)

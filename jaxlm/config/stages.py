@@ -1,4 +1,4 @@
-"""The post-training stages' sections: `sft.*`."""
+"""The post-training stages' sections: `sft.*`, `reward.*`."""
 from __future__ import annotations
 
 import dataclasses
@@ -21,8 +21,33 @@ class SFTConfig:
     max_new_tokens: int = 16  # generation budget of the accuracy eval
 
 
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+    """`jaxlm reward`: preference JSONL and built-in task preferences; the backbone from train.init_from.
+
+    Prompts are rendered as `jaxlm sft` renders them (`sft.template` for plain-text prompts, role
+    markers for chat messages); a group (a pair, or a ranking of up to `max_responses`) is packed
+    into one row of train.seq_len, `groups_per_row` groups at most.
+    """
+
+    train_files: tuple[str, ...] = ()  # JSONL of pair or ranking records (globs allowed)
+    eval_files: tuple[str, ...] = ()  # held-out records; empty: data.heldout_fraction of train_files
+    tasks: tuple[str, ...] = ()  # built-in tasks whose near misses make preference pairs (jaxlm.data.tasks)
+    task_pairs: int = 5000  # training groups per built-in task
+    task_eval_pairs: int = 200  # held-out groups per task (distinct test problems): accuracy per task
+    # Llama 2's "margin small" for its four grades; a record's numeric "margin" is used as it is
+    margins: dict = dataclasses.field(default_factory=lambda: {
+        "significantly_better": 1.0, "better": 2 / 3, "slightly_better": 1 / 3, "negligibly_better": 0.0})
+    center_coef: float = 0.0  # + center_coef * mean((r_c + r_r)^2): keeps rewards near 0
+    max_responses: int = 4  # K: responses of a ranking scored together (longer rankings: counted, skipped)
+    groups_per_row: int = 8
+    truncation: str = "trim_context"  # trim_context (cut the prompt from the left) | drop
+    stats_groups: int = 1000  # training groups scored after training for the reward's mean and std
+
+
 CHOICES = {
     "sft.truncation": ("trim_context", "drop"),
+    "reward.truncation": ("trim_context", "drop"),
 }
 
 
@@ -35,3 +60,17 @@ def validate_sft(s: SFTConfig) -> None:
         check(getattr(s, key) > 0, f"sft.{key}={getattr(s, key)} must be positive")
     check(s.template.count("{prompt}") == 1,
           f"sft.template={s.template!r} must hold {{prompt}} exactly once")
+
+
+def validate_reward(r: RewardConfig) -> None:
+    from jaxlm.data.tasks import TASK_NAMES
+
+    for name in r.tasks:
+        check(name in TASK_NAMES, f"reward.tasks has {name!r}, not a built-in task; allowed: {', '.join(TASK_NAMES)}")
+    for key in ("task_pairs", "task_eval_pairs", "groups_per_row", "stats_groups"):
+        check(getattr(r, key) > 0, f"reward.{key}={getattr(r, key)} must be positive")
+    check(r.max_responses >= 2, f"reward.max_responses={r.max_responses} must be at least 2")
+    check(r.center_coef >= 0, f"reward.center_coef={r.center_coef} must be >= 0")
+    for grade, m in r.margins.items():
+        check(isinstance(m, (int, float)) and not isinstance(m, bool) and m >= 0,
+              f"reward.margins.{grade}={m!r} must be a number >= 0")

@@ -315,12 +315,15 @@ class Loader:
     form and ended with eos on its own (0: the whole document is one piece), so that prefix,
     suffix and middle fit in one context even when documents are far longer. `stats` counts
     the examples, truncated examples, rows and real tokens of the first_fit groups built so far.
+    `packer(examples, T, pad) -> (rows, truncated)`: how first_fit packs each group of examples
+    (default `pack_first_fit`; another packer takes the sources' example dicts as they are, e.g.
+    `jaxlm.data.examples.preference.pack_groups`).
     """
 
     def __init__(self, sources: Sequence[Source], seq_len: int, *, eos_id: int, seed: int = 0,
                  packing: str = "concat", curriculum=None, curriculum_unit: str = "examples",
                  objective_weights: Optional[dict] = None, specials: Optional[SpecialIds] = None,
-                 lookahead: int = 256, shuffle_block: int = 65536, fim_piece: int = 0):
+                 lookahead: int = 256, shuffle_block: int = 65536, fim_piece: int = 0, packer=None):
         if packing not in PACKINGS:
             raise ValueError(f"packing={packing!r} is not a packing; allowed: {', '.join(PACKINGS)}")
         if seq_len < 4 or seed < 0 or lookahead < 1:
@@ -344,6 +347,7 @@ class Loader:
         if set(weights) != {"clm"} and (specials is None or specials.eos != eos_id):
             raise ValueError(f"objectives {sorted(weights)} need `specials` with eos={eos_id}")
         self.seq_len, self.seed, self.packing, self.lookahead = seq_len, seed, packing, lookahead
+        self.packer = packer or pack_first_fit
         self.eos, self.specials, self.objective_weights = eos_id, specials, weights
         self.pad = specials.pad if specials is not None else eos_id
         bounds, probs = _stages(sources, curriculum, curriculum_unit, seq_len, packing)
@@ -385,6 +389,8 @@ class Loader:
         """Example-stream position q: item i of source s (in its epoch's order), as an example."""
         n = len(self._docs[s])
         item = self._docs[s][int(self._order(s, i // n)[i % n])]
+        if isinstance(item, dict) and self.packer is not pack_first_fit:  # the packer's own kind of example
+            return item
         if isinstance(item, dict):
             tokens = np.asarray(item["tokens"], np.int32)
             return {"tokens": tokens, "targets": np.asarray(item["targets"], np.int32),
@@ -414,7 +420,7 @@ class Loader:
         end = self._group_end(start)
         src, idx = self.mixture.locate(start, end - start)
         examples = [self._example(start + i, int(s), int(k)) for i, (s, k) in enumerate(zip(src, idx))]
-        rows, truncated = pack_first_fit(examples, self.seq_len, self.pad)
+        rows, truncated = self.packer(examples, self.seq_len, self.pad)
         return {"rows": rows, "truncated": truncated, "end": end, "examples": len(examples)}
 
     def _packed(self, start: int, n: int) -> dict[str, np.ndarray]:

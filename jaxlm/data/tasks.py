@@ -129,6 +129,72 @@ def test_records(names, n: int) -> list[dict]:
     return mixed(names, "test", n, seed=0, distinct=True)
 
 
+def _swap_adjacent(items: list, rng, avoid: set) -> list:
+    """`items` with one adjacent pair of different items swapped, at a position not in `avoid`."""
+    spots = [i for i in range(len(items) - 1) if items[i] != items[i + 1] and not {i, i + 1} & avoid]
+    if not spots:
+        return items
+    i = int(rng.choice(spots))
+    avoid.update((i, i + 1))
+    return items[:i] + [items[i + 1], items[i]] + items[i + 2:]
+
+
+def _digit_off(digits: list, rng, avoid: set) -> list:
+    """One digit of a number moved by one (the leading digit never to 0)."""
+    spots = [i for i in range(len(digits)) if i not in avoid]
+    if not spots:
+        return digits
+    i = int(rng.choice(spots))
+    avoid.add(i)
+    d = int(digits[i])
+    steps = [s for s in (-1, 1) if 0 <= d + s <= 9 and not (i == 0 and len(digits) > 1 and d + s == 0)]
+    return digits[:i] + [str(d + int(rng.choice(steps)))] + digits[i + 1:]
+
+
+def near_miss(example: dict, degree: int, rng: np.random.Generator):
+    """A wrong answer `degree` small edits from the right one, or None if there is none: add, one
+    digit off by one per edit; reverse and sort, one adjacent pair out of order per edit; recall,
+    the value of another key (degree 1) or a digit none of the keys has (degree 2)."""
+    answer, task = example["answer"], example["task"]
+    avoid: set = set()
+    if task == "recall":
+        values = [p.split("=")[1] for p in example["input"].split(", ")]
+        unused = [str(d) for d in range(10) if str(d) not in values]
+        pool = [v for v in values if v != answer] if degree == 1 else unused
+        return str(rng.choice(pool)) if pool else None
+    items = list(answer) if task in ("add", "reverse") else answer.split()
+    edit = _digit_off if task == "add" else _swap_adjacent
+    edits = 0
+    for _ in range(degree):
+        edited = edit(items, rng, avoid)
+        edits, items = edits + (edited != items), edited
+    miss = " ".join(items) if task == "sort" else "".join(items)
+    return miss if edits == degree and not check(example, miss) else None
+
+
+def preference_records(names, split: str, n_per_task: int, seed: int = 0, distinct: bool = False) -> list[dict]:
+    """`n_per_task` preference records per task (a pure function of the arguments): for a problem,
+    the right answer against a near miss (`near_miss`): a pair with grade "better" (one edit), a
+    pair with grade "significantly_better" (two edits: a worse miss, a larger margin), or a
+    ranking [right, one edit, two edits], one of the three per problem at random."""
+    out = []
+    for ex in mixed(names, split, n_per_task, seed, distinct):
+        rng = np.random.default_rng([seed, 7, zlib.crc32(f"{ex['task']}:{ex['input']}".encode())])
+        one, two = near_miss(ex, 1, rng), near_miss(ex, 2, rng)
+        prompt = f"{ex['instruction']}\n\n{ex['input']}"
+        kinds = [k for k, ok in (("one", one), ("two", two), ("ranking", one and two and one != two)) if ok]
+        if not kinds:
+            continue
+        kind = str(rng.choice(kinds))
+        base = {"task": ex["task"], "prompt": prompt}
+        if kind == "ranking":
+            out.append({**base, "responses": [ex["answer"], one, two]})
+        else:
+            out.append({**base, "chosen": ex["answer"], "rejected": one if kind == "one" else two,
+                        "grade": "better" if kind == "one" else "significantly_better"})
+    return out
+
+
 def check(example: dict, completion: str) -> bool:
     """Whether `completion` (the generated text after the prompt) solves `example` exactly."""
     return bool(_task(example["task"]).check(example, completion))

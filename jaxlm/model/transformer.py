@@ -80,9 +80,11 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, start_B=None) -> attn_
     return attn_lib.KVCache(zeros, zeros, jnp.zeros((), jnp.int32), start_B)
 
 
-def value_head_init(cfg: ModelConfig) -> jax.Array:
-    """The value head's initial weights [D]: zeros, so every value starts at 0."""
-    return jnp.zeros((cfg.d_model,), jnp.dtype(cfg.param_dtype))
+def value_head_init(cfg: ModelConfig, key: jax.Array) -> jax.Array:
+    """The value head's initial weights [D] ~ N(0, 1 / (D + 1)) (as InstructGPT's reward model and
+    TRL's): values of order 1 from the start, for unit-scale final-norm features."""
+    std = 1.0 / (cfg.d_model + 1) ** 0.5
+    return (std * jax.random.normal(key, (cfg.d_model,), jnp.float32)).astype(jnp.dtype(cfg.param_dtype))
 
 
 class Transformer(nnx.Module):
@@ -98,7 +100,8 @@ class Transformer(nnx.Module):
         self.lm_head = None if cfg.tie_embeddings else nnx.Param(
             _normal(rngs, (cfg.d_model, cfg.vocab_size), cfg.init_std, dt["param_dtype"]),
             axes=("embed", "vocab"))
-        self.value_head = None if not cfg.value_head else nnx.Param(value_head_init(cfg), axes=("embed",))
+        self.value_head = None if not cfg.value_head else nnx.Param(value_head_init(cfg, rngs.params()),
+                                                                    axes=("embed",))
 
     def hidden(self, tokens_BT, segment_ids_BT=None, positions_BT=None, prefix_len_B=None,
                prefix_mask_BT=None):

@@ -135,7 +135,8 @@ def role_params(role: Role, seed_key, mesh, rules: str):
                                   or runs.primary_role(role.init_from), what=what)
     if role.model.value_head and not source.value_head:
         head_sharding = model.shardings(role.model, mesh, rules)["value_head"]
-        params = {**params, "value_head": jax.device_put(value_head_init(role.model), head_sharding)}
+        head = value_head_init(role.model, jax.random.fold_in(seed_key, 1))
+        params = {**params, "value_head": jax.device_put(head, head_sharding)}
     elif source.value_head and not role.model.value_head:
         params = {k: v for k, v in params.items() if k != "value_head"}
     return params, step

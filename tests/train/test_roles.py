@@ -118,10 +118,11 @@ def test_value_head_role_starts_from_an_lm_run(tiny_run):
     assert step == lm.step == 20
     for key in lm.params:  # the whole trunk and LM head are the run's
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(params[key]), jax.device_get(lm.params[key]))
-    np.testing.assert_array_equal(np.asarray(params["value_head"]), 0.0)  # a fresh head
+    head = np.asarray(params["value_head"])  # a fresh head ~ N(0, 1 / (D + 1))
+    assert head.shape == (32,) and 0.5 < head.std() * np.sqrt(33) < 1.5
     tokens = jnp.asarray(np.random.default_rng(0).integers(3, 300, (2, 16)), jnp.int32)
     values = model.apply(critic.model, params, tokens, head="value")
-    assert values.shape == (2, 16)
+    assert values.shape == (2, 16) and float(jnp.abs(values).max()) > 0
     # Trained on a value target, the head gets the gradient.
     grads = jax.grad(lambda p: jnp.mean((model.apply(critic.model, p, tokens, head="value") - 1.0) ** 2))(params)
     assert float(jnp.abs(grads["value_head"]).sum()) > 0
