@@ -196,7 +196,7 @@ def _reward(cfg, args) -> int:
     if _process_index() != 0:
         return 0
     print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (list, dict))}))
-    for name, acc in sorted(summary.get("accuracy", {}).items()):
+    for name, acc in sorted(summary.get("heldout_accuracy", {}).items()):
         print(f"held-out pairwise accuracy {name}: {acc:.3f}")
     s = summary["reward_stats"]
     print(f"reward over {s['responses']} training responses: mean {s['mean']:.3f}, std {s['std']:.3f}")

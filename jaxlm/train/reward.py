@@ -193,7 +193,7 @@ def main(cfg: Config) -> dict:
     loaded = runs.load_run(cfg.train.run_dir)
     evals = list(stage.eval_data.sources[0].docs) if stage.eval_data is not None else []
     if evals:
-        summary["accuracy"] = pairwise_accuracy(evals, score_groups(loaded.cfg, loaded.params, evals,
+        summary["heldout_accuracy"] = pairwise_accuracy(evals, score_groups(loaded.cfg, loaded.params, evals,
                                                                      mesh=loaded.mesh))
     train = list(stage.train_data.sources[0].docs)
     picked = np.random.default_rng(0).permutation(len(train))[:cfg.reward.stats_groups]
