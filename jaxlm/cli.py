@@ -15,6 +15,7 @@ COMMANDS = {
     "sft": "supervised fine-tuning on instruction / chat JSONL and built-in tasks (loss on responses)",
     "reward": "train a reward model (value head on an LM backbone) on preference pairs and rankings",
     "score": "the reward of every response of a JSONL file under a reward-model run",
+    "dpo": "direct preference optimisation (DPO, IPO, cDPO, robust, SimPO) against a frozen reference",
     "bench": "time the train step of a config; optionally side by side with reference steps",
     "plan": "bytes per device, compute and training time of a config on N devices, before running it",
     "generate": "sample text from a run's checkpoint: one prompt streamed, or a JSONL of prompts",
@@ -45,6 +46,10 @@ def parser() -> argparse.ArgumentParser:
                         ". Starts the backbone from train.init_from (an SFT run), the value head fresh; reports "
                         "held-out pairwise accuracy per task and writes RUN_DIR/reward_stats.json.")
     _common(rw)
+    dp = sub.add_parser("dpo", help=COMMANDS["dpo"], description=COMMANDS["dpo"] +
+                        ". The policy from train.init_from, the reference from dpo.reference_from (default: the "
+                        "same run); with dpo.tasks, reports exact-match accuracy per task before and after.")
+    _common(dp)
     data = sub.add_parser("data", help=COMMANDS["data"], description="Data preparation commands.")
     data_sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
     prep = data_sub.add_parser("prepare", help="filter, scrub and deduplicate raw documents per source",
@@ -203,6 +208,20 @@ def _reward(cfg, args) -> int:
     return 0
 
 
+def _dpo(cfg, args) -> int:
+    from jaxlm.train import dpo
+
+    summary = dpo.main(cfg)
+    if _process_index() != 0:
+        return 0
+    print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (list, dict))}))
+    after, before = summary.get("task_accuracy", {}), summary.get("task_accuracy_before", {})
+    for name, acc in after.items():
+        start = f"{before[name]:.3f} -> " if name in before else ""
+        print(f"task {name}: exact match {start}{acc:.3f}")
+    return 0
+
+
 def _score(cfg, args) -> int:
     from jaxlm.train import reward
 
@@ -326,7 +345,7 @@ def main(argv=None) -> int:
             from jaxlm import distributed
 
             joined = distributed.initialize(cfg.distributed) is not None
-        return {"pretrain": _pretrain, "sft": _sft, "reward": _reward, "score": _score, "bench": _bench,
+        return {"pretrain": _pretrain, "sft": _sft, "reward": _reward, "score": _score, "dpo": _dpo, "bench": _bench,
                 "data": _data, "generate": _generate, "eval": _eval, "plan": _plan}[args.command](cfg, args)
     except (ConfigError, FileNotFoundError) as e:
         name = args.command if args.command != "data" else f"data {args.data_command}"

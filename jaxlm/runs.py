@@ -30,7 +30,9 @@ from jaxlm.data.tokenizers import file_sha256
 IDENTITY = ("model", "data", "train.seq_len", "sft.train_files", "sft.eval_files", "sft.tasks",
             "sft.task_examples", "sft.template", "sft.truncation", "sft.packing", "reward.train_files",
             "reward.eval_files", "reward.tasks", "reward.task_pairs", "reward.margins", "reward.max_responses",
-            "reward.groups_per_row", "reward.truncation")
+            "reward.groups_per_row", "reward.truncation", "dpo.train_files", "dpo.eval_files", "dpo.tasks",
+            "dpo.task_pairs", "dpo.truncation", "dpo.groups_per_row", "dpo.reference_from",
+            "dpo.precompute_reference")
 # How the same model computes, free to change between a run's sessions (and from an init_from run).
 RUNTIME_MODEL_KEYS = ("dtype", "remat", "scan_layers", "scan_unroll", "attention")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
@@ -131,7 +133,10 @@ def resolve_paths(cfg: Config) -> Config:
         sft=dataclasses.replace(s, train_files=tuple(map(_absolute, s.train_files)),
                                 eval_files=tuple(map(_absolute, s.eval_files))),
         reward=dataclasses.replace(r, train_files=tuple(map(_absolute, r.train_files)),
-                                   eval_files=tuple(map(_absolute, r.eval_files))))
+                                   eval_files=tuple(map(_absolute, r.eval_files))),
+        dpo=dataclasses.replace(cfg.dpo, train_files=tuple(map(_absolute, cfg.dpo.train_files)),
+                                eval_files=tuple(map(_absolute, cfg.dpo.eval_files)),
+                                reference_from=_absolute(cfg.dpo.reference_from)))
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

@@ -11,7 +11,7 @@ from jaxlm.config import data, model, stages, train
 from jaxlm.config.data import DataConfig, PrepareConfig, TokenizeConfig, TokenizerConfig
 from jaxlm.config.model import ModelConfig, model_preset
 from jaxlm.config.schema import ConfigError, build, check
-from jaxlm.config.stages import RewardConfig, SFTConfig
+from jaxlm.config.stages import DPOConfig, RewardConfig, SFTConfig
 from jaxlm.config.train import DistributedConfig, MeshConfig, OptimConfig, TrainConfig
 
 
@@ -27,6 +27,7 @@ class Config:
     tokenize: TokenizeConfig = TokenizeConfig()
     sft: SFTConfig = SFTConfig()
     reward: RewardConfig = RewardConfig()
+    dpo: DPOConfig = DPOConfig()
     distributed: DistributedConfig = DistributedConfig()
 
 
@@ -133,3 +134,4 @@ def validate(cfg: Config) -> None:
     data.validate_data(cfg.data)
     stages.validate_sft(cfg.sft)
     stages.validate_reward(cfg.reward)
+    stages.validate_dpo(cfg.dpo)

@@ -1,4 +1,4 @@
-"""The post-training stages' sections: `sft.*`, `reward.*`."""
+"""The post-training stages' sections: `sft.*`, `reward.*`, `dpo.*`."""
 from __future__ import annotations
 
 import dataclasses
@@ -21,6 +21,10 @@ class SFTConfig:
     max_new_tokens: int = 16  # generation budget of the accuracy eval
 
 
+# Llama 2's "margin small" for its four preference grades
+LLAMA2_MARGINS = {"significantly_better": 1.0, "better": 2 / 3, "slightly_better": 1 / 3, "negligibly_better": 0.0}
+
+
 @dataclasses.dataclass(frozen=True)
 class RewardConfig:
     """`jaxlm reward`: preference JSONL and built-in task preferences; the backbone from train.init_from.
@@ -35,9 +39,8 @@ class RewardConfig:
     tasks: tuple[str, ...] = ()  # built-in tasks whose near misses make preference pairs (jaxlm.data.tasks)
     task_pairs: int = 5000  # training groups per built-in task
     task_eval_pairs: int = 200  # held-out groups per task (distinct test problems): accuracy per task
-    # Llama 2's "margin small" for its four grades; a record's numeric "margin" is used as it is
-    margins: dict = dataclasses.field(default_factory=lambda: {
-        "significantly_better": 1.0, "better": 2 / 3, "slightly_better": 1 / 3, "negligibly_better": 0.0})
+    # a grade's margin (Llama 2's "margin small"); a record's numeric "margin" is used as it is
+    margins: dict = dataclasses.field(default_factory=lambda: dict(LLAMA2_MARGINS))
     center_coef: float = 0.0  # + center_coef * mean((r_c + r_r)^2): keeps rewards near 0
     max_responses: int = 4  # K: responses of a ranking scored together (longer rankings: counted, skipped)
     groups_per_row: int = 8
@@ -45,9 +48,36 @@ class RewardConfig:
     stats_groups: int = 1000  # training groups scored after training for the reward's mean and std
 
 
+@dataclasses.dataclass(frozen=True)
+class DPOConfig:
+    """`jaxlm dpo`: the policy from train.init_from against a frozen reference on preference pairs.
+
+    Data as `reward.*` reads it (pairs; a ranking becomes best-against-each pairs), rendered with
+    `sft.template`; a pair is packed into one row. Losses: `jaxlm.objectives.dpo`.
+    """
+
+    train_files: tuple[str, ...] = ()
+    eval_files: tuple[str, ...] = ()
+    tasks: tuple[str, ...] = ()  # built-in tasks: the right answer against near misses
+    task_pairs: int = 5000
+    task_eval_pairs: int = 200
+    truncation: str = "trim_context"
+    groups_per_row: int = 8
+    beta: float = 0.1
+    loss_type: str = "sigmoid"  # sigmoid (DPO; cDPO with label_smoothing) | ipo | hinge | robust | simpo
+    label_smoothing: float = 0.0  # eps of conservative DPO and robust DPO, in [0, 0.5)
+    gamma: float = 0.0  # simpo's target margin
+    average_log_prob: bool = False  # length-normalise the log-probs (TRL's IPO); simpo always does
+    precompute_reference: bool = False  # one pass before training: no reference model in memory after
+    reference_from: str = ""  # the reference's run; "": train.init_from
+    sft_coef: float = 0.0  # + sft_coef x the chosen responses' NLL per token (Llama 3)
+
+
 CHOICES = {
     "sft.truncation": ("trim_context", "drop"),
     "reward.truncation": ("trim_context", "drop"),
+    "dpo.truncation": ("trim_context", "drop"),
+    "dpo.loss_type": ("sigmoid", "ipo", "hinge", "robust", "simpo"),
 }
 
 
@@ -60,6 +90,18 @@ def validate_sft(s: SFTConfig) -> None:
         check(getattr(s, key) > 0, f"sft.{key}={getattr(s, key)} must be positive")
     check(s.template.count("{prompt}") == 1,
           f"sft.template={s.template!r} must hold {{prompt}} exactly once")
+
+
+def validate_dpo(d: DPOConfig) -> None:
+    from jaxlm.data.tasks import TASK_NAMES
+
+    for name in d.tasks:
+        check(name in TASK_NAMES, f"dpo.tasks has {name!r}, not a built-in task; allowed: {', '.join(TASK_NAMES)}")
+    for key in ("task_pairs", "task_eval_pairs", "groups_per_row"):
+        check(getattr(d, key) > 0, f"dpo.{key}={getattr(d, key)} must be positive")
+    check(d.beta > 0, f"dpo.beta={d.beta} must be positive")
+    check(0 <= d.label_smoothing < 0.5, f"dpo.label_smoothing={d.label_smoothing} must be in [0, 0.5)")
+    check(d.sft_coef >= 0, f"dpo.sft_coef={d.sft_coef} must be >= 0")
 
 
 def validate_reward(r: RewardConfig) -> None:

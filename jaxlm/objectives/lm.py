@@ -12,6 +12,19 @@ def token_log_probs(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
     return _log_probs_and_hits(logits_BTV, targets_BT)[0]
 
 
+def sequence_log_probs(logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array, segment_ids_BT=None,
+                       n_segments: int = 1):
+    """(sums [B, S], counts [B, S]): the log-probs of the masked targets of each segment, and how many
+    there are (S = n_segments; segment s holds the positions with segment id s + 1, or the whole row
+    when segment_ids is None). The one sequence log-prob of every sequence-level loss (DPO, PPO)."""
+    logp_BT = token_log_probs(logits_BTV, targets_BT) * mask_BT
+    if segment_ids_BT is None:
+        return jnp.sum(logp_BT, axis=1, keepdims=True), jnp.sum(mask_BT, axis=1, keepdims=True).astype(jnp.float32)
+    onehot_BTS = (segment_ids_BT[..., None] == jnp.arange(1, n_segments + 1)).astype(jnp.float32)
+    return (jnp.einsum("BT,BTS->BS", logp_BT, onehot_BTS),
+            jnp.einsum("BT,BTS->BS", mask_BT.astype(jnp.float32), onehot_BTS))
+
+
 def _log_probs_and_hits(logits_BTV, targets_BT):
     """log p(target) [B, T] float32, and whether the target's logit is the largest [B, T].
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from jaxlm import model, runs, sharding
 from jaxlm.config import Config, ConfigError
-from jaxlm.data import readers, tasks
+from jaxlm.data import preferences
 from jaxlm.data.examples import chat, preference
 from jaxlm.objectives.reward import ranking_loss
 from jaxlm.train.loop import Stage, run
@@ -70,57 +70,18 @@ def reward_objective(model_cfg, center_coef: float = 0.0) -> Objective:
     return Objective(loss, lambda batch: jnp.sum(batch["ends"][..., 1] >= 0))
 
 
-def _file_records(paths):
-    try:
-        return list(readers.read_records(paths))
-    except FileNotFoundError as e:
-        raise ConfigError(f"reward: {e}") from None
-
-
-def _counts_line(counts) -> str:
-    bad = {k: v for k, v in counts.items() if k not in ("records", "used")}
-    return f"{counts['used']} of {counts['records']} records used; unusable: {dict(sorted(bad.items())) or 'none'}"
-
-
 def load_groups(cfg: Config, tok):
-    """(train groups, eval groups, info) for `cfg.reward`; no usable data is a ConfigError."""
-    from jaxlm.data.pipeline import heldout_indices
-
-    rc, T = cfg.reward, cfg.train.seq_len
-    if not rc.train_files and not rc.tasks:
-        raise ConfigError("reward needs data: set reward.train_files (preference JSONL) and/or reward.tasks "
-                          f"(built-in: {', '.join(tasks.TASK_NAMES)})")
-    r = chat.Renderer.from_tokenizer(tok, cfg.sft.template)
-    grouped = functools.partial(preference.to_groups, r, T=T, truncation=rc.truncation, margins=rc.margins,
-                                max_responses=rc.max_responses)
-    try:
-        train, train_counts = grouped(_file_records(rc.train_files) if rc.train_files else [])
-        evals, eval_counts = grouped(_file_records(rc.eval_files) if rc.eval_files else [])
-    except ValueError as e:  # chat prompts and a tokenizer without role markers
-        raise ConfigError(f"reward: {e}") from None
-    for key, found, counts in (("train_files", train, train_counts), ("eval_files", evals, eval_counts)):
-        if getattr(rc, key) and not found:
-            raise ConfigError(f"reward.{key}={list(getattr(rc, key))} hold no usable record: " + _counts_line(counts))
-    if not rc.eval_files and len(train) >= 2:
-        held = heldout_indices("reward", len(train), cfg.data.heldout_fraction)
-        train, evals = [g for g, h in zip(train, held) if not h], [g for g, h in zip(train, held) if h]
-    task_train, task_counts = grouped(tasks.preference_records(rc.tasks, "train", rc.task_pairs, cfg.data.seed))
-    task_eval, _ = grouped(tasks.preference_records(rc.tasks, "test", rc.task_eval_pairs, 0, distinct=True))
-    if rc.tasks and not task_train:
-        raise ConfigError(f"reward.tasks: no group fits train.seq_len={T}: " + _counts_line(task_counts))
-    info = {"records_train": _counts_line(train_counts), "records_eval": _counts_line(eval_counts),
-            "counts_train": dict(train_counts), "counts_eval": dict(eval_counts),
-            "task_groups": _counts_line(task_counts)}
-    return train + task_train, evals + task_eval, info
+    """(train groups, eval groups, info) for `cfg.reward` (`jaxlm.data.preferences.load_groups`)."""
+    rc = cfg.reward
+    return preferences.load_groups(rc, "reward", tok, template=cfg.sft.template, T=cfg.train.seq_len,
+                                   heldout_fraction=cfg.data.heldout_fraction, seed=cfg.data.seed,
+                                   margins=rc.margins, max_responses=rc.max_responses)
 
 
 def _loader(cfg: Config, groups, pad: int):
-    from jaxlm.data.loader import Loader, Source
-
-    packer = functools.partial(preference.pack_groups, groups_per_row=cfg.reward.groups_per_row,
-                               max_responses=cfg.reward.max_responses)
-    return Loader([Source("reward", groups)], cfg.train.seq_len, eos_id=pad, seed=cfg.data.seed,
-                  packing="first_fit", lookahead=cfg.data.lookahead, packer=packer)
+    return preferences.loader("reward", groups, cfg.train.seq_len, pad, seed=cfg.data.seed,
+                              lookahead=cfg.data.lookahead, groups_per_row=cfg.reward.groups_per_row,
+                              max_responses=cfg.reward.max_responses)
 
 
 def build(cfg: Config) -> Stage:
@@ -142,27 +103,11 @@ def _rewards(model_cfg, params, batch, *, mesh=None, rules="fsdp"):
         return group_rewards(model_cfg, params, batch)[0]
 
 
-def score_groups(cfg: Config, params, groups, *, mesh, batch_rows: int = 8) -> list[np.ndarray]:
-    """The rewards of every group's responses (a list of [K_i] arrays, in the order of `groups`):
-    packed rows in fixed batches of `batch_rows` (one compile), sharded on `mesh`."""
+def score_groups(cfg: Config, params, groups, *, mesh) -> list[np.ndarray]:
+    """The rewards of every group's responses (a list of [K_i] arrays, in the order of `groups`)."""
     model_cfg = dataclasses.replace(cfg.model, value_head=True)
-    rows, _ = preference.pack_groups(groups, cfg.train.seq_len, 0, groups_per_row=cfg.reward.groups_per_row,
-                                     max_responses=max([len(g["sequences"]) for g in groups] + [2]))
-    shards = sharding.batch_shards(mesh)
-    batch_rows = -(-batch_rows // shards) * shards
-    out: list = [None] * len(groups)
-    for start in range(0, len(rows["tokens"]), batch_rows):
-        batch = {k: rows[k][start:start + batch_rows] for k in ("tokens", "segment_ids", "positions", "ends")}
-        short = batch_rows - len(batch["tokens"])
-        batch = {k: np.concatenate([v, np.full((short, *v.shape[1:]), -1 if k == "ends" else 0, v.dtype)])
-                 for k, v in batch.items()}
-        r_BGK = np.asarray(jax.device_get(_rewards(model_cfg, params, sharding.put_batch(mesh, batch), mesh=mesh,
-                                                   rules=cfg.mesh.rules)))
-        for b in range(len(batch["tokens"]) - short):
-            for g, i in enumerate(rows["index"][start + b]):
-                if i >= 0:
-                    out[i] = r_BGK[b, g, :len(groups[i]["sequences"])]
-    return out
+    fn = lambda batch: _rewards(model_cfg, params, batch, mesh=mesh, rules=cfg.mesh.rules)
+    return preferences.map_groups(fn, groups, cfg.train.seq_len, mesh, groups_per_row=cfg.reward.groups_per_row)
 
 
 def pairwise_accuracy(groups, rewards) -> dict:
@@ -234,7 +179,7 @@ def score_file(run_dir, path, *, out_path=None, normalize: bool = False, overrid
         stats = json.loads(stats_path.read_text())
     r = chat.Renderer.from_tokenizer(loaded.tokenizer, cfg.sft.template)
     records, groups, counts = [], [], collections.Counter()
-    for record in _file_records([path]):
+    for record in preferences.file_records("score", [path]):
         counts["records"] += 1
         group = record if isinstance(record, str) else preference.to_group(
             r, record, cfg.train.seq_len, cfg.reward.truncation, cfg.reward.margins, max_responses=64,

@@ -12,11 +12,13 @@ The prompt is text, rendered with the instruction template, or chat messages end
 non-assistant turn, rendered as a conversation; each response is rendered after it exactly as
 `jaxlm sft` renders a response, closing eos or <|end_turn|> included (`chat`). A group is
 
-    {"sequences": [ids of prompt + response + closing token, best first], "margin": float}
+    {"sequences": [ids of prompt + response + closing token, best first], "margin": float,
+     "masks": [bool per id: a response token (trained by SFT, closing token included)]}
 
-and the reward of a response is the value head's output at the last token of its sequence, the
-closing token: never at padding. `pack_groups` puts each group's sequences in one row, as
-segments, so the responses of a prompt meet in one step.
+The reward of a response is the value head's output at the last token of its sequence, the
+closing token: never at padding; its log-prob (DPO) is the sum over its masked tokens.
+`pack_groups` puts each group's sequences in one row, as segments, so the responses of a prompt
+meet in one step.
 
 Bad records are not errors: `to_group` returns a reason and the caller counts it (missing or
 non-string fields, fewer than two responses, identical responses, more than `max_responses`,
@@ -103,8 +105,12 @@ def check_preference(record, margins: dict, max_responses: int, min_responses: i
 
 
 def _sequence(r: chat.Renderer, prompt, response: str, max_ids: int, truncation: str):
+    """(ids, response mask) of one rendered response, or None if it does not fit."""
     pieces, _ = chat.fit(chat.pieces_of(r, _sft_record(prompt, response)), max_ids, truncation)
-    return None if pieces is None else np.concatenate([p.ids for p in pieces]).astype(np.int32)
+    if pieces is None:
+        return None
+    ids = np.concatenate([p.ids for p in pieces]).astype(np.int32)
+    return ids, np.repeat(np.array([p.trained for p in pieces], bool), [len(p.ids) for p in pieces])
 
 
 def to_group(r: chat.Renderer, record, T: int, truncation: str, margins: dict, max_responses: int,
@@ -119,9 +125,9 @@ def to_group(r: chat.Renderer, record, T: int, truncation: str, margins: dict, m
     responses = responses_of(record)
     for budget in (T, T // len(responses)):
         seqs = [_sequence(r, record["prompt"], x, budget, truncation) for x in responses]
-        if all(s is not None for s in seqs) and sum(map(len, seqs)) <= T:
+        if all(s is not None for s in seqs) and sum(len(ids) for ids, _ in seqs) <= T:
             margin = _margin(record, margins) if kind_of(record) == "pair" else 0.0
-            group = {"sequences": seqs, "margin": margin}
+            group = {"sequences": [ids for ids, _ in seqs], "masks": [m for _, m in seqs], "margin": margin}
             if "task" in record:
                 group["task"] = record["task"]
             return group
@@ -150,9 +156,11 @@ def to_groups(r: chat.Renderer, records, T: int, truncation: str, margins: dict,
 def pack_groups(groups: Sequence[dict], T: int, pad_id: int, *, groups_per_row: int, max_responses: int):
     """First-fit decreasing packing of groups, each whole in one row, at most `groups_per_row` a row:
     (rows, 0). Rows [R, T]: tokens, segment_ids (1, 2, ... per sequence, 0: padding), positions
-    (restarting per sequence); and per group slot [R, G, K]: `ends`, the index in the row of each
-    response's last token (-1: none), `margin` (of the group, on every response); `index` [R, G]:
-    the group's position in `groups` (-1: an empty slot)."""
+    (restarting per sequence), targets (the next token of the same sequence) and loss_mask (1 where
+    that target is a response token); per group slot [R, G, K]: `ends`, the index in the row of each
+    response's last token (-1: none), `segment` (its segment id, 0: none), `margin` (of the group, on
+    every response) and, where the groups carry them, `ref_logp` (precomputed reference log-probs);
+    `index` [R, G]: the group's position in `groups` (-1: an empty slot)."""
     G, K = groups_per_row, max_responses
     lens = np.array([sum(len(s) for s in g["sequences"]) for g in groups], np.int64)
     if len(lens) and lens.max() > T:
@@ -169,18 +177,30 @@ def pack_groups(groups: Sequence[dict], T: int, pad_id: int, *, groups_per_row: 
         slots[row] += 1
     R = len(free)
     rows = {"tokens": np.full((R, T), pad_id, np.int32), "segment_ids": np.zeros((R, T), np.int32),
-            "positions": np.zeros((R, T), np.int32), "ends": np.full((R, G, K), -1, np.int32),
-            "margin": np.zeros((R, G, K), np.float32), "index": np.full((R, G), -1, np.int32)}
+            "positions": np.zeros((R, T), np.int32), "targets": np.full((R, T), pad_id, np.int32),
+            "loss_mask": np.zeros((R, T), np.float32), "ends": np.full((R, G, K), -1, np.int32),
+            "segment": np.zeros((R, G, K), np.int32), "margin": np.zeros((R, G, K), np.float32),
+            "index": np.full((R, G), -1, np.int32)}
+    with_ref = bool(groups) and all("ref_logp" in g for g in groups)
+    if with_ref:
+        rows["ref_logp"] = np.zeros((R, G, K), np.float32)
     segments = np.zeros(max(R, 1), np.int32)
     for i, row, start, slot in place:
+        group = groups[i]
         rows["index"][row, slot] = i
-        rows["margin"][row, slot, :] = groups[i]["margin"]
-        for k, seq in enumerate(groups[i]["sequences"]):
+        rows["margin"][row, slot, :] = group["margin"]
+        masks = group.get("masks") or [np.ones(len(s), bool) for s in group["sequences"]]
+        for k, (seq, mask) in enumerate(zip(group["sequences"], masks)):
             n = len(seq)
             segments[row] += 1
             rows["tokens"][row, start:start + n] = seq
             rows["segment_ids"][row, start:start + n] = segments[row]
             rows["positions"][row, start:start + n] = np.arange(n)
+            rows["targets"][row, start:start + n - 1] = seq[1:]
+            rows["loss_mask"][row, start:start + n - 1] = mask[1:]
             rows["ends"][row, slot, k] = start + n - 1
+            rows["segment"][row, slot, k] = segments[row]
+            if with_ref:
+                rows["ref_logp"][row, slot, k] = group["ref_logp"][k]
             start += n
     return rows, 0

@@ -1,0 +1,185 @@
+"""DPO and its family: the policy trained on preference pairs against a frozen reference.
+
+Roles: `policy` (trained, from train.init_from) and `reference` (frozen, from `dpo.reference_from`,
+by default the same run). With `dpo.precompute_reference` the reference's log-probs are computed
+in one pass over the data before training and kept with the run (`RUN_DIR/reference_logp.npy`,
+checked against the data on resume), so no reference model is in memory while training; both
+give the same loss. simpo needs no reference at all.
+
+Data: pairs (and rankings as best-against-each pairs) from `dpo.train_files` and the built-in
+tasks (`dpo.tasks`: the right answer against near misses), rendered as `jaxlm sft` renders them,
+chosen and rejected of a pair packed into one row as two segments (`jaxlm.data.preferences`). A
+response's log-prob is the sum over its response tokens (`jaxlm.objectives.lm.sequence_log_probs`,
+closing token included, prompt and padding masked); `dpo.average_log_prob` divides by their count.
+Loss: `jaxlm.objectives.dpo.preference_loss`, averaged over the pairs of the global batch, plus
+`dpo.sft_coef` times the chosen responses' NLL per token.
+
+After training: exact-match accuracy per task before (the init run) and after, as `jaxlm sft`
+reports it; the held-out preference accuracy and margins are the loop's `eval_rewards/*`.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import hashlib
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm import model, runs, sharding
+from jaxlm.checkpoint import steps
+from jaxlm.config import Config, ConfigError
+from jaxlm.config.stages import LLAMA2_MARGINS
+from jaxlm.data import preferences
+from jaxlm.data.tokenizers import load_tokenizer
+from jaxlm.evaluate import task_accuracy
+from jaxlm.objectives.dpo import preference_loss
+from jaxlm.objectives.lm import sequence_log_probs
+from jaxlm.train.loop import Stage, run
+from jaxlm.train.state import Role, role_params
+from jaxlm.train.step import Objective
+
+REFERENCE_FILE = "reference_logp.npy"
+
+
+def dpo_roles(cfg: Config) -> tuple[Role, ...]:
+    """The trained policy and, unless precomputed (or simpo), the frozen reference."""
+    policy = Role("policy", cfg.model, init_from=cfg.train.init_from)
+    return (policy,) if _reference_free(cfg) else (policy, _reference_role(cfg))
+
+
+def _reference_free(cfg: Config) -> bool:
+    return cfg.dpo.precompute_reference or cfg.dpo.loss_type == "simpo"
+
+
+def _reference_role(cfg: Config) -> Role:
+    key = "dpo.reference_from" if cfg.dpo.reference_from else "train.init_from"
+    return Role("reference", cfg.model, trained=False, init_from=cfg.dpo.reference_from or cfg.train.init_from,
+                init_from_key=key)
+
+
+def pair_log_probs(model_cfg, params, batch):
+    """(log-probs [B, G, K], response tokens [B, G, K]) of each response of packed preference rows:
+    sums over its masked targets (0 for an empty slot)."""
+    logits_BTV = model.apply(model_cfg, params, batch["tokens"], batch["segment_ids"], batch["positions"])
+    B, G, K = batch["segment"].shape
+    sums_BS, counts_BS = sequence_log_probs(logits_BTV, batch["targets"], batch["loss_mask"], batch["segment_ids"],
+                                            n_segments=G * K)
+    index = jnp.maximum(batch["segment"] - 1, 0).reshape(B, G * K)
+    valid = (batch["segment"] > 0).astype(jnp.float32)
+    pick = lambda x_BS: jnp.take_along_axis(x_BS, index, axis=1).reshape(B, G, K) * valid
+    return pick(sums_BS), pick(counts_BS)
+
+
+def dpo_objective(model_cfg, d) -> Objective:
+    """The pairs' `preference_loss` summed (the loop divides by the pairs of the global batch), plus
+    sft_coef times the chosen response's NLL per token; metrics from `preference_loss` and `sft_nll`."""
+
+    def loss(params, frozen, batch):
+        pi_sum_BGK, n_BGK = pair_log_probs(model_cfg, params["policy"], batch)
+        if "reference" in frozen:
+            ref_BGK = pair_log_probs(model_cfg, frozen["reference"], batch)[0]
+        else:  # precomputed, or simpo's none
+            ref_BGK = batch.get("ref_logp", jnp.zeros_like(pi_sum_BGK))
+        pi_BGK = pi_sum_BGK
+        if d.average_log_prob and d.loss_type != "simpo":  # simpo averages on its own
+            pi_BGK, ref_BGK = pi_sum_BGK / jnp.maximum(n_BGK, 1), ref_BGK / jnp.maximum(n_BGK, 1)
+        seg = batch["segment"]
+        pair_P = ((seg[..., 0] > 0) & (seg[..., 1] > 0)).reshape(-1)
+        chosen, rejected = (lambda x: x[..., 0].reshape(-1)), (lambda x: x[..., 1].reshape(-1))
+        losses_P, metrics = preference_loss(
+            chosen(pi_BGK), rejected(pi_BGK), chosen(ref_BGK), rejected(ref_BGK), beta=d.beta,
+            loss_type=d.loss_type, label_smoothing=d.label_smoothing, gamma=d.gamma,
+            chosen_tokens=chosen(n_BGK), rejected_tokens=rejected(n_BGK), mask=pair_P)
+        nll_P = jnp.where(pair_P, -chosen(pi_sum_BGK) / jnp.maximum(chosen(n_BGK), 1), 0.0)
+        metrics["sft_nll"] = (jnp.sum(nll_P), metrics["loss"][1])
+        return jnp.sum(losses_P) + d.sft_coef * jnp.sum(nll_P), metrics
+
+    return Objective(loss, lambda batch: jnp.sum((batch["segment"][..., 0] > 0) & (batch["segment"][..., 1] > 0)))
+
+
+def load_groups(cfg: Config, tok):
+    """(train pairs, eval pairs, info) for `cfg.dpo`: groups of two, chosen first."""
+    return preferences.load_groups(cfg.dpo, "dpo", tok, template=cfg.sft.template, T=cfg.train.seq_len,
+                                   heldout_fraction=cfg.data.heldout_fraction, seed=cfg.data.seed,
+                                   margins=LLAMA2_MARGINS, max_responses=2, pairs_only=True)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("mesh", "rules"))
+def _log_probs(model_cfg, params, batch, *, mesh=None, rules="fsdp"):
+    with sharding.activate(mesh, rules) if mesh is not None else contextlib.nullcontext():
+        return pair_log_probs(model_cfg, params, batch)[0]
+
+
+def _groups_digest(groups) -> str:
+    h = hashlib.sha256()
+    for g in groups:
+        for seq in g["sequences"]:
+            h.update(np.asarray(seq, np.int32).tobytes())
+            h.update(b"|")
+    return h.hexdigest()
+
+
+def precompute_reference(cfg: Config, groups) -> None:
+    """Each group's reference log-probs ("ref_logp", summed), in one pass, kept with the run: a
+    resumed run reads them back (recomputed if the data differ)."""
+    # the run directory is checked (another run's is refused) before anything is written into it
+    run_dir = Path(runs.start(cfg, jax.process_index() == 0).train.run_dir)
+    path, digest_path = run_dir / REFERENCE_FILE, run_dir / (REFERENCE_FILE + ".sha256")
+    digest = _groups_digest(groups)
+    if path.is_file() and digest_path.is_file() and digest_path.read_text().strip() == digest:
+        values = np.load(path)
+    else:
+        mesh = sharding.make_mesh(cfg.mesh)
+        params, _ = role_params(_reference_role(cfg), jax.random.key(cfg.train.seed), mesh, cfg.mesh.rules)
+        fn = lambda batch: _log_probs(cfg.model, params, batch, mesh=mesh, rules=cfg.mesh.rules)
+        values = np.stack(preferences.map_groups(fn, groups, cfg.train.seq_len, mesh,
+                                                 groups_per_row=cfg.dpo.groups_per_row)) if groups else np.zeros((0, 2))
+        del params
+        if jax.process_index() == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            np.save(path, values)
+            digest_path.write_text(digest + "\n")
+    for g, v in zip(groups, values):
+        g["ref_logp"] = [float(x) for x in v]
+
+
+def build(cfg: Config) -> Stage:
+    tok = load_tokenizer(cfg.data.tokenizer)
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                          f"vocabulary ({tok.vocab_size})")
+    train, evals, info = load_groups(cfg, tok)
+    if cfg.dpo.precompute_reference and cfg.dpo.loss_type != "simpo":
+        precompute_reference(cfg, train + evals)
+    info.update(pairs_train=len(train), pairs_eval=len(evals), tasks=list(cfg.dpo.tasks))
+    loader = functools.partial(preferences.loader, "dpo", T=cfg.train.seq_len, pad=tok.pad_id, seed=cfg.data.seed,
+                               lookahead=cfg.data.lookahead, groups_per_row=cfg.dpo.groups_per_row, max_responses=2)
+    return Stage("dpo", dpo_roles(cfg), dpo_objective(cfg.model, cfg.dpo), loader(groups=train),
+                 loader(groups=evals) if evals else None, info)
+
+
+def _task_accuracy(cfg: Config, run_dir: str) -> dict:
+    loaded = runs.load_run(run_dir)
+    sft_cfg = dataclasses.replace(cfg, sft=dataclasses.replace(cfg.sft, tasks=cfg.dpo.tasks))
+    return {name: res["exact_match"] for name, res in task_accuracy(sft_cfg, loaded.params, loaded.tokenizer,
+                                                                     mesh=loaded.mesh).items()}
+
+
+def main(cfg: Config) -> dict:
+    """Run DPO; with built-in tasks, the summary adds exact match per task before (the init run, on
+    a fresh start) and after, prompted as `jaxlm sft` renders them."""
+    stage = build(cfg)
+    before = {}
+    if cfg.dpo.tasks and cfg.train.init_from and not steps(cfg.train.run_dir):
+        runs.check_init_from(cfg.model, cfg.data.tokenizer, cfg.train.init_from)
+        before = _task_accuracy(cfg, cfg.train.init_from)
+    summary = run(cfg, stage)
+    if cfg.dpo.tasks:
+        summary["task_accuracy"] = _task_accuracy(cfg, cfg.train.run_dir)
+        if before:
+            summary["task_accuracy_before"] = before
+    return summary
