@@ -140,8 +140,7 @@ def sampler_report(cfg: Config, rounds: int = 1, prompt_len: int = 0, new_tokens
     P = prompt_len or max(cfg.train.seq_len // 2, 1)
     N = new_tokens or max(min(cfg.train.seq_len, m.max_seq_len) - P, 2)
     mesh = sharding.make_mesh(cfg.mesh)
-    params = jax.jit(model.init, static_argnums=0, out_shardings=model.shardings(m, mesh, cfg.mesh.rules))(
-        m, jax.random.key(0))
+    params = model.init_sharded(m, jax.random.key(0), mesh, cfg.mesh.rules)
     prompts = np.random.default_rng(0).integers(0, m.vocab_size, (B, P), dtype=np.int32)
 
     def run(n: int) -> float:

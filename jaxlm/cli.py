@@ -295,6 +295,7 @@ def _data(cfg, args) -> int:
 
 # Commands that use JAX devices join the other processes of a multi-process run first,
 # before any device use (jaxlm/distributed.py; the environment says whether there are any).
+TRAINING_COMMANDS = ("pretrain", "sft", "reward", "dpo")
 DISTRIBUTED_COMMANDS = ("pretrain", "sft", "reward", "rejection-sample", "dpo", "ppo", "eval", "score", "bench")
 
 
@@ -341,6 +342,10 @@ def main(argv=None) -> int:
             cfg = run_config(args.run_dir, args.overrides)
         else:
             cfg = load_config(args.config, args.overrides)
+            if args.command in TRAINING_COMMANDS:
+                from jaxlm.runs import check_not_moved
+
+                check_not_moved(args.config, cfg)
         if args.command in DISTRIBUTED_COMMANDS:
             from jaxlm import distributed
 

@@ -16,12 +16,20 @@ import collections
 import contextlib
 import functools
 import math
+from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence, Union
 
 import jax
 import numpy as np
 
+from jaxlm import generate as gen
 from jaxlm import model, sharding
+from jaxlm.config import ConfigError
+from jaxlm.data import readers, tasks
+from jaxlm.data.examples import chat
+from jaxlm.data.pipeline import build_lm_data
+from jaxlm.data.tokenizers import load_tokenizer
+from jaxlm.runs import MetricsWriter
 from jaxlm.objectives.lm import lm_loss
 
 Checker = Union[str, Callable[[str], bool]]
@@ -106,10 +114,9 @@ def exact_match(cfg, params, tokenizer, pairs: Sequence[tuple], *, max_new_token
     stripping surrounding whitespace. The completion is the decoded new tokens up to, not
     including, the stop token; stop_tokens default to eos and <|end_turn|> (if the tokenizer
     has it). Greedy unless `temperature` > 0; pair i draws with fold_in(key, i).
-    Returns {"exact_match": accuracy, "correct", "total", "completions": [text per pair]}.
+    Returns {"exact_match": accuracy, "correct", "total", "completions": [text per pair],
+    "hits": [whether each pair's completion passed]}.
     """
-    from jaxlm import generate as gen
-
     model_cfg = getattr(cfg, "model", cfg)
     prompts = [tokenizer.encode(p) if isinstance(p, str) else np.asarray(p, np.int32) for p, _ in pairs]
     for i, p in enumerate(prompts):
@@ -121,10 +128,10 @@ def exact_match(cfg, params, tokenizer, pairs: Sequence[tuple], *, max_new_token
                                  max_new_tokens=max_new_tokens, stops=stops, key=key, mesh=mesh, rules=rules,
                                  temperature=temperature, top_k=top_k, top_p=top_p, prefix_lm=prefix_lm)
     completions = [r["completion"] for r in results]
-    correct = sum(_check(checker, c) for (_, checker), c in zip(pairs, completions))
-    total = len(pairs)
+    hits = [bool(_check(checker, c)) for (_, checker), c in zip(pairs, completions)]
+    correct, total = sum(hits), len(pairs)
     return {"exact_match": correct / max(total, 1), "correct": correct, "total": total,
-            "completions": completions}
+            "completions": completions, "hits": hits}
 
 
 def task_accuracy(cfg, params, tokenizer=None, names=None, n: int = 0, *, batch_size: int = 64,
@@ -132,13 +139,7 @@ def task_accuracy(cfg, params, tokenizer=None, names=None, n: int = 0, *, batch_
     """{task: {"exact_match", "correct", "total"}}: greedy completions of each task's test problems
     (`n` distinct ones, default `sft.task_eval_examples`; `jaxlm.data.tasks.test_records`),
     prompted as SFT renders them (`sft.template`), checked by `jaxlm.data.tasks.check`."""
-    from jaxlm.config import ConfigError
-    from jaxlm.data import tasks
-    from jaxlm.data.examples import chat
-
     if tokenizer is None:
-        from jaxlm.data.tokenizers import load_tokenizer
-
         tokenizer = load_tokenizer(cfg.data.tokenizer)
     names = list(names or cfg.sft.tasks or tasks.TASK_NAMES)
     unknown = [name for name in names if name not in tasks.TASKS]
@@ -150,12 +151,11 @@ def task_accuracy(cfg, params, tokenizer=None, names=None, n: int = 0, *, batch_
     res = exact_match(cfg.model, params, tokenizer, pairs, max_new_tokens=cfg.sft.max_new_tokens,
                       batch_size=batch_size, stop_tokens=[tokenizer.eos_id], mesh=mesh, rules=cfg.mesh.rules)
     hits, totals = collections.Counter(), collections.Counter()
-    for rec, text in zip(records, res["completions"]):
+    for rec, hit in zip(records, res["hits"]):
         totals[rec["task"]] += 1
-        hits[rec["task"]] += tasks.check(rec, text)
+        hits[rec["task"]] += hit
     return {name: {"exact_match": hits[name] / totals[name], "correct": hits[name], "total": totals[name]}
             for name in names}
-
 
 
 # --- the shell: `jaxlm eval` ------------------------------------------------------------------
@@ -163,9 +163,6 @@ def task_accuracy(cfg, params, tokenizer=None, names=None, n: int = 0, *, batch_
 
 def heldout_documents(cfg, max_documents: int = 0) -> list[np.ndarray]:
     """The run's held-out documents (token arrays), as its data config splits them."""
-    from jaxlm.config import ConfigError
-    from jaxlm.data.pipeline import build_lm_data
-
     _, heldout, _ = build_lm_data(cfg.data, cfg.train.seq_len, batch_size=cfg.train.batch_size)
     if heldout is None:
         raise ConfigError("the run holds out no documents (data.heldout_fraction=0); pass --text FILE")
@@ -175,8 +172,6 @@ def heldout_documents(cfg, max_documents: int = 0) -> list[np.ndarray]:
 
 def text_documents(paths, tokenizer, text_field: str = "text", max_documents: int = 0):
     """(token arrays, UTF-8 bytes) of the usable records of text / JSONL / Parquet files."""
-    from jaxlm.data import readers
-
     docs, n_bytes = [], 0
     for path, fmt in readers.check_inputs(paths):
         for rec in readers.read_documents(path, fmt, text_field):
@@ -191,10 +186,9 @@ def text_documents(paths, tokenizer, text_field: str = "text", max_documents: in
 
 def read_qa(path) -> list[tuple[str, str]]:
     """(prompt, answer) pairs from a JSONL file of {"prompt": ..., "answer": ...} records."""
-    from jaxlm.data.readers import read_valid_records
-
     valid = lambda r: isinstance(r.get("prompt"), str) and isinstance(r.get("answer"), str)
-    return [(r["prompt"], r["answer"]) for r in read_valid_records(path, valid, 'string fields "prompt" and "answer"')]
+    records = readers.read_valid_records(path, valid, 'string fields "prompt" and "answer"')
+    return [(r["prompt"], r["answer"]) for r in records]
 
 
 def format_table(rows: list[dict]) -> str:
@@ -217,11 +211,6 @@ def run_eval(run_dir, cfg, params, step: int, mesh, tokenizer, *, texts=(), text
     question/answer files and built-in tasks (`tasks`: names, or [] for the run's `sft.tasks`;
     exact match per task, prompted as `jaxlm sft` trains: `task_accuracy`);
     append one metrics row at `step` to RUN_DIR/metrics.jsonl; return one result dict per dataset."""
-    from pathlib import Path
-
-    from jaxlm.generate import encode_prompt
-    from jaxlm.runs import MetricsWriter
-
     seq_len = seq_len or cfg.train.seq_len
     common = dict(seq_len=seq_len, eos_id=tokenizer.eos_id, batch_size=batch_size, mesh=mesh,
                   rules=cfg.mesh.rules)
@@ -234,11 +223,11 @@ def run_eval(run_dir, cfg, params, step: int, mesh, tokenizer, *, texts=(), text
         docs, n_bytes = text_documents([path], tokenizer, text_field, max_documents)
         rows.append({"dataset": Path(path).name, **perplexity(cfg.model, params, docs, n_bytes, **common)})
     for path in qa:
-        pairs = [(encode_prompt(tokenizer, p, doc_start), a) for p, a in read_qa(path)]
+        pairs = [(gen.encode_prompt(tokenizer, p, doc_start), a) for p, a in read_qa(path)]
         pairs = pairs[:max_documents] if max_documents else pairs
         res = exact_match(cfg.model, params, tokenizer, pairs, max_new_tokens=max_new_tokens,
                           batch_size=batch_size, mesh=mesh, rules=cfg.mesh.rules)
-        rows.append({"dataset": Path(path).name, **{k: v for k, v in res.items() if k != "completions"}})
+        rows.append({"dataset": Path(path).name, **{k: v for k, v in res.items() if k not in ("completions", "hits")}})
     if tasks is not None:
         accuracy = task_accuracy(cfg, params, tokenizer, tasks, max_documents, batch_size=batch_size, mesh=mesh)
         rows += [{"dataset": f"task:{name}", **res} for name, res in accuracy.items()]

@@ -23,8 +23,11 @@ from typing import Optional, Sequence
 
 import yaml
 
+from jaxlm import model, sharding
+from jaxlm.checkpoint import check_step, param_names, restore_params
 from jaxlm.config import Config, ConfigError, load_config, save_config, to_dict
-from jaxlm.data.tokenizers import file_sha256
+from jaxlm.data.tokenizers import file_sha256, load_tokenizer
+from jaxlm.errors import RunFailed
 
 # What a run trains on and with: a run directory refuses a config that differs in one of these.
 IDENTITY = ("model", "data", "train.seq_len", "sft.train_files", "sft.eval_files", "sft.tasks",
@@ -59,8 +62,6 @@ def tokenizer_copy(run_dir) -> Optional[Path]:
 def load_run_tokenizer(run_dir, cfg: Config):
     """The tokenizer a run was trained with: its own copy, else `data.tokenizer` (byte, or a run
     that keeps none, such as one converted with no tokenizer file)."""
-    from jaxlm.data.tokenizers import load_tokenizer
-
     copy = tokenizer_copy(run_dir)
     return load_tokenizer(str(copy) if copy is not None else cfg.data.tokenizer)
 
@@ -73,8 +74,6 @@ def roles(run_dir, step: int) -> list[str]:
 
 def primary_role(run_dir, step: Optional[int] = None) -> str:
     """The role `load_run` reads by default: the policy, else the run's one role (a reward model)."""
-    from jaxlm.checkpoint import check_step
-
     held = roles(run_dir, check_step(run_dir, step))
     return "policy" if "policy" in held or not held else held[0]
 
@@ -100,9 +99,6 @@ def load_run(run_dir, overrides: Sequence[str] = (), *, step: Optional[int] = No
     """A run's config, one role's params (default: the policy, or the run's one role) at its latest
     checkpoint (or `step`), its tokenizer, and the mesh the params are sharded on (from the run's
     `mesh.*`, with `overrides`, unless given). A `--step` that does not exist lists those that do."""
-    from jaxlm import model, sharding
-    from jaxlm.checkpoint import check_step, param_names, restore_params
-
     cfg = run_config(run_dir, overrides)
     step = check_step(run_dir, step)
     role = role or primary_role(run_dir, step)
@@ -217,6 +213,17 @@ def start(cfg: Config, main: bool = True) -> Config:
     return cfg
 
 
+def check_not_moved(config_path, cfg: Config) -> None:
+    """A run's own config.yaml names its run directory: run from a directory that was moved, it
+    would start over at the old path. ConfigError unless `train.run_dir` (overrides applied) is
+    the directory the file sits in."""
+    here = Path(config_path).parent
+    if (Path(config_path).name == "config.yaml" and (here / "checkpoints").is_dir()
+            and here.resolve() != Path(cfg.train.run_dir).resolve()):
+        raise ConfigError(f"{config_path} is the config of the run in {str(here)!r}, but its train.run_dir is "
+                          f"{cfg.train.run_dir!r} (the run was moved?); add train.run_dir={here} to resume it there")
+
+
 def check_init_from(model_cfg, tokenizer: str, run_dir, what: str = "train.init_from") -> None:
     """A run to start from must have this model (runtime keys and the value head may differ) and
     this tokenizer (by content), else one line naming what differs."""
@@ -282,8 +289,6 @@ class MetricsWriter:
         try:
             self._file.write(json.dumps(obj, allow_nan=False) + "\n")
         except OSError as e:  # a full disk: one line, not a traceback
-            from jaxlm.errors import RunFailed
-
             raise RunFailed(f"cannot write {self._file.name}: {e.strerror}") from None
 
     def scalars(self, row: dict) -> None:

@@ -53,6 +53,7 @@ BAD = {
     "shuffle block": (["data.shuffle_block=0"], ["data.shuffle_block=0", "positive"]),
     "infinite lr": (["optim.lr=.inf"], ["optim.lr=inf", "finite"]),
     "nan spike factor": (["train.spike_factor=.nan"], ["train.spike_factor=nan", "finite"]),
+    "infinite objective weight": (["data.objective={clm: .inf, fim: 1.0}"], ["data.objective.clm=inf", "finite"]),
 }
 
 

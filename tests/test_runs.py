@@ -67,6 +67,15 @@ def test_a_run_directory_accepts_its_own_config_with_other_runtime_settings(tiny
     assert saved.train.steps == 40 and runs.run_config(run_dir).model.remat == "full"
 
 
+def test_a_moved_run_is_not_started_over_at_its_old_path(tiny_run, tmp_path, capsys):
+    moved = _copy(tiny_run, tmp_path)  # its config.yaml still names tiny_run
+    assert cli.main(["pretrain", str(moved / "config.yaml"), "train.steps=21"]) == 2
+    err = capsys.readouterr().err
+    assert "the run was moved" in err and f"train.run_dir={moved}" in err and err.count("\n") == 1, err
+    # with its directory named, it resumes where it is
+    runs.check_not_moved(moved / "config.yaml", runs.run_config(moved, [f"train.run_dir={moved}"]))
+
+
 def test_a_changed_tokenizer_file_is_refused(tmp_path):
     spm = train_sentencepiece(iter(TEXTS), tmp_path / "spm", vocab_size=300, n_sentinels=3, num_threads=1)
     cfg = tiny_config(model=dict(vocab_size=400), data=dict(tokenizer=str(spm)),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
 from jaxlm.config.schema import check
@@ -101,7 +102,6 @@ class TokenizeConfig:
     overwrite: bool = False
 
 
-
 CHOICES = {
     "data.source": ("stdlib", "shards"),
     "data.curriculum_unit": ("tokens", "steps", "examples"),
@@ -123,7 +123,8 @@ def validate_data(d: DataConfig) -> None:
     for name, w in d.objective.items():
         check(name in OBJECTIVES, f"data.objective has {name!r}, not an objective; allowed: "
               f"{', '.join(OBJECTIVES)}")
-        check(isinstance(w, (int, float)) and w > 0, f"data.objective.{name}={w!r} must be a positive weight")
+        check(isinstance(w, (int, float)) and math.isfinite(w) and w > 0,
+              f"data.objective.{name}={w!r} must be a positive, finite weight")
     check(bool(d.objective), f"data.objective is empty; give weights to some of: {', '.join(OBJECTIVES)}")
     check(d.lookahead > 0, f"data.lookahead={d.lookahead} must be positive")
     check(d.shuffle_block > 0, f"data.shuffle_block={d.shuffle_block} must be positive")

@@ -5,9 +5,15 @@ from __future__ import annotations
 
 import functools
 
+import jax
+import numpy as np
+
+from jaxlm import sharding
 from jaxlm.config import ConfigError
 from jaxlm.data import readers, tasks
 from jaxlm.data.examples import chat, preference
+from jaxlm.data.loader import Loader, Source
+from jaxlm.data.pipeline import heldout_indices
 
 
 def pairs_of(records):
@@ -39,8 +45,6 @@ def load_groups(section, name: str, tok, *, template: str, T: int, heldout_fract
     task_pairs, task_eval_pairs and truncation (`name`: the section, for errors). Without eval files
     `heldout_fraction` of the file groups is held out; the tasks' test problems are held out always.
     pairs_only: rankings become pairs (`pairs_of`). No usable data is a ConfigError."""
-    from jaxlm.data.pipeline import heldout_indices
-
     if not section.train_files and not section.tasks:
         raise ConfigError(f"{name} needs data: set {name}.train_files (preference JSONL) and/or {name}.tasks "
                           f"(built-in: {', '.join(tasks.TASK_NAMES)})")
@@ -73,8 +77,6 @@ def load_groups(section, name: str, tok, *, template: str, T: int, heldout_fract
 def loader(name: str, groups, T: int, pad: int, *, seed: int, lookahead: int, groups_per_row: int,
            max_responses: int):
     """A Loader over `groups`, each packed whole into a row (`preference.pack_groups`)."""
-    from jaxlm.data.loader import Loader, Source
-
     packer = functools.partial(preference.pack_groups, groups_per_row=groups_per_row, max_responses=max_responses)
     return Loader([Source(name, groups)], T, eos_id=pad, seed=seed, packing="first_fit", lookahead=lookahead,
                   packer=packer)
@@ -83,11 +85,6 @@ def loader(name: str, groups, T: int, pad: int, *, seed: int, lookahead: int, gr
 def map_groups(fn, groups, T: int, mesh, *, groups_per_row: int, batch_rows: int = 8) -> list:
     """fn(batch) -> [B, G, K] values of packed rows, for every group: a list of [K_i] arrays in the
     order of `groups`. Rows go in fixed batches of `batch_rows` (one compile), sharded on `mesh`."""
-    import jax
-    import numpy as np
-
-    from jaxlm import sharding
-
     K = max([len(g["sequences"]) for g in groups] + [2])
     rows, _ = preference.pack_groups(groups, T, 0, groups_per_row=groups_per_row, max_responses=K)
     shards = sharding.batch_shards(mesh)

@@ -142,12 +142,18 @@ def read_jsonl(path: Path, text_field: str = "text", max_chars: int = 0) -> Iter
             yield _check_text(text, obj, where, max_chars)
 
 
+class Unreadable(str):
+    """A JSONL line that holds no value, as its reason: "malformed_json", "invalid_utf8" or
+    "lone_surrogate" (a str, so a caller counts it under that name; a line holding a JSON string
+    is a record, not one of these)."""
+
+
 def read_records(paths) -> Iterator[Any]:
-    """The records of JSONL files (globs allowed), in order; an unreadable line yields its
-    reason instead ("malformed_json" or "invalid_utf8"). A pattern matching no file raises."""
+    """The values of JSONL files (globs allowed), in order; an unreadable line yields an
+    `Unreadable` (its reason) instead. A pattern matching no file raises."""
     for path in expand(paths):
         for _, obj, error in jsonl_values(path):
-            yield error or obj
+            yield Unreadable(error) if error else obj
 
 
 def read_valid_records(path, valid, expected: str) -> list[dict]:

@@ -22,8 +22,9 @@ import jax
 import yaml
 
 from jaxlm import runs, sharding
-from jaxlm.data.tokenizers import file_sha256
+from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import Config, ConfigError, DataConfig, MeshConfig, TrainConfig, load_config, save_config, validate
+from jaxlm.data.tokenizers import file_sha256, load_tokenizer
 from jaxlm.interop.hf import load_hf, read_config, save_hf
 from jaxlm.interop.hf_config import InteropError, family_of, sliding_window
 
@@ -71,10 +72,9 @@ def import_run(hf_dir: str | Path, run_dir: str | Path, *, param_dtype: str = "f
                  train=dataclasses.replace(TrainConfig(), run_dir=str(run_dir),
                                            seq_len=min(TrainConfig.seq_len, model_cfg.max_seq_len)))
     validate(cfg)
+    cfg = runs.resolve_paths(cfg)
     if tokenizer is not None:
         _check_tokenizer(cfg, notes)
-    from jaxlm.checkpoint import Checkpointer
-
     ckpt = Checkpointer(run_dir / "checkpoints", roles=("policy",), keep=1, async_save=False)
     meta = {"step": 0, "cursor": 0, "converted_from": str(hf_dir.absolute()), "family": family}
     # No optimizer state: a converted run is a starting point (train.init_from), not a run to resume.
@@ -88,8 +88,6 @@ def import_run(hf_dir: str | Path, run_dir: str | Path, *, param_dtype: str = "f
 
 
 def _check_tokenizer(cfg: Config, notes: list[str]) -> None:
-    from jaxlm.data.tokenizers import load_tokenizer
-
     try:
         tok = load_tokenizer(cfg.data.tokenizer)
     except ConfigError as e:  # e.g. `tokenizers` not installed: the run is still usable once it is

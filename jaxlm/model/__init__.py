@@ -17,8 +17,8 @@ from jaxlm.config import ModelConfig
 from jaxlm.model.attention import KVCache
 from jaxlm.model.transformer import Transformer, init_cache
 
-__all__ = ["init", "apply", "logical_axes", "abstract_params", "shardings", "place", "param_count", "KVCache",
-           "init_cache", "prefill", "decode", "layer_params", "compute_params"]
+__all__ = ["init", "apply", "logical_axes", "abstract_params", "shardings", "init_sharded", "place", "param_count",
+           "KVCache", "init_cache", "prefill", "decode", "layer_params", "compute_params"]
 
 
 def init(cfg: ModelConfig, key: jax.Array) -> dict:
@@ -45,6 +45,11 @@ def abstract_params(cfg: ModelConfig, mesh=None, rules: str = "fsdp") -> dict:
 def shardings(cfg: ModelConfig, mesh, rules: str) -> dict:
     """The `NamedSharding` of every parameter on `mesh` under `rules` (same tree as the params)."""
     return sharding.param_shardings(mesh, rules, abstract_params(cfg), logical_axes(cfg))
+
+
+def init_sharded(cfg: ModelConfig, key: jax.Array, mesh, rules: str) -> dict:
+    """Fresh parameters created where they live: each device computes only its own shards."""
+    return jax.jit(init, static_argnums=0, out_shardings=shardings(cfg, mesh, rules))(cfg, key)
 
 
 def place(cfg: ModelConfig, params: dict, mesh, rules: str) -> dict:

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import sys
 from pathlib import Path
 
 import jax
@@ -27,8 +28,9 @@ import numpy as np
 
 from jaxlm import model, runs, sharding
 from jaxlm.config import Config, ConfigError
-from jaxlm.data import preferences
+from jaxlm.data import preferences, readers
 from jaxlm.data.examples import chat, preference
+from jaxlm.data.tokenizers import load_tokenizer
 from jaxlm.objectives.reward import ranking_loss
 from jaxlm.train.loop import Stage, run
 from jaxlm.train.state import Role
@@ -85,8 +87,6 @@ def _loader(cfg: Config, groups, pad: int):
 
 
 def build(cfg: Config) -> Stage:
-    from jaxlm.data.tokenizers import load_tokenizer
-
     tok = load_tokenizer(cfg.data.tokenizer)
     if tok.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
@@ -157,8 +157,6 @@ def _distribution(values: np.ndarray) -> str:
 
 
 def _stderr(line: str) -> None:
-    import sys
-
     print(line, file=sys.stderr)
 
 
@@ -167,8 +165,6 @@ def score_file(run_dir, path, *, out_path=None, normalize: bool = False, overrid
     rankings, or {"prompt", "response"}), rendered as the run was trained; each usable record is
     written back with "rewards" (one per response, in its order) added, to `out_path` or stdout,
     and the distribution is logged (stderr). normalize: (r - mean) / std with the run's training stats."""
-    import sys
-
     loaded = runs.load_run(run_dir, overrides)
     cfg = loaded.cfg
     stats = None
@@ -181,7 +177,7 @@ def score_file(run_dir, path, *, out_path=None, normalize: bool = False, overrid
     records, groups, counts = [], [], collections.Counter()
     for record in preferences.file_records("score", [path]):
         counts["records"] += 1
-        group = record if isinstance(record, str) else preference.to_group(
+        group = record if isinstance(record, readers.Unreadable) else preference.to_group(
             r, record, cfg.train.seq_len, cfg.reward.truncation, cfg.reward.margins, max_responses=64,
             min_responses=1)
         if isinstance(group, str):

@@ -15,12 +15,15 @@ greedy generation on `sft.task_eval_examples` distinct test problems, before (th
 """
 from __future__ import annotations
 
-
-
 from jaxlm import runs
+from jaxlm.checkpoint import steps
 from jaxlm.config import Config, ConfigError
 from jaxlm.data import readers, tasks
 from jaxlm.data.examples import chat
+from jaxlm.data.loader import Loader, Source
+from jaxlm.data.pipeline import heldout_indices
+from jaxlm.data.tokenizers import load_tokenizer
+from jaxlm.evaluate import task_accuracy
 from jaxlm.train.loop import Stage, run
 from jaxlm.train.pretrain import lm_objective, policy_role
 
@@ -34,8 +37,6 @@ def _file_records(paths):
 
 def _split_heldout(examples: list, fraction: float):
     """(train, held out): a fixed hash of each usable example's index picks `fraction` of them."""
-    from jaxlm.data.pipeline import heldout_indices
-
     held = heldout_indices("sft", len(examples), fraction)
     return [x for x, h in zip(examples, held) if not h], [x for x, h in zip(examples, held) if h]
 
@@ -80,9 +81,6 @@ def load_examples(cfg: Config, tok):
 
 
 def build(cfg: Config) -> Stage:
-    from jaxlm.data.loader import Loader, Source
-    from jaxlm.data.tokenizers import load_tokenizer
-
     tok = load_tokenizer(cfg.data.tokenizer)
     if tok.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
@@ -99,8 +97,6 @@ def build(cfg: Config) -> Stage:
 
 
 def _run_accuracy(cfg: Config, run_dir: str) -> dict:
-    from jaxlm.evaluate import task_accuracy
-
     run = runs.load_run(run_dir)
     return {name: res["exact_match"] for name, res in task_accuracy(cfg, run.params, run.tokenizer,
                                                                      mesh=run.mesh).items()}
@@ -109,8 +105,6 @@ def _run_accuracy(cfg: Config, run_dir: str) -> dict:
 def main(cfg: Config) -> dict:
     """Run SFT; with built-in tasks, the summary adds exact-match accuracy per task before
     (the `train.init_from` params, on a fresh start) and after training."""
-    from jaxlm.checkpoint import steps
-
     stage = build(cfg)
     before = {}
     if cfg.sft.tasks and cfg.train.init_from and not steps(cfg.train.run_dir):

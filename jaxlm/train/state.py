@@ -15,7 +15,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import jax
 
-from jaxlm import model, sharding
+from jaxlm import model, runs, sharding
+from jaxlm.checkpoint import restore_params
 from jaxlm.model.transformer import value_head_init
 from jaxlm.config import Config, ConfigError, ModelConfig, OptimConfig
 from jaxlm.optim import make_optimizer
@@ -122,12 +123,8 @@ def role_params(role: Role, seed_key, mesh, rules: str):
     """(params, source step or None): a role's starting params, sharded on `mesh` by `rules`: its
     `init_from` run's params (a value head it lacks freshly initialised), or a fresh init from
     `seed_key`."""
-    from jaxlm import runs
-    from jaxlm.checkpoint import restore_params
-
-    fresh = lambda m: jax.jit(model.init, static_argnums=0, out_shardings=model.shardings(m, mesh, rules))(m, seed_key)
     if not role.init_from:
-        return fresh(role.model), None
+        return model.init_sharded(role.model, seed_key, mesh, rules), None
     source = runs.run_config(role.init_from).model
     source = dataclasses.replace(role.model, value_head=source.value_head)
     what = role.init_from_key

@@ -10,7 +10,7 @@ import pytest
 
 from jaxlm import cli, runs, sharding
 from jaxlm.config import ConfigError
-from jaxlm.data import tasks
+from jaxlm.data import readers, tasks
 from jaxlm.data.examples import chat, preference
 from jaxlm.data.tokenizers import ByteTokenizer
 from jaxlm.testing import random_params, tiny_config
@@ -138,12 +138,13 @@ def test_bad_preference_records_are_counted_and_skipped():
         {"prompt": [{"role": "user", "content": "hi"}], "responses": ["a", "b", "c"]},
         {"prompt": "q", "responses": ["a", "b", "c", "d", "e"]},
         {"text": "not a preference"},
-        "malformed_json",
+        readers.Unreadable("malformed_json"),
+        "malformed_json",  # a line holding a JSON string: a record of unknown format
     ]
     groups, counts = preference.to_groups(R, records, T, "trim_context", MARGINS, 4)
-    assert counts == {"records": 12, "used": 3, "identical_responses": 1, "too_few_responses": 1, "missing_field": 1,
+    assert counts == {"records": 13, "used": 3, "identical_responses": 1, "too_few_responses": 1, "missing_field": 1,
                       "unknown_grade": 1, "bad_margin": 1, "too_long": 1, "too_many_responses": 1,
-                      "unknown_format": 1, "malformed_json": 1}
+                      "unknown_format": 2, "malformed_json": 1}
     assert groups[0]["margin"] == pytest.approx(2 / 3)
     assert sum(len(s) for s in groups[1]["sequences"]) <= T  # cut to fit, both responses whole
     assert TOK.decode(groups[1]["sequences"][0]).endswith("a" * 20)
@@ -159,7 +160,8 @@ def test_near_misses_are_wrong_and_a_worse_miss_is_further(name):
         for miss in (one, two):
             assert miss is None or (miss != ex["answer"] and not tasks.check(ex, miss))
         if name in ("add", "reverse", "sort") and one is not None:
-            a, b = (ex["answer"].split() if name == "sort" else list(ex["answer"])), (one.split() if name == "sort" else list(one))
+            items = str.split if name == "sort" else list
+            a, b = items(ex["answer"]), items(one)
             assert len(a) == len(b) and sum(x != y for x, y in zip(a, b)) <= 2
     records = tasks.preference_records([name], "train", 100, seed=1)
     assert len(records) >= 90 and all(r["task"] == name for r in records)

@@ -202,7 +202,7 @@ def test_task_accuracy_counts_each_task_with_its_checker(monkeypatch, params):
         for rec in records_:
             count[rec["task"]] += 1
             out.append(f" {rec['answer']} " if count[rec["task"]] <= 3 else rec["answer"] + "0")
-        return {"completions": out}
+        return {"completions": out, "hits": [checker(text) for (_, checker), text in zip(pairs, out)]}
 
     records_ = tasks.test_records(["sort", "reverse"], 6)
     monkeypatch.setattr("jaxlm.evaluate.exact_match", fake_exact_match)

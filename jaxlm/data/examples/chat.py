@@ -31,11 +31,14 @@ Bad records are not errors: `render` returns a reason (`BAD_REASONS`) and the ca
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 from typing import Callable, Optional, Union
 
 import numpy as np
+
+from jaxlm.data.readers import Unreadable
 
 DEFAULT_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
 ROLES = ("system", "user", "assistant")
@@ -268,13 +271,11 @@ def render(r: Renderer, record, max_tokens: int, truncation: str = "trim_context
 def render_all(r: Renderer, records, max_tokens: int, truncation: str = "trim_context"):
     """(examples, counts): every usable record rendered; counts has `records`, `used`,
     `truncated` and one key per bad reason met (a record unusable as read, e.g. malformed
-    JSON, arrives as a reason string and is counted as it is)."""
-    import collections
-
+    JSON, arrives as its reason, `readers.Unreadable`, and is counted as it is)."""
     examples, counts = [], collections.Counter()
     for record in records:
         counts["records"] += 1
-        out = record if isinstance(record, str) else render(r, record, max_tokens, truncation)
+        out = record if isinstance(record, Unreadable) else render(r, record, max_tokens, truncation)
         if isinstance(out, str):
             counts[out] += 1
             continue

@@ -27,12 +27,14 @@ left).
 """
 from __future__ import annotations
 
+import collections
 import math
 from typing import Sequence, Union
 
 import numpy as np
 
 from jaxlm.data.examples import chat
+from jaxlm.data.readers import Unreadable
 
 GRADES = ("significantly_better", "better", "slightly_better", "negligibly_better")
 BAD_REASONS = ("unknown_format", "missing_field", "too_few_responses", "identical_responses",
@@ -138,13 +140,11 @@ def to_group(r: chat.Renderer, record, T: int, truncation: str, margins: dict, m
 
 def to_groups(r: chat.Renderer, records, T: int, truncation: str, margins: dict, max_responses: int):
     """(groups, counts): every usable record as a group; counts has `records`, `used` and one key
-    per bad reason met (a record unusable as read arrives as its reason string and is counted)."""
-    import collections
-
+    per bad reason met (a record unusable as read arrives as its reason, `readers.Unreadable`, and is counted)."""
     groups, counts = [], collections.Counter()
     for record in records:
         counts["records"] += 1
-        out = record if isinstance(record, str) else to_group(r, record, T, truncation, margins, max_responses)
+        out = record if isinstance(record, Unreadable) else to_group(r, record, T, truncation, margins, max_responses)
         if isinstance(out, str):
             counts[out] += 1
             continue

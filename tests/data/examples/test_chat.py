@@ -109,15 +109,16 @@ def test_bad_records_are_counted_and_the_rest_used(tmp_path):
              json.dumps({"instruction": "a"}), json.dumps({"instruction": "a", "output": "  "}),
              json.dumps(chat(("user", "hi"), ("robot", "x"))), json.dumps(chat(("assistant", "x"), ("user", "hi"))),
              json.dumps(chat(("user", "hi"), ("assistant", ""), ("user", "again"), ("assistant", "ok"))),
-             json.dumps({"messages": []}), json.dumps(chat(("user", "q"), ("assistant", "r"))), ""]
+             json.dumps({"messages": []}), json.dumps(chat(("user", "q"), ("assistant", "r"))), "",
+             json.dumps("malformed_json"), "7"]  # a JSON string or number is a record of unknown format
     path = tmp_path / "sft.jsonl"
     path.write_bytes("\n".join(lines).encode() + b"\n\xff\xfe\n")
     examples, counts = formats.render_all(R, read_records([path]), 64)
     assert len(examples) == 2 and counts["used"] == 2
     assert {k: v for k, v in counts.items() if k not in ("records", "used", "truncated")} == {
-        "malformed_json": 1, "invalid_utf8": 1, "unknown_format": 2, "missing_field": 2, "empty_response": 2,
+        "malformed_json": 1, "invalid_utf8": 1, "unknown_format": 4, "missing_field": 2, "empty_response": 2,
         "unknown_role": 1, "not_ending_with_assistant": 1}
-    assert counts["records"] == 12
+    assert counts["records"] == 14
 
 
 def test_chat_needs_role_markers():
