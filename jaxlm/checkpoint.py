@@ -2,10 +2,11 @@
 
 A checkpoint `RUN_DIR/checkpoints/STEP/` holds one item per trained role, named by the role
 (`policy/`, `value/`: that role's params), `opt_state/` ({role: optimizer state}) and `meta/`:
-the step, the data cursor (examples consumed), the RNG seed key, the run's counters and a
-digest of every array, so a resumed run continues with exactly the batches it would have
-seen, from exactly the state that was saved. A role's params can be read alone
-(`restore_params`), which is how another run starts from them (`train.init_from`).
+the step, the updates applied, the data cursor (examples consumed), the RNG seed key, the run's
+counters and the bad-step guard's state, and a digest of every item, so a resumed run continues
+with exactly the batches it would have seen, from exactly the state that was saved. A role's
+params can be read alone (`restore_params`, checked against its own digest), which is how
+another run starts from them (`train.init_from`).
 
 What can go wrong, and what happens:
 - An interrupted or failed write never replaces the last good checkpoint: Orbax writes each
@@ -13,9 +14,13 @@ What can go wrong, and what happens:
 - A save that fails in the background (a full disk) is reported at the next `check` (the loop
   calls it every step), and a save that would not fit is refused before it starts.
 - Only a finite state is saved (`NonFiniteState` otherwise).
-- `restore` recomputes the digest of what it read and refuses a checkpoint whose files were
-  damaged after the write (`CheckpointCorrupt`); `set_aside` renames such a step's directory
-  to `STEP.broken`, which Orbax no longer lists, so the next older checkpoint is the latest.
+- A checkpoint of another layout than the one asked for (another optimizer or model) is refused
+  before it is read (`ConfigError`, naming what differs); nothing is changed on disk.
+- `restore` refuses a checkpoint whose files are damaged: data that cannot be decoded, missing
+  files, or contents that do not match the digest written with them (`CheckpointCorrupt`);
+  `set_aside` renames such a step's directory to `STEP.broken`, which Orbax no longer lists, so
+  the next older checkpoint is the latest. Any other failure to read (the device out of memory,
+  a passing I/O error) is `RunFailed`, and the checkpoint is kept.
 
 The digest of an array is a sum modulo 2^32 of its elements' bits, each mixed with its position:
 exact and independent of the sharding and the order of the sum, so it is the same whatever the
@@ -23,13 +28,19 @@ mesh a checkpoint is restored onto.
 
 In a multi-process run every process calls `save` and `restore` (they are collective): each
 writes and reads the shards of its own devices, process 0 the metadata and the final rename,
-so the directory must be one that every host mounts. `restore` places arrays by the
-targets' shardings, so a checkpoint reshards onto any mesh, process count or device count.
+so the directory must be one that every host mounts. The processes agree on the outcome of a
+read before they go on (one failing process makes all raise the same error). `restore` places
+arrays by the targets' shardings, so a checkpoint reshards onto any mesh, process count or
+device count.
 """
 from __future__ import annotations
 
+import errno
 import functools
+import json
+import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -37,13 +48,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from jaxlm.config import ConfigError
 from jaxlm.errors import RunFailed
 
 
-class CheckpointCorrupt(RuntimeError):
-    """A checkpoint that cannot be read, or whose contents do not match the digest written with them."""
+class CheckpointCorrupt(RunFailed):
+    """A checkpoint whose files are damaged: data that cannot be read back, or contents that do
+    not match the digest written with them."""
 
 
 class NonFiniteState(RuntimeError):
@@ -74,6 +87,8 @@ def digest(tree) -> tuple[list[int], bool]:
     """(one uint32 per array of `tree`, whether every float in it is finite), computed where the
     arrays are (a global reduction: the same on every process)."""
     leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return [], True
     mesh = next((x.sharding.mesh for x in leaves if isinstance(x.sharding, jax.sharding.NamedSharding)), None)
     if mesh is not None:  # one computation: leaves elsewhere (a single device) join the mesh, replicated
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -85,11 +100,6 @@ def digest(tree) -> tuple[list[int], bool]:
 
 def _nbytes(tree) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
-
-
-def _restore_args(target: Any):
-    """Abstract arrays with shardings, so restored arrays land sharded."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
 
 
 class Checkpointer:
@@ -113,20 +123,23 @@ class Checkpointer:
         """params: {role: params}; opt_state: {role: optimizer state}, or None (params only, e.g. a
         converted checkpoint that starts other runs and is never resumed). Raises `NonFiniteState`
         (nothing written) or `RunFailed` (no room for it) before anything is written."""
-        state = {"params": {role: params[role] for role in self.roles}, "opt_state": opt_state}
-        digests, finite = digest(state)
+        items = {role: params[role] for role in self.roles}
+        if opt_state is not None:
+            items["opt_state"] = opt_state
+        digests, finite = {}, True
+        for name, tree in items.items():  # one digest per item: a role's params are checked when read alone
+            digests[name], item_finite = digest(tree)
+            finite = finite and item_finite
         if not finite:
             raise NonFiniteState(f"the state of step {step} is not finite; not saved")
         self.wait()  # the previous save's files are on disk: the free space is what is left for this one
-        needed, free = _nbytes(state), shutil.disk_usage(self.directory).free
+        needed, free = _nbytes(items), shutil.disk_usage(self.directory).free
         if free < 1.1 * needed:
             raise RunFailed(f"no room for checkpoint {step} in {self.directory}: it needs ~{_size(needed)} and "
                             f"{_size(free)} are free; the latest checkpoint is {self.latest_step()}")
-        items = {role: ocp.args.StandardSave(params[role]) for role in self.roles}
-        if opt_state is not None:
-            items["opt_state"] = ocp.args.StandardSave(opt_state)
-        meta = {**meta, "digest": digests}
-        self.manager.save(step, args=ocp.args.Composite(**items, meta=ocp.args.JsonSave(meta)), force=True)
+        args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
+        meta = {**meta, "digests": digests}
+        self.manager.save(step, args=ocp.args.Composite(**args, meta=ocp.args.JsonSave(meta)), force=True)
 
     def check(self) -> None:
         """Raise `RunFailed` if a save running in the background has failed (a full disk)."""
@@ -145,22 +158,16 @@ class Checkpointer:
                             f"the latest complete checkpoint is {self.latest_step()}") from None
 
     def restore(self, step: int, params_target: dict, opt_state_target: dict):
-        """(params, opt_state, meta) at `step`, placed like the targets (arrays or abstract), checked
-        against the digest written with them; `CheckpointCorrupt` if unreadable or not matching."""
-        try:
-            out = self.manager.restore(step, args=ocp.args.Composite(
-                **{role: ocp.args.StandardRestore(_restore_args(params_target[role])) for role in self.roles},
-                opt_state=ocp.args.StandardRestore(_restore_args(opt_state_target)),
-                meta=ocp.args.JsonRestore()))
-            params, opt_state, meta = {role: out[role] for role in self.roles}, out.opt_state, out.meta
-        except Exception as e:  # missing, truncated or garbled files: whatever the reader raises
-            raise CheckpointCorrupt(f"checkpoint {step} cannot be read: {_first_line(e)}") from None
-        if not isinstance(meta, dict):
-            raise CheckpointCorrupt(f"checkpoint {step} has no meta")
-        if "digest" in meta and digest({"params": params, "opt_state": opt_state})[0] != meta["digest"]:
-            raise CheckpointCorrupt(f"checkpoint {step} does not match the digest written with it (its files "
-                                    "changed after the write)")
-        return params, opt_state, meta
+        """(params, opt_state, meta) at `step`, placed like the targets (arrays or abstract).
+
+        Raises `ConfigError` if the checkpoint's arrays are not the targets' (written with another
+        optimizer or model), `CheckpointCorrupt` if its files are damaged (set it aside), and
+        `RunFailed` if it cannot be read for another reason (the device is out of memory, a passing
+        I/O error): a checkpoint that may well be intact, to keep."""
+        targets = {**{role: params_target[role] for role in self.roles}, "opt_state": opt_state_target}
+        items, meta = _read(self.directory, step, targets, exact=True,
+                            hint="use the run's config, or a new train.run_dir")
+        return {role: items[role] for role in self.roles}, items["opt_state"], meta
 
     def set_aside(self, step: int) -> Path:
         """Rename checkpoint `step` to `STEP.broken` (kept for a look, no longer listed); returns the
@@ -173,8 +180,6 @@ class Checkpointer:
         if jax.process_index() == 0:
             (self.directory / str(step)).rename(target)
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices(f"jaxlm set aside checkpoint {step}")
         self.manager.reload()
         return target
@@ -184,15 +189,167 @@ class Checkpointer:
         self.manager.close()
 
 
+def _read(directory: Path, step: int, targets: dict, exact: bool, hint: str) -> tuple[dict, dict]:
+    """({item: tree}, meta) of checkpoint `step` in `directory`: each item of `targets` placed like
+    its target and checked against its digest. exact: the stored dtypes must be the targets' (else
+    they are read as stored, checked, then cast). `hint` ends the error for another layout."""
+    # This process reads its own shards with no barrier of Orbax's: a process that fails to read
+    # would leave the others waiting in one. They agree on the outcome afterwards instead.
+    alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                               active_processes={jax.process_index()})
+    out, error = None, None
+    try:
+        options = ocp.CheckpointManagerOptions(read_only=True, multiprocessing_options=alone)
+        with (ocp.CheckpointManager(directory, options=options) as manager,
+              ocp.StandardCheckpointer(multiprocessing_options=alone) as reader):
+            layouts = _layouts(manager, reader, step, targets, exact, hint)
+            args = {name: ocp.args.StandardRestore(_restore_args(target, layouts[name]))
+                    for name, target in targets.items()}
+            out = manager.restore(step, args=ocp.args.Composite(**args, meta=ocp.args.JsonRestore()))
+        if not isinstance(out.meta, dict):
+            raise CheckpointCorrupt(f"checkpoint {step} has no meta")
+    except (ConfigError, RunFailed) as e:
+        error = e
+    except Exception as e:  # whatever the reader raises: damaged files, or a passing failure
+        error = _read_error(step, e)
+    error = _agreed(step, error)
+    if error is not None:
+        raise error
+    items, meta = {name: out[name] for name in targets}, out.meta
+    _verify(step, items, meta)
+    return {name: _cast(items[name], targets[name]) for name in items}, meta
+
+
+def _layouts(manager, reader, step: int, targets: dict, exact: bool, hint: str) -> dict:
+    """{item: layout} of checkpoint `step`'s items (`reader` reads an item's metadata), once each is
+    known to be the target's layout: `ConfigError` naming what differs, `CheckpointCorrupt` if its
+    metadata is missing."""
+    written = manager.metadata(step).item_handlers or {}
+    if not written:
+        raise CheckpointCorrupt(f"checkpoint {step} has no metadata (its files are missing)")
+    layouts = {}
+    for name, target in targets.items():
+        if name not in written:
+            raise ConfigError(f"checkpoint {step} holds no {name!r}; {hint}")
+        metadata = reader.metadata(Path(manager.directory) / str(step) / name).item_metadata
+        if metadata is None:
+            raise CheckpointCorrupt(f"checkpoint {step} has no readable {name!r} metadata (files missing or damaged)")
+        layouts[name] = _layout(metadata)
+        difference = _difference(layouts[name], _layout(target), exact)
+        if difference:
+            raise ConfigError(f"checkpoint {step} was written with a different optimizer or model ({name}: "
+                              f"{difference}); {hint}")
+    return layouts
+
+
+def _name(path) -> str:
+    return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def _layout(tree) -> dict:
+    """{'policy/0/mu/w': (shape, dtype)} of a tree of arrays, abstract arrays or Orbax array metadata."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {_name(path): (tuple(x.shape), np.dtype(x.dtype)) for path, x in leaves}
+
+
+def _difference(stored: dict, wanted: dict, exact: bool) -> str:
+    """What differs between a stored layout and the wanted one, in a few words ("": nothing)."""
+    extra, missing = sorted(stored.keys() - wanted.keys()), sorted(wanted.keys() - stored.keys())
+    parts = [f"{len(names)} {what} (e.g. {names[0]!r})" for names, what in
+             ((extra, "stored arrays this run lacks"), (missing, "arrays of this run not stored")) if names]
+    if parts:
+        return ", ".join(parts)
+    for path in sorted(stored):
+        (shape, dtype), (want_shape, want_dtype) = stored[path], wanted[path]
+        if shape != want_shape or exact and dtype != want_dtype:
+            return f"{path!r} is {dtype}{list(shape)} there, {want_dtype}{list(want_shape)} here"
+    return ""
+
+
+def _restore_args(target: Any, layout: dict):
+    """Abstract arrays with the targets' shapes and shardings (so restored arrays land sharded) and
+    the stored dtypes (the digest is of those)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: jax.ShapeDtypeStruct(x.shape, layout[_name(path)][1], sharding=x.sharding), target)
+
+
+def _cast(tree, target):
+    return jax.tree.map(lambda x, t: x if x.dtype == t.dtype else x.astype(t.dtype), tree, target)
+
+
+def _verify(step: int, items: dict, meta: dict) -> None:
+    """`CheckpointCorrupt` unless `items` match the digests written with them: one per item, or in a
+    checkpoint written before those, one over params and optimizer state (checked when both are read)."""
+    if "digests" in meta:
+        changed = [name for name, tree in items.items() if digest(tree)[0] != meta["digests"].get(name)]
+    elif "digest" in meta and "opt_state" in items:
+        whole = {"params": {name: tree for name, tree in items.items() if name != "opt_state"},
+                 "opt_state": items["opt_state"]}
+        changed = ["params and opt_state"] if digest(whole)[0] != meta["digest"] else []
+    else:
+        changed = []
+    if changed:
+        raise CheckpointCorrupt(f"checkpoint {step} does not match the digest written with it ({', '.join(changed)}: "
+                                "its files changed after the write)")
+
+
+def _agreed(step: int, error: Optional[Exception]) -> Optional[Exception]:
+    """The error every process raises after a read: the gravest that any of them met. Each process
+    reads the shards of its own devices, and all must leave a read together (to set a checkpoint
+    aside, or to stop), never some of them going on into the next collective."""
+    if jax.process_count() == 1:
+        return error
+    if error is not None:  # the others name this process: its log says why
+        print(f"[jaxlm] process {jax.process_index()}: {error}", file=sys.stderr, flush=True)
+    kinds = (RunFailed, ConfigError, CheckpointCorrupt)  # gravest last
+    code = 0 if error is None else 1 + max(i for i, kind in enumerate(kinds) if isinstance(error, kind))
+    codes = np.asarray(multihost_utils.process_allgather(np.int32(code)))
+    if codes.max() == code:
+        return error
+    process = int(codes.argmax())
+    return kinds[codes.max() - 1](f"checkpoint {step} could not be restored on process {process} (see its log)")
+
+
+# What a reader says when the files themselves are damaged: TensorStore's codes for undecodable or
+# short data and missing chunks, and a compressor that cannot decode a chunk. Anything else (out of
+# memory, a passing I/O error) is no proof that the checkpoint is bad.
+_DAMAGE = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND", "decompress", "corrupt")
+
+
+def _read_error(step: int, e: BaseException) -> RunFailed:
+    reason = _first_line(e)
+    damaged = any(isinstance(c, (FileNotFoundError, UnicodeDecodeError, json.JSONDecodeError))
+                  or any(marker in str(c) for marker in _DAMAGE) for c in _chain(e))
+    if damaged:
+        return CheckpointCorrupt(f"checkpoint {step} cannot be read: {reason}")
+    return RunFailed(f"checkpoint {step} could not be read ({reason}); it is kept, not set aside: run again to retry")
+
+
 def _size(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
 
 
+def _chain(e: BaseException) -> list[BaseException]:
+    """`e` and the errors behind it (raised from, or while handling), outermost first."""
+    chain = []
+    while e is not None and not any(e is c for c in chain):
+        chain.append(e)
+        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+    return chain
+
+
 def _first_line(e: BaseException) -> str:
-    text = str(e)
-    if "No space left on device" in text or "RESOURCE_EXHAUSTED" in text:
+    """One readable line for an error and those behind it, without TensorStore's spec dumps."""
+    chain = _chain(e)
+    if any(getattr(c, "errno", None) == errno.ENOSPC or "No space left on device" in str(c) for c in chain):
         return "no space left on the device"
-    return (text.strip().splitlines() or [type(e).__name__])[0][:300]
+    lines = []
+    for c in chain:
+        text = re.sub(r"<bound method pybind11.*", "", str(c).split("See full TensorStore details")[0], flags=re.S)
+        line = (text.strip().splitlines() or [type(c).__name__])[0].strip().rstrip(".")
+        if line not in lines:
+            lines.append(line)
+    return ": ".join(lines)[:300]
 
 
 def _reader(run_dir: str | Path, what: str):
@@ -230,21 +387,23 @@ def check_step(run_dir: str | Path, step: Optional[int], what: str = "run direct
 def param_names(run_dir: str | Path, step: int, role: str) -> set[str]:
     """The top-level names of a role's params in checkpoint `step` (e.g. whether it has a value head)."""
     metadata = ocp.StandardCheckpointer().metadata(Path(run_dir).absolute() / "checkpoints" / str(step) / role)
+    if metadata.item_metadata is None:
+        raise CheckpointCorrupt(f"checkpoint {step} of {str(run_dir)!r} has no readable {role!r} metadata (files "
+                                "missing or damaged)")
     return set(metadata.item_metadata.keys())
 
 
 def restore_params(run_dir: str | Path, params_target, step: Optional[int] = None, role: str = "policy",
                    what: str = "train.init_from"):
     """(params, step): one role's params of a run (its latest checkpoint unless `step`), placed
-    like `params_target`. `what` names the setting the run directory came from, for errors."""
+    like `params_target` and checked against their digest (none in a checkpoint written before
+    per-item digests). `what` names the setting the run directory came from, for errors."""
     if not (Path(run_dir) / "checkpoints").is_dir():
         raise FileNotFoundError(f"{what}={str(run_dir)!r} has no checkpoints directory")
     step = check_step(run_dir, step, what)
     if not (Path(run_dir).absolute() / "checkpoints" / str(step) / role).is_dir():
         raise ConfigError(f"{what}={str(run_dir)!r}: checkpoint {step} holds no {role!r} params (a run of "
                           "another stage, or written by an older jaxlm)")
-    manager = _reader(run_dir, what)
-    out = manager.restore(step, args=ocp.args.Composite(**{role: ocp.args.StandardRestore(
-        _restore_args(params_target))}))
-    manager.close()
-    return out[role], step
+    items, _ = _read(Path(run_dir).absolute() / "checkpoints", step, {role: params_target}, exact=False,
+                     hint=f"check {what}={str(run_dir)!r}")
+    return items[role], step

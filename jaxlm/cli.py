@@ -364,7 +364,12 @@ def main(argv=None) -> int:
             _leave_run(3)
         return 3
     except KeyboardInterrupt as e:  # loop.Interrupted: stopped at a step boundary, that step saved
-        saved = "saved at the step it stopped" if hasattr(e, "code") else "the last checkpoint is kept"
+        if not hasattr(e, "code"):  # a plain KeyboardInterrupt, outside the loop
+            saved = "the last checkpoint is kept"
+        elif e.saved is not None:
+            saved = f"saved at step {e.saved}, where it stopped"
+        else:  # a bad step pending, or a state that is not finite: the loop refused to save it
+            saved = f"not saved where it stopped; the latest checkpoint is {e.latest}"
         print(f"jaxlm {args.command}: interrupted ({e or 'SIGINT'}); {saved}", file=sys.stderr)
         return getattr(e, "code", 130)
     except Exception:

@@ -17,10 +17,11 @@ With explicit values every process sees all of its host's devices (one process p
 JAX's own SLURM detection would give each process one GPU.
 
 When a process dies, the others must not wait in a collective it will never join. During
-training every process writes a heartbeat file (`watch_peers`, RUN_DIR/.peers/<process>) and
+training every process writes a heartbeat file (`PeerWatch`, RUN_DIR/.peers/<process>) and
 watches the others'; one whose heartbeat stops for `distributed.peer_timeout_s` is dead, and
 each survivor prints one line naming it and exits at once. A process that fails with a Python
-error exits at once too (`exit_now`). Behind both, JAX's coordination service terminates the
+error writes RUN_DIR/.peers/<process>.failed, so the others leave at once too, and exits
+(`exit_now`). Behind both, JAX's coordination service terminates the
 others after `distributed.heartbeat_timeout_s` without heartbeats (with a C++ stack trace).
 """
 from __future__ import annotations
@@ -170,28 +171,48 @@ def preempted(iteration: int) -> bool:
 
 class PeerWatch:
     """Heartbeats in a shared directory: this process writes DIR/<its index> (a counter, every
-    second) and reads the others'. A peer whose counter has not changed for `timeout_s`, and
-    that has not written DIR/<index>.done, is dead: this process prints one line and exits (1)."""
+    second) and reads the others'. A peer that wrote DIR/<index>.failed, or whose counter has not
+    changed for `timeout_s` and that has not written DIR/<index>.done, is gone: this process
+    prints one line naming it and exits (1).
+
+    Every process creates its watch (which clears its marks of an earlier session), then all meet
+    at a barrier, then each calls `start`: no process reads another's stale `.failed`.
+    """
 
     def __init__(self, directory: Path, index: int, count: int, timeout_s: float, interval_s: float = 1.0):
         self.directory, self.index, self.count = Path(directory), index, count
         self.timeout_s, self.interval_s = timeout_s, interval_s
         self.directory.mkdir(parents=True, exist_ok=True)
-        (self.directory / f"{index}.done").unlink(missing_ok=True)
+        for end in ("done", "failed"):
+            (self.directory / f"{index}.{end}").unlink(missing_ok=True)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="jaxlm-peer-watch", daemon=True)
+
+    def start(self) -> "PeerWatch":
         self._thread.start()
+        return self
 
     def _run(self) -> None:
-        beat, start = 0, time.monotonic()
+        beat, start, writing = 0, time.monotonic(), True
         seen = {}  # peer -> (the counter last read, or None; when it last changed)
         while not self._stop.wait(self.interval_s):
             beat += 1
-            (self.directory / f"{self.index}.tmp").write_text(str(beat))
-            (self.directory / f"{self.index}.tmp").replace(self.directory / str(self.index))
+            try:
+                (self.directory / f"{self.index}.tmp").write_text(str(beat))
+                (self.directory / f"{self.index}.tmp").replace(self.directory / str(self.index))
+                writing = True
+            except OSError as e:  # a full disk: say so once, go on watching, write again next beat
+                if writing:
+                    print(f"[jaxlm] process {self.index} of {self.count}: cannot write its heartbeat ({e}); the "
+                          "others may take it for dead", file=sys.stderr, flush=True)
+                writing = False
             now = time.monotonic()
             for peer in range(self.count):
-                if peer == self.index or (self.directory / f"{peer}.done").exists():
+                if peer == self.index:
+                    continue
+                if (self.directory / f"{peer}.failed").exists():
+                    self._leave(f"process {peer} failed (see its log)")
+                if (self.directory / f"{peer}.done").exists():
                     continue
                 try:
                     value = (self.directory / str(peer)).read_text()
@@ -201,16 +222,22 @@ class PeerWatch:
                 if value != last:
                     seen[peer] = (value, now)
                 elif now - changed > self.timeout_s:
-                    print(f"[jaxlm] process {self.index} of {self.count}: process {peer} sent no heartbeat for "
-                          f"{now - changed:.0f} s (it died or hangs; see its log); leaving the run",
-                          file=sys.stderr, flush=True)
-                    exit_now(1)
+                    self._leave(f"process {peer} sent no heartbeat for {now - changed:.0f} s (it died or hangs; "
+                                "see its log)")
 
-    def close(self) -> None:
-        """Stop watching, and tell the others this process finished (not died)."""
+    def _leave(self, why: str) -> None:
+        print(f"[jaxlm] process {self.index} of {self.count}: {why}; leaving the run", file=sys.stderr, flush=True)
+        exit_now(1)
+
+    def close(self, failed: bool = False) -> None:
+        """Stop watching, and tell the others how this process ends: finished or stopped cleanly
+        (`<index>.done`: they go on without it), or failed (`<index>.failed`: they leave too)."""
         self._stop.set()
         self._thread.join()
-        (self.directory / f"{self.index}.done").write_text("done")
+        try:
+            (self.directory / f"{self.index}.{'failed' if failed else 'done'}").write_text("")
+        except OSError:  # a full disk: the others see the heartbeat stop instead
+            pass
 
 
 def exit_now(code: int) -> None:

@@ -21,7 +21,10 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+import jax
+import numpy as np
 import yaml
+from jax.experimental import multihost_utils
 
 from jaxlm import model, sharding
 from jaxlm.checkpoint import check_step, param_names, restore_params
@@ -35,7 +38,7 @@ IDENTITY = ("model", "data", "train.seq_len", "sft.train_files", "sft.eval_files
             "reward.eval_files", "reward.tasks", "reward.task_pairs", "reward.margins", "reward.max_responses",
             "reward.groups_per_row", "reward.truncation", "dpo.train_files", "dpo.eval_files", "dpo.tasks",
             "dpo.task_pairs", "dpo.truncation", "dpo.groups_per_row", "dpo.reference_from",
-            "dpo.precompute_reference")
+            "dpo.precompute_reference", "optim.name")
 # How the same model computes, free to change between a run's sessions (and from an init_from run).
 RUNTIME_MODEL_KEYS = ("dtype", "remat", "scan_layers", "scan_unroll", "attention")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
@@ -185,11 +188,25 @@ def copy_tokenizer(run_dir: Path, tokenizer: str) -> None:
 def start(cfg: Config, main: bool = True) -> Config:
     """Check that `train.run_dir` is new or holds this same run, then (process 0) write its config
     and tokenizer copy. Returns the resolved config. A run directory whose saved config differs in
-    what is trained (`IDENTITY`) is refused, naming the keys, before anything is written."""
+    what is trained (`IDENTITY`) is refused, naming the keys, before anything is written. In a
+    multi-process run process 0 alone checks and writes (the others could read its config.yaml
+    half-written), and every process raises when it refuses, none going on into a collective."""
     cfg = resolve_paths(cfg)
+    if jax.process_count() == 1:
+        return _start(cfg) if main else cfg
+    error = None
+    if main:
+        try:
+            _start(cfg)
+        except ConfigError as e:
+            error = e
+    if int(multihost_utils.broadcast_one_to_all(np.int32(error is not None))):
+        raise error or ConfigError(f"process 0 refused train.run_dir={cfg.train.run_dir!r} (see its log)")
+    return cfg
+
+
+def _start(cfg: Config) -> Config:
     run_dir = Path(cfg.train.run_dir)
-    if not main:  # process 0 alone checks and writes (others could read its config.yaml half-written)
-        return cfg
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"train.run_dir={str(run_dir)!r} is a file, not a directory")
     saved = run_dir / "config.yaml"

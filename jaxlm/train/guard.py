@@ -31,6 +31,14 @@ class Guard:
     def must_restore(self) -> bool:
         return self.bad_run >= self.max_bad_steps
 
+    def state(self) -> dict:
+        """What a checkpoint keeps of the guard (JSON), so that a resumed run judges steps as the run
+        that was not stopped would have."""
+        return {"loss_mean": self.loss_mean, "bad_run": self.bad_run}
+
+    def load(self, state: dict) -> None:
+        self.loss_mean, self.bad_run = state["loss_mean"], state["bad_run"]
+
     def reset(self) -> None:
         """After a restore (or a failed one): count bad steps afresh."""
         self.bad_run = 0

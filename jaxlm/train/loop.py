@@ -18,7 +18,7 @@ import dataclasses
 import signal
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -57,12 +57,15 @@ class Stage:
 
 
 class Interrupted(KeyboardInterrupt):
-    """The run stopped on a signal, at a step boundary, after saving that step; `code` is the exit
-    status a requeue script reads: 128 + the signal (143 for SIGTERM, 130 for SIGINT)."""
+    """The run stopped on a signal, at a step boundary. `saved`: the step saved there, or None when
+    it was not (a bad step pending, or a state that is not finite); `latest`: the newest checkpoint
+    (None: there is none); `code`: the exit status a requeue script reads, 128 + the signal (143 for
+    SIGTERM, 130 for SIGINT)."""
 
-    def __init__(self, signum: int):
+    def __init__(self, signum: int, saved: Optional[int] = None, latest: Optional[int] = None):
         super().__init__(signal.Signals(signum).name)
         self.signum, self.code = signum, 128 + signum
+        self.saved, self.latest = saved, latest
 
 
 def _stack_micro(local: dict, accum: int) -> dict:
@@ -109,21 +112,31 @@ def run(cfg: Config, stage: Stage, devices=None) -> dict:
     seed_key = jax.random.key(t.seed)
     counters = {"skipped": 0, "restores": 0, "skipped_examples": 0}
     restores_of: collections.Counter = collections.Counter()  # restores of each checkpoint step
+    saved_steps = set(ckpt.all_steps())  # Orbax refuses to write a step twice
+    guard = Guard(t.spike_factor, t.max_bad_steps)
 
     def restore_newest():
         """Restore the newest checkpoint that reads back intact (None if there is none); a checkpoint
-        that cannot be read or does not match its digest is set aside, and the next older tried."""
+        whose files are damaged is set aside, and the next older tried. One of another layout, or
+        that fails to read for another reason, stops the run (ConfigError, RunFailed) and is kept."""
         nonlocal state
         steps = ckpt.all_steps()
+        set_aside = sorted(p.name for p in ckpt.directory.glob("*.broken*"))
+        if not steps and set_aside:  # never start over where checkpoints were
+            raise RunFailed(f"{ckpt.directory} holds no intact checkpoint, only ones set aside as damaged "
+                            f"({', '.join(set_aside)}); rename one back to retry it, or remove them to start over")
         for i, s in reversed(list(enumerate(steps))):
             try:
                 params, opt_state, meta = ckpt.restore(s, abstract_state["params"], abstract_state["opt_state"])
             except CheckpointCorrupt as e:
                 moved = ckpt.set_aside(s)
+                saved_steps.discard(s)  # so a save passing this step again writes it
                 log.event("set_aside", step=s, reason=str(e), moved_to=moved.name,
                           instead=steps[i - 1] if i else "none")
                 continue
-            state = {"params": params, "opt_state": opt_state, "step": jnp.asarray(meta["step"], jnp.int32),
+            # The updates applied, not the loop step: steps whose update was dropped do not count.
+            state = {"params": params, "opt_state": opt_state,
+                     "step": jnp.asarray(meta.get("updates", meta["step"]), jnp.int32),
                      "skipped": jnp.asarray(meta["skipped"], jnp.int32)}
             return meta
         if steps:
@@ -136,6 +149,8 @@ def run(cfg: Config, stage: Stage, devices=None) -> dict:
         step, cursor = meta["step"], meta["cursor"]
         seed_key = jax.random.wrap_key_data(jnp.asarray(meta["rng"], jnp.uint32))
         counters.update({k: meta[k] for k in counters})
+        if "guard" in meta:
+            guard.load(meta["guard"])
         restores_of.update({int(k): v for k, v in meta.get("restores_of", {}).items()})
         log.event("resume", step=step, cursor=cursor)
     else:
@@ -156,14 +171,14 @@ def run(cfg: Config, stage: Stage, devices=None) -> dict:
 
     flops_tok = _flops_per_token(stage.roles, t.seq_len)
     peak = t.peak_tflops * 1e12 or perf.measure_peak_flops()
-    saved_steps = set(ckpt.all_steps())  # Orbax refuses to write a step twice
     counted_until = cursor  # examples before this cursor are counted as skipped already (or trained)
 
     def save(step, cursor) -> bool:
         """Save the state at `step` unless it is saved already; False if it is not finite."""
         if step in saved_steps:  # e.g. a stop right after a periodic save: that checkpoint is it
             return True
-        meta = {"step": step, "cursor": cursor, "rng": jax.random.key_data(seed_key).tolist(), **counters,
+        meta = {"step": step, "updates": int(jax.device_get(state["step"])), "cursor": cursor,
+                "rng": jax.random.key_data(seed_key).tolist(), **counters, "guard": guard.state(),
                 "restores_of": {str(k): v for k, v in restores_of.items()}}
         try:
             ckpt.save(step, state["params"], state["opt_state"], meta)
@@ -185,7 +200,6 @@ def run(cfg: Config, stage: Stage, devices=None) -> dict:
         return {f"eval_{name}": value for name, value in means(jax.device_get(sums)).items()}
 
     # One-step-late bookkeeping: `pending` is the last dispatched step's (step, cursor, out, rows).
-    guard = Guard(t.spike_factor, t.max_bad_steps)
     window = Window()
     progress = _progress(t.steps, step, enabled=main and t.progress)
     summary: dict = {}
@@ -220,6 +234,12 @@ def run(cfg: Config, stage: Stage, devices=None) -> dict:
         for hook in step_hooks:
             hook(done_step)
         return guard.must_restore
+
+    def check_learned():
+        """RunFailed if no update was applied: nothing to save, nothing learned."""
+        if int(jax.device_get(state["step"])) == 0:
+            raise RunFailed(f"no step of the run was finite ({counters['skipped']} skipped): nothing was learned "
+                            "and nothing saved; lower optim.lr and check the data")
 
     def restore_last_good(bad_step):
         """Go back to the newest good checkpoint, keep the data cursor: the offending batches are
@@ -269,10 +289,11 @@ def run(cfg: Config, stage: Stage, devices=None) -> dict:
     if pcount > 1:
         from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices("jaxlm peer watch")  # every watch starts together
         peers = distributed.PeerWatch(run_dir / ".peers", pidx, pcount, cfg.distributed.peer_timeout_s)
+        multihost_utils.sync_global_devices("jaxlm peer watch")  # marks of a last session gone, all start together
+        peers.start()
     train_data = Prefetcher(stage.train_data)
-    pending, finished = None, False
+    pending, finished, interrupted = None, False, None
     iteration = step  # counts up, never back after a restore: the sync point needs a monotone id
     try:
         while step < t.steps:
@@ -299,6 +320,8 @@ def run(cfg: Config, stage: Stage, devices=None) -> dict:
             if handle(*previous):
                 restore_last_good(previous[0])
                 continue
+            if step == t.steps:
+                check_learned()  # before any save: a rerun must not resume an untrained state as done
             if step % t.save_every == 0 and guard.bad_run == 0:
                 save(step, cursor)  # a save waits for a good step, so a restore never lands on a spike
             if step == t.steps and not save(step, cursor):
@@ -311,22 +334,23 @@ def run(cfg: Config, stage: Stage, devices=None) -> dict:
                     summary.update(ev)
         if stop:
             log.event("interrupted", step=step, signal=signal.Signals(stop[0]).name)
-            if pending is None or not handle(*pending):  # its row is logged; a bad step is not saved
-                save(step, cursor)
+            if pending is not None:
+                handle(*pending)  # its row is logged
+            # As for a periodic save: never a state right after a bad step (a spike, a dropped update).
+            saved = step if guard.bad_run == 0 and save(step, cursor) else None
             ckpt.wait()
             ckpt.check()
-            raise Interrupted(stop[0])
+            interrupted = Interrupted(stop[0], saved, ckpt.latest_step())
+            raise interrupted
         ckpt.wait()
         ckpt.check()
-        if int(jax.device_get(state["step"])) == 0:
-            raise RunFailed(f"no step of the run was finite ({counters['skipped']} skipped): nothing was learned; "
-                            "lower optim.lr and check the data")
+        check_learned()  # a run resumed at its last step
         finished = True
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
-        if peers is not None:
-            peers.close()
+        if peers is not None:  # the others skip a process that is done, and leave when one failed
+            peers.close(failed=not finished and interrupted is None)
         train_data.close()
         progress.close()
         try:

@@ -358,7 +358,8 @@ def test_kernel_choice_per_mask_dtype_and_backend():
     assert [pick("auto", causal, f32), pick("auto", causal, H=36), pick("auto", causal, H=256, cudnn=128),
             pick("auto", causal, backend="tpu", cudnn=0), pick("auto", causal, cudnn=0)] == ["xla"] * 5
     assert pick("reference", causal) == "reference"
-    with pytest.raises(ValueError, match="model.attention=cudnn needs an Ampere or later CUDA GPU.*backend 'cpu', dtype float32"):
+    with pytest.raises(ValueError,
+                       match="model.attention=cudnn needs an Ampere or later CUDA GPU.*backend 'cpu', dtype float32"):
         pick("cudnn", causal, f32, backend="cpu", cudnn=0)
     if jax.default_backend() == "cpu":
         assert attention.cudnn_head_dim() == 0
@@ -435,7 +436,8 @@ def test_value_head(params, tokens):
     cfg = dataclasses.replace(ODD, value_head=True)
     p = {**params, "value_head": _random_params(cfg, 3)["value_head"]}
     assert p["value_head"].shape == (24,)
-    hidden, values = _jit(lambda cfg, p: (model.hidden(cfg, p, tokens), model.apply(cfg, p, tokens, head="value")))(cfg, p)
+    both = _jit(lambda cfg, p: (model.hidden(cfg, p, tokens), model.apply(cfg, p, tokens, head="value")))
+    hidden, values = both(cfg, p)
     assert values.shape == (2, T) and values.dtype == jnp.float32
     np.testing.assert_allclose(values, np.asarray(hidden) @ np.asarray(p["value_head"]), rtol=1e-5, atol=1e-5)
 

@@ -259,6 +259,42 @@ def test_two_process_checkpoint_restores_onto_fewer_devices(preempted):
     jax.tree.map(np.testing.assert_array_equal, restored[8], restored[4])
 
 
+@pytest.mark.multiprocess
+def test_a_shard_damaged_on_one_process_fails_the_restore_on_every_process(base_env, tmp_path):
+    """Each process reads its own shards: the one that meets the damage must not be left alone with it
+    while the others go on into the digest's collective (a hang)."""
+    procs = start_processes(base_env, [str(WORKER), "--damaged-shard", str(tmp_path)], tmp_path)
+    try:
+        rcs = [p.wait(timeout=120) for p in procs]
+    finally:
+        stop(procs)
+    assert rcs == [0, 0], [(tmp_path / f"{i}.err").read_text()[-3000:] for i in range(2)]
+    outcomes = [(tmp_path / f"restore_{i}.txt").read_text() for i in range(2)]
+    assert outcomes[1].startswith("CheckpointCorrupt: checkpoint 1 cannot be read: "), outcomes
+    assert outcomes[0] == "CheckpointCorrupt: checkpoint 1 could not be restored on process 1 (see its log)", outcomes
+
+
+@pytest.mark.multiprocess
+def test_a_run_directory_of_another_run_is_refused_on_every_process(base_env, tmp_path):
+    """Process 0 alone reads the saved config; the others must leave with it, not go on into the
+    first collective and wait for it there."""
+    config = write_config(tmp_path, "run")
+    (tmp_path / "run").mkdir()
+    other = merge(TINY, model=dict(n_layers=3), train=dict(run_dir=str(tmp_path / "run")))
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(other))
+    procs = start_processes(base_env, ["-m", "jaxlm", "pretrain", str(config)], tmp_path)
+    try:
+        rcs = [p.wait(timeout=120) for p in procs]
+    finally:
+        stop(procs)
+    errors = [[line for line in (tmp_path / f"{i}.err").read_text().splitlines() if "error:" in line]
+              for i in range(2)]
+    assert rcs == [2, 2], errors
+    assert "holds a run with another config: model.n_layers=" in errors[0][0], errors
+    assert errors[1] == [f"jaxlm pretrain: error: process 0 refused train.run_dir={str(tmp_path / 'run')!r} "
+                         "(see its log)"], errors
+
+
 # --- where a process sits, and the mesh across processes: pure functions, no processes -------------
 
 
@@ -335,12 +371,17 @@ def test_launch_scripts_parse_and_explain_themselves():
     assert usage.returncode == 0 and "usage:" in usage.stdout
 
 
+def watch(directory: Path, timeout_s: float, seconds: float) -> subprocess.Popen:
+    """Process 0 of 2's peer watch, in a process of its own (the watch exits it), for `seconds`."""
+    return subprocess.Popen(
+        [sys.executable, "-c", "import time; from pathlib import Path; from jaxlm.distributed import PeerWatch; "
+         f"PeerWatch(Path({str(directory)!r}), 0, 2, timeout_s={timeout_s}, interval_s=0.2).start(); "
+         f"time.sleep({seconds})"], stderr=subprocess.PIPE, text=True)
+
+
 def test_peer_watch_leaves_when_a_peer_stops_and_not_while_it_beats_or_is_done(tmp_path):
-    """The watch in a process of its own (it exits that process): peer 1 beats for 3 s, then stops."""
-    watcher = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from jaxlm.distributed import PeerWatch; "
-         f"PeerWatch(__import__('pathlib').Path({str(tmp_path)!r}), 0, 2, timeout_s=2, interval_s=0.2); "
-         "time.sleep(20); sys.exit(0)"], stderr=subprocess.PIPE, text=True)
+    """Peer 1 beats for 3 s, then stops."""
+    watcher = watch(tmp_path, timeout_s=2, seconds=20)
     start = time.monotonic()
     for beat in range(15):  # peer 1's heartbeat, as its own watch would write it
         (tmp_path / "1").write_text(str(beat))
@@ -350,9 +391,49 @@ def test_peer_watch_leaves_when_a_peer_stops_and_not_while_it_beats_or_is_done(t
     rc = watcher.wait(timeout=30)
     assert rc == 1 and 1.5 < time.monotonic() - stopped < 10, time.monotonic() - start
     assert "process 0 of 2: process 1 sent no heartbeat" in watcher.stderr.read()
-    done = subprocess.Popen(
-        [sys.executable, "-c", "import time; from jaxlm.distributed import PeerWatch; "
-         f"PeerWatch(__import__('pathlib').Path({str(tmp_path)!r}), 0, 2, timeout_s=1, interval_s=0.2); "
-         "time.sleep(4)"])
+    done = watch(tmp_path, timeout_s=1, seconds=4)
     (tmp_path / "1.done").write_text("done")  # a peer that finished is not dead
     assert done.wait(timeout=30) == 0
+
+
+def test_peer_watch_leaves_at_once_when_a_peer_failed(tmp_path):
+    """A peer that failed with an error says so (`.failed`, not `.done`): the others leave without
+    waiting for its heartbeat to time out."""
+    watcher = watch(tmp_path, timeout_s=60, seconds=60)
+    try:
+        for beat in range(5):
+            (tmp_path / "1").write_text(str(beat))
+            time.sleep(0.2)
+        failed = distributed.PeerWatch(tmp_path, 1, 2, timeout_s=60)  # peer 1's own watch, as the loop ends it
+        failed.start().close(failed=True)
+        assert (tmp_path / "1.failed").exists() and not (tmp_path / "1.done").exists()
+        assert watcher.wait(timeout=10) == 1
+    finally:
+        stop([watcher])
+    assert "process 0 of 2: process 1 failed (see its log); leaving the run" in watcher.stderr.read()
+    distributed.PeerWatch(tmp_path, 1, 2, timeout_s=60).start().close()  # a next session that finishes
+    assert (tmp_path / "1.done").exists() and not (tmp_path / "1.failed").exists()
+
+
+def test_peer_watch_goes_on_when_its_heartbeat_cannot_be_written(tmp_path):
+    """A heartbeat that fails to write (a full disk; here a folder in the way) is retried at the next
+    beat, and the watch goes on judging the others meanwhile."""
+    (tmp_path / "0.tmp").mkdir()
+    watcher = watch(tmp_path, timeout_s=2, seconds=30)
+    try:
+        (tmp_path / "1").write_text("0")
+        first = watcher.stderr.readline()  # at the first beat
+        assert "process 0 of 2: cannot write its heartbeat" in first, first
+        for beat in range(1, 10):
+            (tmp_path / "1").write_text(str(beat))
+            time.sleep(0.2)
+        assert watcher.poll() is None and not (tmp_path / "0").exists()
+        (tmp_path / "0.tmp").rmdir()
+        for beat in range(10, 20):
+            (tmp_path / "1").write_text(str(beat))
+            time.sleep(0.2)
+        assert (tmp_path / "0").exists()  # beating again
+        assert watcher.wait(timeout=30) == 1  # peer 1 stopped: still watched
+    finally:
+        stop([watcher])
+    assert "process 0 of 2: process 1 sent no heartbeat" in watcher.stderr.read()
