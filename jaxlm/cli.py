@@ -16,6 +16,7 @@ COMMANDS = {
     "reward": "train a reward model (value head on an LM backbone) on preference pairs and rankings",
     "score": "the reward of every response of a JSONL file under a reward-model run",
     "dpo": "direct preference optimisation (DPO, IPO, cDPO, robust, SimPO) against a frozen reference",
+    "rejection-sample": "best-of-N sampling scored by a checker or a reward model, then SFT on the best, in rounds",
     "bench": "time the train step of a config; optionally side by side with reference steps",
     "plan": "bytes per device, compute and training time of a config on N devices, before running it",
     "generate": "sample text from a run's checkpoint: one prompt streamed, or a JSONL of prompts",
@@ -50,6 +51,11 @@ def parser() -> argparse.ArgumentParser:
                         ". The policy from train.init_from, the reference from dpo.reference_from (default: the "
                         "same run); with dpo.tasks, reports exact-match accuracy per task before and after.")
     _common(dp)
+    rs = sub.add_parser("rejection-sample", help=COMMANDS["rejection-sample"], description=COMMANDS["rejection-sample"]
+                        + ". Round 0 samples from train.init_from; each round writes RUN_DIR/round_R/{samples,kept,"
+                        "pairs}.jsonl and fine-tunes on the kept set (RUN_DIR/round_R/sft); with rs.tasks, reports "
+                        "exact-match accuracy per task after each round.")
+    _common(rs)
     data = sub.add_parser("data", help=COMMANDS["data"], description="Data preparation commands.")
     data_sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
     prep = data_sub.add_parser("prepare", help="filter, scrub and deduplicate raw documents per source",
@@ -208,6 +214,21 @@ def _reward(cfg, args) -> int:
     return 0
 
 
+def _rejection_sample(cfg, args) -> int:
+    from jaxlm.train import rejection
+
+    log = print if _process_index() == 0 else (lambda line: None)
+    summary = rejection.main(cfg, log=log)
+    for rnd in summary["rounds"]:
+        before = rnd.get("accuracy_before", {})
+        for name, acc in rnd["accuracy"].items():
+            stats = rnd["stats"].get(name, {})
+            start = f"{before[name]:.3f} -> " if name in before else ""
+            log(f"round {rnd['round']} task {name}: pass@1 {stats.get('pass@1', 0):.3f}, best-of-N "
+                f"{stats.get('best_of_n', 0):.3f}; exact match after SFT {start}{acc:.3f}")
+    return 0
+
+
 def _dpo(cfg, args) -> int:
     from jaxlm.train import dpo
 
@@ -295,7 +316,7 @@ def _data(cfg, args) -> int:
 
 # Commands that use JAX devices join the other processes of a multi-process run first,
 # before any device use (jaxlm/distributed.py; the environment says whether there are any).
-TRAINING_COMMANDS = ("pretrain", "sft", "reward", "dpo")
+TRAINING_COMMANDS = ("pretrain", "sft", "reward", "dpo", "rejection-sample")
 DISTRIBUTED_COMMANDS = ("pretrain", "sft", "reward", "rejection-sample", "dpo", "ppo", "eval", "score", "bench")
 
 
@@ -350,7 +371,8 @@ def main(argv=None) -> int:
             from jaxlm import distributed
 
             joined = distributed.initialize(cfg.distributed) is not None
-        return {"pretrain": _pretrain, "sft": _sft, "reward": _reward, "score": _score, "dpo": _dpo, "bench": _bench,
+        return {"pretrain": _pretrain, "sft": _sft, "reward": _reward, "score": _score, "dpo": _dpo,
+                "rejection-sample": _rejection_sample, "bench": _bench,
                 "data": _data, "generate": _generate, "eval": _eval, "plan": _plan}[args.command](cfg, args)
     except (ConfigError, FileNotFoundError) as e:
         name = args.command if args.command != "data" else f"data {args.data_command}"

@@ -303,25 +303,29 @@ class TextStreamer:
 
 def generate_texts(cfg, params, tokenizer, prompts: Sequence[np.ndarray], *, batch_size: int = 8,
                    max_new_tokens: int = 128, stops=None, key=0, mesh=None, rules: str = "fsdp_tp",
-                   on_token=None, **sampling) -> list[dict]:
+                   on_token=None, row_ids=None, fill: bool = False, **sampling) -> list[dict]:
     """Generate for token prompts in fixed-size batches (short batches are filled with idle rows,
-    so every batch of a prompt bucket reuses one compile). Row i draws with fold_in(key, i), so
-    results do not depend on the batch size. Returns per prompt: completion text, token count,
-    whether it stopped on a stop token, and the completion's log-prob under the model."""
+    so every batch of a prompt bucket reuses one compile; `fill`: a single short batch too). Row i
+    draws with fold_in(key, row_ids[i]) (default i), so results do not depend on the batch size
+    or on the rows around it. Returns per prompt: completion text, token count, whether it stopped
+    on a stop token, and the completion's log-prob under the model."""
     stops = default_stops(tokenizer) if stops is None else list(stops)
     base_key = as_key(key)
+    row_ids = np.arange(len(prompts)) if row_ids is None else np.asarray(row_ids)
     results = []
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start:start + batch_size])
+        chunk_ids = list(row_ids[start:start + batch_size])
         n = len(chunk)
-        if n < batch_size and len(prompts) > batch_size:
+        if n < batch_size and (len(prompts) > batch_size or fill):
             chunk += [chunk[0]] * (batch_size - n)  # idle rows: limit 0
+            chunk_ids += [chunk_ids[0]] * (batch_size - n)
         lengths = np.array([len(p) for p in chunk], np.int32)
         prompts_BP = np.zeros((len(chunk), lengths.max()), np.int32)
         for b, p in enumerate(chunk):
             prompts_BP[b, :len(p)] = p
         limits = np.where(np.arange(len(chunk)) < n, max_new_tokens, 0)
-        keys = jax.vmap(jax.random.fold_in, (None, 0))(base_key, jnp.arange(start, start + len(chunk)))
+        keys = jax.vmap(jax.random.fold_in, (None, 0))(base_key, jnp.asarray(chunk_ids, jnp.int32))
         out = generate(cfg, params, prompts_BP, lengths, limits, stop_tokens=stops, key=keys,
                        mesh=mesh, rules=rules, on_token=on_token, **sampling)
         out = jax.device_get(out)

@@ -38,7 +38,9 @@ IDENTITY = ("model", "data", "train.seq_len", "sft.train_files", "sft.eval_files
             "reward.eval_files", "reward.tasks", "reward.task_pairs", "reward.margins", "reward.max_responses",
             "reward.groups_per_row", "reward.truncation", "dpo.train_files", "dpo.eval_files", "dpo.tasks",
             "dpo.task_pairs", "dpo.truncation", "dpo.groups_per_row", "dpo.reference_from",
-            "dpo.precompute_reference", "optim.name")
+            "dpo.precompute_reference", "dpo.task_rejected", "dpo.task_samples", "dpo.task_temperature",
+            "rs.prompt_files", "rs.tasks", "rs.task_prompts", "rs.samples_per_prompt", "rs.temperature", "rs.top_p",
+            "rs.max_new_tokens", "rs.checker", "rs.reward_run", "rs.min_score", "optim.name")
 # How the same model computes, free to change between a run's sessions (and from an init_from run).
 RUNTIME_MODEL_KEYS = ("dtype", "remat", "scan_layers", "scan_unroll", "attention")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")

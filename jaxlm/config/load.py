@@ -11,7 +11,7 @@ from jaxlm.config import data, model, stages, train
 from jaxlm.config.data import DataConfig, PrepareConfig, TokenizeConfig, TokenizerConfig
 from jaxlm.config.model import ModelConfig, model_preset
 from jaxlm.config.schema import ConfigError, build, check
-from jaxlm.config.stages import DPOConfig, RewardConfig, SFTConfig
+from jaxlm.config.stages import DPOConfig, RewardConfig, RSConfig, SFTConfig
 from jaxlm.config.train import DistributedConfig, MeshConfig, OptimConfig, TrainConfig
 
 
@@ -28,6 +28,7 @@ class Config:
     sft: SFTConfig = SFTConfig()
     reward: RewardConfig = RewardConfig()
     dpo: DPOConfig = DPOConfig()
+    rs: RSConfig = RSConfig()
     distributed: DistributedConfig = DistributedConfig()
 
 
@@ -135,3 +136,4 @@ def validate(cfg: Config) -> None:
     stages.validate_sft(cfg.sft)
     stages.validate_reward(cfg.reward)
     stages.validate_dpo(cfg.dpo)
+    stages.validate_rs(cfg.rs)

@@ -1,7 +1,8 @@
-"""The post-training stages' sections: `sft.*`, `reward.*`, `dpo.*`."""
+"""The post-training stages' sections: `sft.*`, `reward.*`, `dpo.*`, `rs.*`."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from jaxlm.config.schema import check
 
@@ -58,9 +59,14 @@ class DPOConfig:
 
     train_files: tuple[str, ...] = ()
     eval_files: tuple[str, ...] = ()
-    tasks: tuple[str, ...] = ()  # built-in tasks: the right answer against near misses
-    task_pairs: int = 5000
+    tasks: tuple[str, ...] = ()  # built-in tasks: the right answer against a wrong one (task_rejected)
+    task_pairs: int = 5000  # near_miss: pairs per task; sampled: problems per task
     task_eval_pairs: int = 200
+    # near_miss: one or two small edits of the right answer; sampled: the init run's own wrong answers
+    # (task_samples per problem at task_temperature, each distinct one against the right answer)
+    task_rejected: str = "near_miss"
+    task_samples: int = 4
+    task_temperature: float = 1.0
     truncation: str = "trim_context"
     groups_per_row: int = 8
     beta: float = 0.1
@@ -73,11 +79,38 @@ class DPOConfig:
     sft_coef: float = 0.0  # + sft_coef x the chosen responses' NLL per token (Llama 3)
 
 
+@dataclasses.dataclass(frozen=True)
+class RSConfig:
+    """`jaxlm rejection-sample`: best-of-N from the model of train.init_from, then SFT on what was kept.
+
+    Each round samples `samples_per_prompt` responses per prompt from the round's model (round 0:
+    train.init_from; then the previous round's SFT run), scores them (`checker`: the built-in
+    tasks' `check`, 1 or 0; or the reward-model run `reward_run`), keeps each prompt's best
+    response over all rounds so far if its score is at least `min_score`, and fine-tunes the
+    round's model on the kept set with `jaxlm sft` (`sft.*`, `train.*`, `optim.*`). Round r lives
+    in RUN_DIR/round_r: samples.jsonl, kept.jsonl, pairs.jsonl, summary.json and sft/ (its run).
+    """
+
+    prompt_files: tuple[str, ...] = ()  # JSONL of {"prompt": text or chat messages}, optional "task"/"answer"
+    tasks: tuple[str, ...] = ()  # built-in tasks: their train problems as prompts, checkable
+    task_prompts: int = 500  # prompts per built-in task
+    samples_per_prompt: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 16
+    checker: bool = False  # score with the built-in tasks' check (prompts must carry "task" and "answer")
+    reward_run: str = ""  # or: score with this reward-model run (`jaxlm reward`)
+    min_score: float = 0.5  # keep a prompt's best response only if it scores at least this
+    rounds: int = 1
+    prompts_per_batch: int = 32  # prompts sampled (x samples_per_prompt rows) and written per step
+
+
 CHOICES = {
     "sft.truncation": ("trim_context", "drop"),
     "reward.truncation": ("trim_context", "drop"),
     "dpo.truncation": ("trim_context", "drop"),
     "dpo.loss_type": ("sigmoid", "ipo", "hinge", "robust", "simpo"),
+    "dpo.task_rejected": ("near_miss", "sampled"),
 }
 
 
@@ -92,13 +125,27 @@ def validate_sft(s: SFTConfig) -> None:
           f"sft.template={s.template!r} must hold {{prompt}} exactly once")
 
 
+def validate_rs(r: RSConfig) -> None:
+    from jaxlm.data.tasks import TASK_NAMES
+
+    for name in r.tasks:
+        check(name in TASK_NAMES, f"rs.tasks has {name!r}, not a built-in task; allowed: {', '.join(TASK_NAMES)}")
+    for key in ("task_prompts", "samples_per_prompt", "max_new_tokens", "rounds", "prompts_per_batch"):
+        check(getattr(r, key) > 0, f"rs.{key}={getattr(r, key)} must be positive")
+    check(r.temperature > 0, f"rs.temperature={r.temperature} must be positive (0 would make every sample the same)")
+    check(0 < r.top_p <= 1, f"rs.top_p={r.top_p} must be in (0, 1]")
+    check(not (r.checker and r.reward_run), f"rs.checker=true and rs.reward_run={r.reward_run!r}: choose one scorer")
+    check(math.isfinite(r.min_score), f"rs.min_score={r.min_score} must be finite")
+
+
 def validate_dpo(d: DPOConfig) -> None:
     from jaxlm.data.tasks import TASK_NAMES
 
     for name in d.tasks:
         check(name in TASK_NAMES, f"dpo.tasks has {name!r}, not a built-in task; allowed: {', '.join(TASK_NAMES)}")
-    for key in ("task_pairs", "task_eval_pairs", "groups_per_row"):
+    for key in ("task_pairs", "task_eval_pairs", "groups_per_row", "task_samples"):
         check(getattr(d, key) > 0, f"dpo.{key}={getattr(d, key)} must be positive")
+    check(d.task_temperature > 0, f"dpo.task_temperature={d.task_temperature} must be positive (sampled answers)")
     check(d.beta > 0, f"dpo.beta={d.beta} must be positive")
     check(0 <= d.label_smoothing < 0.5, f"dpo.label_smoothing={d.label_smoothing} must be in [0, 0.5)")
     check(d.sft_coef >= 0, f"dpo.sft_coef={d.sft_coef} must be >= 0")

@@ -40,11 +40,12 @@ def counts_line(counts) -> str:
 
 
 def load_groups(section, name: str, tok, *, template: str, T: int, heldout_fraction: float, seed: int,
-                margins: dict, max_responses: int, pairs_only: bool = False):
+                margins: dict, max_responses: int, pairs_only: bool = False, task_records=None):
     """(train groups, eval groups, info) of a config section with train_files, eval_files, tasks,
     task_pairs, task_eval_pairs and truncation (`name`: the section, for errors). Without eval files
     `heldout_fraction` of the file groups is held out; the tasks' test problems are held out always.
-    pairs_only: rankings become pairs (`pairs_of`). No usable data is a ConfigError."""
+    pairs_only: rankings become pairs (`pairs_of`). task_records: (train, test) records of the tasks,
+    instead of their near misses (`tasks.preference_records`). No usable data is a ConfigError."""
     if not section.train_files and not section.tasks:
         raise ConfigError(f"{name} needs data: set {name}.train_files (preference JSONL) and/or {name}.tasks "
                           f"(built-in: {', '.join(tasks.TASK_NAMES)})")
@@ -64,8 +65,11 @@ def load_groups(section, name: str, tok, *, template: str, T: int, heldout_fract
     if not section.eval_files and len(train) >= 2:
         held = heldout_indices(name, len(train), heldout_fraction)
         train, evals = [g for g, h in zip(train, held) if not h], [g for g, h in zip(train, held) if h]
-    task_train, task_counts = grouped(tasks.preference_records(section.tasks, "train", section.task_pairs, seed))
-    task_eval, _ = grouped(tasks.preference_records(section.tasks, "test", section.task_eval_pairs, 0, distinct=True))
+    if task_records is None:
+        task_records = (tasks.preference_records(section.tasks, "train", section.task_pairs, seed),
+                        tasks.preference_records(section.tasks, "test", section.task_eval_pairs, 0, distinct=True))
+    task_train, task_counts = grouped(task_records[0])
+    task_eval, _ = grouped(task_records[1])
     if section.tasks and not task_train:
         raise ConfigError(f"{name}.tasks: no group fits train.seq_len={T}: " + counts_line(task_counts))
     info = {"records_train": counts_line(train_counts), "records_eval": counts_line(eval_counts),

@@ -30,6 +30,8 @@ from typing import Callable
 
 import numpy as np
 
+from jaxlm.data.examples.chat import instruction_prompt
+
 TEST_PERCENT = 10  # share of each task's problem space held out for the test split
 SPLITS = ("train", "test")
 
@@ -181,7 +183,7 @@ def preference_records(names, split: str, n_per_task: int, seed: int = 0, distin
     for ex in mixed(names, split, n_per_task, seed, distinct):
         rng = np.random.default_rng([seed, 7, zlib.crc32(f"{ex['task']}:{ex['input']}".encode())])
         one, two = near_miss(ex, 1, rng), near_miss(ex, 2, rng)
-        prompt = f"{ex['instruction']}\n\n{ex['input']}"
+        prompt = instruction_prompt(ex)
         kinds = [k for k, ok in (("one", one), ("two", two), ("ranking", one and two and one != two)) if ok]
         if not kinds:
             continue
@@ -192,6 +194,22 @@ def preference_records(names, split: str, n_per_task: int, seed: int = 0, distin
         else:
             out.append({**base, "chosen": ex["answer"], "rejected": one if kind == "one" else two,
                         "grade": "better" if kind == "one" else "significantly_better"})
+    return out
+
+
+def sampled_preference_records(problems, samples, seed: int = 0) -> list[dict]:
+    """Preference pairs from a model's own answers (on-policy rejections): for each problem, the
+    right answer against each distinct wrong answer among `samples` (that problem's sampled
+    completions, in order of first appearance). A problem the model always solves is paired with a
+    near miss (`near_miss`, one edit) instead, so that what it can do stays in the data."""
+    out = []
+    for ex, completions in zip(problems, samples, strict=True):
+        wrong = list(dict.fromkeys(c.strip() for c in completions if not check(ex, c)))
+        if not wrong:
+            rng = np.random.default_rng([seed, 7, zlib.crc32(f"{ex['task']}:{ex['input']}".encode())])
+            wrong = [miss for miss in [near_miss(ex, 1, rng)] if miss is not None]
+        prompt = instruction_prompt(ex)
+        out += [{"task": ex["task"], "prompt": prompt, "chosen": ex["answer"], "rejected": w} for w in wrong]
     return out
 
 

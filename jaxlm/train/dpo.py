@@ -7,7 +7,8 @@ checked against the data on resume), so no reference model is in memory while tr
 give the same loss. simpo needs no reference at all.
 
 Data: pairs (and rankings as best-against-each pairs) from `dpo.train_files` and the built-in
-tasks (`dpo.tasks`: the right answer against near misses), rendered as `jaxlm sft` renders them,
+tasks (`dpo.tasks`: the right answer against near misses, or with `dpo.task_rejected: sampled`
+against the init run's own wrong answers, sampled once and kept with the run), rendered as `jaxlm sft` renders them,
 chosen and rejected of a pair packed into one row as two segments (`jaxlm.data.preferences`). A
 response's log-prob is the sum over its response tokens (`jaxlm.objectives.lm.sequence_log_probs`,
 closing token included, prompt and padding masked); `dpo.average_log_prob` divides by their count.
@@ -23,6 +24,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import json
 from pathlib import Path
 
 import jax
@@ -33,9 +35,11 @@ from jaxlm import model, runs, sharding
 from jaxlm.checkpoint import steps
 from jaxlm.config import Config, ConfigError
 from jaxlm.config.stages import LLAMA2_MARGINS
-from jaxlm.data import preferences
+from jaxlm.data import preferences, tasks
+from jaxlm.data.examples import chat
 from jaxlm.data.tokenizers import load_tokenizer
 from jaxlm.evaluate import task_accuracy
+from jaxlm.generate import generate_texts
 from jaxlm.objectives.dpo import preference_loss
 from jaxlm.objectives.lm import sequence_log_probs
 from jaxlm.train.loop import Stage, run
@@ -43,6 +47,7 @@ from jaxlm.train.state import Role, role_params
 from jaxlm.train.step import Objective
 
 REFERENCE_FILE = "reference_logp.npy"
+SAMPLES_FILE = "task_samples.json"
 
 
 def dpo_roles(cfg: Config) -> tuple[Role, ...]:
@@ -103,9 +108,48 @@ def dpo_objective(model_cfg, d) -> Objective:
 
 def load_groups(cfg: Config, tok):
     """(train pairs, eval pairs, info) for `cfg.dpo`: groups of two, chosen first."""
+    sampled = cfg.dpo.tasks and cfg.dpo.task_rejected == "sampled"
     return preferences.load_groups(cfg.dpo, "dpo", tok, template=cfg.sft.template, T=cfg.train.seq_len,
                                    heldout_fraction=cfg.data.heldout_fraction, seed=cfg.data.seed,
-                                   margins=LLAMA2_MARGINS, max_responses=2, pairs_only=True)
+                                   margins=LLAMA2_MARGINS, max_responses=2, pairs_only=True,
+                                   task_records=sampled_task_records(cfg) if sampled else None)
+
+
+def sampled_task_records(cfg: Config) -> tuple[list, list]:
+    """(train, test) preference records of the built-in tasks from the init run's own answers
+    (`tasks.sampled_preference_records`): dpo.task_pairs train problems and dpo.task_eval_pairs test
+    problems per task, each sampled dpo.task_samples times at dpo.task_temperature. The samples are
+    kept with the run (RUN_DIR/task_samples.json), so a resumed run trains on the same pairs."""
+    d = cfg.dpo
+    if not cfg.train.init_from:
+        raise ConfigError("dpo.task_rejected=sampled samples the init run's answers: set train.init_from")
+    problems = {"train": tasks.mixed(d.tasks, "train", d.task_pairs, cfg.data.seed),
+                "test": tasks.mixed(d.tasks, "test", d.task_eval_pairs, 0, distinct=True)}
+    key = hashlib.sha256(json.dumps([problems, d.task_samples, d.task_temperature, cfg.sft.template,
+                                     str(Path(cfg.train.init_from).absolute())]).encode()).hexdigest()
+    # the run directory is checked (another run's is refused) before anything is written into it
+    path = Path(runs.start(cfg, jax.process_index() == 0).train.run_dir) / SAMPLES_FILE
+    try:
+        kept = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:  # cut short by a kill while written: sampled again
+        kept = {}
+    if kept.get("key") == key:
+        samples = kept["samples"]
+    else:
+        loaded = runs.load_run(cfg.train.init_from)
+        r = chat.Renderer.from_tokenizer(loaded.tokenizer, cfg.sft.template)
+        samples = {}
+        for split, probs in problems.items():
+            prompts = [chat.prompt_ids(r, p) for p in probs for _ in range(d.task_samples)]
+            out = generate_texts(loaded.cfg.model, loaded.params, loaded.tokenizer, prompts, batch_size=256,
+                                 max_new_tokens=cfg.sft.max_new_tokens, stops=[loaded.tokenizer.eos_id],
+                                 key=cfg.train.seed, mesh=loaded.mesh, rules=loaded.cfg.mesh.rules,
+                                 temperature=d.task_temperature)
+            texts = [o["completion"] for o in out]
+            samples[split] = [texts[i:i + d.task_samples] for i in range(0, len(texts), d.task_samples)]
+        if jax.process_index() == 0:
+            path.write_text(json.dumps({"key": key, "samples": samples}))
+    return tuple(tasks.sampled_preference_records(problems[s], samples[s], cfg.data.seed) for s in ("train", "test"))
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("mesh", "rules"))

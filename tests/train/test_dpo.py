@@ -1,8 +1,10 @@
 """The DPO stage: sequence log-probs == a per-token loop, a pair packed with others == alone, a
 reference computed on the fly == precomputed, only the policy learns, sharded == unsharded, the
-start at log 2, and a tiny policy learning a planted preference."""
+start at log 2, a tiny policy learning a planted preference, and the built-in tasks' pairs against
+the init run's own sampled answers."""
 import dataclasses
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +12,7 @@ import numpy as np
 import pytest
 
 from jaxlm import model, runs, sharding
-from jaxlm.data import preferences
+from jaxlm.data import preferences, tasks
 from jaxlm.data.examples import chat, preference
 from jaxlm.data.tokenizers import ByteTokenizer
 from jaxlm.testing import random_params, tiny_config, write_run
@@ -149,3 +151,39 @@ def test_a_tiny_policy_learns_a_planted_preference(tmp_path, precompute):
     rows = [r for r in runs.read_metrics(tmp_path / "dpo") if "rewards/accuracy" in r and "event" not in r]
     assert rows[0]["rewards/accuracy"] < 0.5 < 0.9 < summary["eval_rewards/accuracy"], summary
     assert (tmp_path / "dpo" / dpo.REFERENCE_FILE).is_file() == precompute
+
+
+def test_sampled_rejections_pair_the_right_answer_with_each_distinct_wrong_one():
+    problems = tasks.mixed(["add", "sort"], "train", 2, seed=3)
+    right = [p["answer"] for p in problems]
+    samples = [[right[0], " 7", "7", "8"], [right[1]] * 3, ["", right[2] + " "], ["x", "x"]]
+    records = tasks.sampled_preference_records(problems, samples)
+    miss = records[2]["rejected"]  # an always-right problem: its right answer against a near miss
+    assert [(r["prompt"], r["chosen"], r["rejected"]) for r in records] == [
+        (chat.instruction_prompt(problems[0]), right[0], "7"), (chat.instruction_prompt(problems[0]), right[0], "8"),
+        (chat.instruction_prompt(problems[1]), right[1], miss), (chat.instruction_prompt(problems[2]), right[2], ""),
+        (chat.instruction_prompt(problems[3]), right[3], "x")]  # " 7" is "7", "x" once
+    assert miss != right[1] and not tasks.check(problems[1], miss)
+
+
+def test_sampled_rejections_come_from_the_init_run_and_are_kept_with_the_run(tmp_path, policy, monkeypatch):
+    """A tiny random model answers wrong: its samples become the rejected answers; a rerun reads
+    them back instead of sampling, and another sampling setting samples afresh."""
+    init = write_run(tmp_path / "sft", CFG, policy, step=2)
+    cfg = dataclasses.replace(CFG, train=dataclasses.replace(CFG.train, init_from=str(init),
+                                                             run_dir=str(tmp_path / "dpo")),
+                              sft=dataclasses.replace(CFG.sft, template="Q: {prompt}\nA: ", max_new_tokens=4),
+                              dpo=dataclasses.replace(CFG.dpo, tasks=("add", "recall"), task_rejected="sampled",
+                                                      task_pairs=3, task_eval_pairs=2, task_samples=2))
+    train, test = dpo.sampled_task_records(cfg)
+    assert len(train) >= 6 and len(test) >= 4  # 3 (2) problems a task, a distinct wrong answer or two each
+    assert all(not tasks.check({"task": r["task"], "answer": r["chosen"]}, r["rejected"]) for r in train + test)
+    monkeypatch.setattr(dpo, "generate_texts", lambda model, params, tok, prompts, **kw: [{"completion": "zz"}]
+                        * len(prompts))  # a stand-in sampler: what is sampled afresh answers "zz"
+    assert dpo.sampled_task_records(cfg) == (train, test)  # read back, not sampled again
+    (tmp_path / "hot").mkdir()  # a run of another temperature, handed the first run's samples
+    shutil.copy(tmp_path / "dpo" / dpo.SAMPLES_FILE, tmp_path / "hot")
+    hotter = dataclasses.replace(cfg, dpo=dataclasses.replace(cfg.dpo, task_temperature=2.0),
+                                 train=dataclasses.replace(cfg.train, run_dir=str(tmp_path / "hot")))
+    train, test = dpo.sampled_task_records(hotter)
+    assert {r["rejected"] for r in train + test} == {"zz"} and (len(train), len(test)) == (6, 4)

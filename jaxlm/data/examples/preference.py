@@ -72,7 +72,8 @@ def _margin(record, margins: dict) -> Union[float, str]:
     return 0.0
 
 
-def _sft_record(prompt, response: str) -> dict:
+def sft_record(prompt, response: str) -> dict:
+    """The SFT record of a prompt (text: an instruction; a list: chat messages) and its response."""
     if isinstance(prompt, str):
         return {"instruction": prompt, "output": response}
     return {"messages": [*prompt, {"role": "assistant", "content": response}]}
@@ -100,7 +101,7 @@ def check_preference(record, margins: dict, max_responses: int, min_responses: i
         if isinstance(margin, str):
             return margin
     for response in responses:
-        reason = chat.check_record(_sft_record(record["prompt"], response))
+        reason = chat.check_record(sft_record(record["prompt"], response))
         if reason is not None:
             return reason
     return None
@@ -108,7 +109,7 @@ def check_preference(record, margins: dict, max_responses: int, min_responses: i
 
 def _sequence(r: chat.Renderer, prompt, response: str, max_ids: int, truncation: str):
     """(ids, response mask) of one rendered response, or None if it does not fit."""
-    pieces, _ = chat.fit(chat.pieces_of(r, _sft_record(prompt, response)), max_ids, truncation)
+    pieces, _ = chat.fit(chat.pieces_of(r, sft_record(prompt, response)), max_ids, truncation)
     if pieces is None:
         return None
     ids = np.concatenate([p.ids for p in pieces]).astype(np.int32)
