@@ -21,7 +21,6 @@ reports it; the held-out preference accuracy and margins are the loop's `eval_re
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import hashlib
 import json
@@ -38,11 +37,11 @@ from jaxlm.config.stages import LLAMA2_MARGINS
 from jaxlm.data import preferences, tasks
 from jaxlm.data.examples import chat
 from jaxlm.data.tokenizers import load_tokenizer
-from jaxlm.evaluate import task_accuracy
 from jaxlm.generate import generate_texts
 from jaxlm.objectives.dpo import preference_loss
 from jaxlm.objectives.lm import sequence_log_probs
 from jaxlm.train.loop import Stage, run
+from jaxlm.train.sft import run_accuracy
 from jaxlm.train.state import Role, role_params
 from jaxlm.train.step import Objective
 
@@ -206,13 +205,6 @@ def build(cfg: Config) -> Stage:
                  loader(groups=evals) if evals else None, info)
 
 
-def _task_accuracy(cfg: Config, run_dir: str) -> dict:
-    loaded = runs.load_run(run_dir)
-    sft_cfg = dataclasses.replace(cfg, sft=dataclasses.replace(cfg.sft, tasks=cfg.dpo.tasks))
-    return {name: res["exact_match"] for name, res in task_accuracy(sft_cfg, loaded.params, loaded.tokenizer,
-                                                                     mesh=loaded.mesh).items()}
-
-
 def main(cfg: Config) -> dict:
     """Run DPO; with built-in tasks, the summary adds exact match per task before (the init run, on
     a fresh start) and after, prompted as `jaxlm sft` renders them."""
@@ -220,10 +212,10 @@ def main(cfg: Config) -> dict:
     before = {}
     if cfg.dpo.tasks and cfg.train.init_from and not steps(cfg.train.run_dir):
         runs.check_init_from(cfg.model, cfg.data.tokenizer, cfg.train.init_from)
-        before = _task_accuracy(cfg, cfg.train.init_from)
+        before = run_accuracy(cfg, cfg.train.init_from, cfg.dpo.tasks)
     summary = run(cfg, stage)
     if cfg.dpo.tasks:
-        summary["task_accuracy"] = _task_accuracy(cfg, cfg.train.run_dir)
+        summary["task_accuracy"] = run_accuracy(cfg, cfg.train.run_dir, cfg.dpo.tasks)
         if before:
             summary["task_accuracy_before"] = before
     return summary

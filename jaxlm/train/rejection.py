@@ -31,7 +31,6 @@ from jaxlm.checkpoint import steps
 from jaxlm.config import Config, ConfigError
 from jaxlm.data import preferences, readers, tasks
 from jaxlm.data.examples import chat, preference
-from jaxlm.evaluate import task_accuracy
 from jaxlm.generate import generate_texts
 from jaxlm.train import reward, sft
 
@@ -181,13 +180,8 @@ class Scorer:
 # --- a round --------------------------------------------------------------------------------------
 
 
-def read_rows(path: Path) -> list[dict]:
-    """The complete lines of a samples.jsonl (a line cut short by a kill, the last, is dropped)."""
-    return _read_rows(path)[0]
-
-
-def _read_rows(path: Path) -> tuple[list[dict], int]:
-    """(rows, the bytes they take): the lines up to the first one that a kill cut short."""
+def read_rows(path: Path) -> tuple[list[dict], int]:
+    """(rows, the bytes they take) of a samples.jsonl: its lines up to the first one that a kill cut short."""
     if not path.is_file():
         return [], 0
     rows, end = [], 0
@@ -205,7 +199,7 @@ def sample_round(cfg: Config, round_dir: Path, model_run: str, prompts: list[dic
     """Sample, score and append to round_dir/samples.jsonl every prompt not written yet; returns all rows."""
     r = cfg.rs
     path = round_dir / SAMPLES
-    rows, end = _read_rows(path)
+    rows, end = read_rows(path)
     if rows and [row["id"] for row in rows] != [p["id"] for p in prompts[:len(rows)]]:
         raise ConfigError(f"{path} holds samples of other prompts; use a new train.run_dir")
     if len(rows) == len(prompts):
@@ -257,12 +251,7 @@ def _round_sft_config(cfg: Config, round_dir: Path, init_from: str) -> Config:
 
 
 def _accuracy(cfg: Config, run_dir: str) -> dict:
-    if not cfg.rs.tasks:
-        return {}
-    loaded = runs.load_run(run_dir)
-    task_cfg = dataclasses.replace(cfg, sft=dataclasses.replace(cfg.sft, tasks=cfg.rs.tasks))
-    return {name: res["exact_match"] for name, res in task_accuracy(task_cfg, loaded.params, loaded.tokenizer,
-                                                                     mesh=loaded.mesh).items()}
+    return sft.run_accuracy(cfg, run_dir, cfg.rs.tasks) if cfg.rs.tasks else {}
 
 
 def main(cfg: Config, log=print) -> dict:
@@ -284,7 +273,7 @@ def main(cfg: Config, log=print) -> dict:
         summary_path = round_dir / SUMMARY
         if summary_path.is_file() and steps(sft_cfg.train.run_dir)[-1:] == [cfg.train.steps]:
             summary = json.loads(summary_path.read_text())  # a finished round
-            all_rows.append(read_rows(round_dir / SAMPLES))
+            all_rows.append(read_rows(round_dir / SAMPLES)[0])
         else:
             round_dir.mkdir(parents=True, exist_ok=True)
             rows = sample_round(cfg, round_dir, model_run, prompts, scorer, index)

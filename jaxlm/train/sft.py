@@ -96,9 +96,11 @@ def build(cfg: Config) -> Stage:
     return Stage("sft", policy_role(cfg), lm_objective(cfg.model), train_data, eval_data, info)
 
 
-def _run_accuracy(cfg: Config, run_dir: str) -> dict:
+def run_accuracy(cfg: Config, run_dir: str, names=None) -> dict:
+    """{task: exact match} of a run's model on the built-in tasks `names` (default sft.tasks),
+    prompted as `cfg.sft` renders them (`jaxlm.evaluate.task_accuracy`)."""
     run = runs.load_run(run_dir)
-    return {name: res["exact_match"] for name, res in task_accuracy(cfg, run.params, run.tokenizer,
+    return {name: res["exact_match"] for name, res in task_accuracy(cfg, run.params, run.tokenizer, names,
                                                                      mesh=run.mesh).items()}
 
 
@@ -109,11 +111,11 @@ def main(cfg: Config) -> dict:
     before = {}
     if cfg.sft.tasks and cfg.train.init_from and not steps(cfg.train.run_dir):
         runs.check_init_from(cfg.model, cfg.data.tokenizer, cfg.train.init_from)  # before using its params
-        before = _run_accuracy(cfg, cfg.train.init_from)
+        before = run_accuracy(cfg, cfg.train.init_from)
     summary = run(cfg, stage)
     summary.update(counts_train=stage.info["counts_train"], counts_eval=stage.info["counts_eval"])
     if cfg.sft.tasks:
-        summary["task_accuracy"] = _run_accuracy(cfg, cfg.train.run_dir)
+        summary["task_accuracy"] = run_accuracy(cfg, cfg.train.run_dir)
         if before:
             summary["task_accuracy_before"] = before
     return summary
