@@ -77,6 +77,34 @@ def _flops_per_token(roles, seq_len: int) -> float:
     return sum(perf.flops_per_token(r.model, seq_len) * (1.0 if r.trained else 1 / 3) for r in roles)
 
 
+def restore_newest(ckpt: Checkpointer, abstract_state: dict, log) -> tuple[Optional[dict], Optional[dict]]:
+    """(state, meta) of the newest checkpoint that reads back intact ((None, None) if there is none);
+    a checkpoint whose files are damaged is set aside (logged), and the next older tried. One of
+    another layout, or that fails to read for another reason, stops the run (ConfigError,
+    RunFailed) and is kept."""
+    steps = ckpt.all_steps()
+    set_aside = sorted(p.name for p in ckpt.directory.glob("*.broken*"))
+    if not steps and set_aside:  # never start over where checkpoints were
+        raise RunFailed(f"{ckpt.directory} holds no intact checkpoint, only ones set aside as damaged "
+                        f"({', '.join(set_aside)}); rename one back to retry it, or remove them to start over")
+    for i, s in reversed(list(enumerate(steps))):
+        try:
+            params, opt_state, meta = ckpt.restore(s, abstract_state["params"], abstract_state["opt_state"])
+        except CheckpointCorrupt as e:
+            moved = ckpt.set_aside(s)
+            log.event("set_aside", step=s, reason=str(e), moved_to=moved.name, instead=steps[i - 1] if i else "none")
+            continue
+        # The updates applied, not the loop step: steps whose update was dropped do not count.
+        state = {"params": params, "opt_state": opt_state,
+                 "step": jnp.asarray(meta.get("updates", meta["step"]), jnp.int32),
+                 "skipped": jnp.asarray(meta["skipped"], jnp.int32)}
+        return state, meta
+    if steps:
+        raise RunFailed(f"no checkpoint in {ckpt.directory} could be read (set aside as STEP.broken: "
+                        f"{', '.join(map(str, steps))}); rename one back to retry it, or remove them to start over")
+    return None, None
+
+
 def run(cfg: Config, stage: Stage, devices=None) -> dict:
     """Train `stage` under `cfg` (on `devices`, default all); resume from RUN_DIR's latest
     checkpoint if there is one. Returns the summary: the last logged row, the last evaluation,
@@ -112,39 +140,10 @@ def run(cfg: Config, stage: Stage, devices=None) -> dict:
     seed_key = jax.random.key(t.seed)
     counters = {"skipped": 0, "restores": 0, "skipped_examples": 0}
     restores_of: collections.Counter = collections.Counter()  # restores of each checkpoint step
-    saved_steps = set(ckpt.all_steps())  # Orbax refuses to write a step twice
     guard = Guard(t.spike_factor, t.max_bad_steps)
 
-    def restore_newest():
-        """Restore the newest checkpoint that reads back intact (None if there is none); a checkpoint
-        whose files are damaged is set aside, and the next older tried. One of another layout, or
-        that fails to read for another reason, stops the run (ConfigError, RunFailed) and is kept."""
-        nonlocal state
-        steps = ckpt.all_steps()
-        set_aside = sorted(p.name for p in ckpt.directory.glob("*.broken*"))
-        if not steps and set_aside:  # never start over where checkpoints were
-            raise RunFailed(f"{ckpt.directory} holds no intact checkpoint, only ones set aside as damaged "
-                            f"({', '.join(set_aside)}); rename one back to retry it, or remove them to start over")
-        for i, s in reversed(list(enumerate(steps))):
-            try:
-                params, opt_state, meta = ckpt.restore(s, abstract_state["params"], abstract_state["opt_state"])
-            except CheckpointCorrupt as e:
-                moved = ckpt.set_aside(s)
-                saved_steps.discard(s)  # so a save passing this step again writes it
-                log.event("set_aside", step=s, reason=str(e), moved_to=moved.name,
-                          instead=steps[i - 1] if i else "none")
-                continue
-            # The updates applied, not the loop step: steps whose update was dropped do not count.
-            state = {"params": params, "opt_state": opt_state,
-                     "step": jnp.asarray(meta.get("updates", meta["step"]), jnp.int32),
-                     "skipped": jnp.asarray(meta["skipped"], jnp.int32)}
-            return meta
-        if steps:
-            raise RunFailed(f"no checkpoint in {ckpt.directory} could be read (set aside as STEP.broken: "
-                            f"{', '.join(map(str, steps))}); rename one back to retry it, or remove them to start over")
-        return None
-
-    meta = restore_newest()
+    state, meta = restore_newest(ckpt, abstract_state, log)
+    saved_steps = set(ckpt.all_steps())  # Orbax refuses to write a step twice (those set aside are gone)
     if meta is not None:
         step, cursor = meta["step"], meta["cursor"]
         seed_key = jax.random.wrap_key_data(jnp.asarray(meta["rng"], jnp.uint32))
@@ -244,10 +243,13 @@ def run(cfg: Config, stage: Stage, devices=None) -> dict:
     def restore_last_good(bad_step):
         """Go back to the newest good checkpoint, keep the data cursor: the offending batches are
         skipped. Restores of one checkpoint, and in all, are bounded: past them the run stops."""
-        nonlocal step, counted_until
+        nonlocal state, step, counted_until
         ckpt.wait()
         ckpt.check()
-        meta = restore_newest()
+        restored, meta = restore_newest(ckpt, abstract_state, log)
+        if meta is not None:
+            state = restored
+        saved_steps.intersection_update(ckpt.all_steps())  # so a save passing a step set aside writes it
         back_to = 0 if meta is None else meta["step"]  # 0: no checkpoint, only the initial state
         restores_of[back_to] += 1
         if restores_of[back_to] > t.max_restores_per_step:
