@@ -17,6 +17,7 @@ COMMANDS = {
     "score": "the reward of every response of a JSONL file under a reward-model run",
     "dpo": "direct preference optimisation (DPO, IPO, cDPO, robust, SimPO) against a frozen reference",
     "rejection-sample": "best-of-N sampling scored by a checker or a reward model, then SFT on the best, in rounds",
+    "ppo": "reinforcement learning on sampled responses (PPO, GRPO, RLOO) scored by a checker or a reward model",
     "bench": "time the train step of a config; optionally side by side with reference steps",
     "plan": "bytes per device, compute and training time of a config on N devices, before running it",
     "generate": "sample text from a run's checkpoint: one prompt streamed, or a JSONL of prompts",
@@ -56,6 +57,11 @@ def parser() -> argparse.ArgumentParser:
                         "pairs}.jsonl and fine-tunes on the kept set (RUN_DIR/round_R/sft); with rs.tasks, reports "
                         "exact-match accuracy per task after each round.")
     _common(rs)
+    pp = sub.add_parser("ppo", help=COMMANDS["ppo"], description=COMMANDS["ppo"] +
+                        ". The policy and the frozen reference from train.init_from (an SFT run); train.steps "
+                        "iterations of rollout, scoring and ppo.epochs x ppo.minibatches updates, resumable per "
+                        "checkpoint; with ppo.tasks, reports exact-match accuracy per task before and after.")
+    _common(pp)
     data = sub.add_parser("data", help=COMMANDS["data"], description="Data preparation commands.")
     data_sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
     prep = data_sub.add_parser("prepare", help="filter, scrub and deduplicate raw documents per source",
@@ -229,6 +235,19 @@ def _rejection_sample(cfg, args) -> int:
     return 0
 
 
+def _ppo(cfg, args) -> int:
+    from jaxlm.train import ppo
+
+    log = print if _process_index() == 0 else (lambda line: None)
+    summary = ppo.main(cfg, log=log)
+    log(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (list, dict))}))
+    after, before = summary.get("task_accuracy", {}), summary.get("task_accuracy_before", {})
+    for name, acc in after.items():
+        start = f"{before[name]:.3f} -> " if name in before else ""
+        log(f"task {name}: exact match {start}{acc:.3f}")
+    return 0
+
+
 def _dpo(cfg, args) -> int:
     from jaxlm.train import dpo
 
@@ -316,8 +335,8 @@ def _data(cfg, args) -> int:
 
 # Commands that use JAX devices join the other processes of a multi-process run first,
 # before any device use (jaxlm/distributed.py; the environment says whether there are any).
-TRAINING_COMMANDS = ("pretrain", "sft", "reward", "dpo", "rejection-sample")
-DISTRIBUTED_COMMANDS = ("pretrain", "sft", "reward", "rejection-sample", "dpo", "ppo", "eval", "score", "bench")
+TRAINING_COMMANDS = ("pretrain", "sft", "reward", "dpo", "rejection-sample", "ppo")
+DISTRIBUTED_COMMANDS = ("pretrain", "sft", "reward", "rejection-sample", "dpo", "eval", "score", "bench")
 
 
 def _process_index() -> int:
@@ -372,7 +391,7 @@ def main(argv=None) -> int:
 
             joined = distributed.initialize(cfg.distributed) is not None
         return {"pretrain": _pretrain, "sft": _sft, "reward": _reward, "score": _score, "dpo": _dpo,
-                "rejection-sample": _rejection_sample, "bench": _bench,
+                "rejection-sample": _rejection_sample, "ppo": _ppo, "bench": _bench,
                 "data": _data, "generate": _generate, "eval": _eval, "plan": _plan}[args.command](cfg, args)
     except (ConfigError, FileNotFoundError) as e:
         name = args.command if args.command != "data" else f"data {args.data_command}"

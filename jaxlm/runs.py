@@ -40,7 +40,9 @@ IDENTITY = ("model", "data", "train.seq_len", "sft.train_files", "sft.eval_files
             "dpo.task_pairs", "dpo.truncation", "dpo.groups_per_row", "dpo.reference_from",
             "dpo.precompute_reference", "dpo.task_rejected", "dpo.task_samples", "dpo.task_temperature",
             "rs.prompt_files", "rs.tasks", "rs.task_prompts", "rs.samples_per_prompt", "rs.temperature", "rs.top_p",
-            "rs.max_new_tokens", "rs.checker", "rs.reward_run", "rs.min_score", "optim.name")
+            "rs.max_new_tokens", "rs.checker", "rs.reward_run", "rs.min_score", "ppo.algorithm", "ppo.prompt_files",
+            "ppo.tasks", "ppo.task_prompts", "ppo.checker", "ppo.reward_run", "ppo.prompts_per_iteration",
+            "ppo.group_size", "ppo.value_from", "optim.name")
 # How the same model computes, free to change between a run's sessions (and from an init_from run).
 RUNTIME_MODEL_KEYS = ("dtype", "remat", "scan_layers", "scan_unroll", "attention")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")

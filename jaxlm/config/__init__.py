@@ -23,12 +23,12 @@ from jaxlm.config.data import (
 from jaxlm.config.load import Config, from_dict, load_config, parse_overrides, save_config, to_dict, validate
 from jaxlm.config.model import PRESET_NAMES, ModelConfig, model_preset
 from jaxlm.config.schema import ConfigError
-from jaxlm.config.stages import DPOConfig, RewardConfig, RSConfig, SFTConfig
+from jaxlm.config.stages import DPOConfig, PPOConfig, RewardConfig, RSConfig, SFTConfig
 from jaxlm.config.train import DistributedConfig, MeshConfig, OptimConfig, TrainConfig
 
 __all__ = [
     "Config", "ConfigError", "DPOConfig", "DataConfig", "DistributedConfig", "MeshConfig", "MixSourceConfig",
-    "ModelConfig", "OptimConfig", "PRESET_NAMES", "PrepareConfig", "RSConfig", "RewardConfig", "SFTConfig",
-    "SourceConfig", "StageConfig", "TokenizeConfig", "TokenizerConfig", "TrainConfig", "from_dict", "load_config",
-    "model_preset", "parse_overrides", "save_config", "to_dict", "validate",
+    "ModelConfig", "OptimConfig", "PPOConfig", "PRESET_NAMES", "PrepareConfig", "RSConfig", "RewardConfig",
+    "SFTConfig", "SourceConfig", "StageConfig", "TokenizeConfig", "TokenizerConfig", "TrainConfig", "from_dict",
+    "load_config", "model_preset", "parse_overrides", "save_config", "to_dict", "validate",
 ]

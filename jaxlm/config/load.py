@@ -11,7 +11,7 @@ from jaxlm.config import data, model, stages, train
 from jaxlm.config.data import DataConfig, PrepareConfig, TokenizeConfig, TokenizerConfig
 from jaxlm.config.model import ModelConfig, model_preset
 from jaxlm.config.schema import ConfigError, build, check
-from jaxlm.config.stages import DPOConfig, RewardConfig, RSConfig, SFTConfig
+from jaxlm.config.stages import DPOConfig, PPOConfig, RewardConfig, RSConfig, SFTConfig
 from jaxlm.config.train import DistributedConfig, MeshConfig, OptimConfig, TrainConfig
 
 
@@ -29,6 +29,7 @@ class Config:
     reward: RewardConfig = RewardConfig()
     dpo: DPOConfig = DPOConfig()
     rs: RSConfig = RSConfig()
+    ppo: PPOConfig = PPOConfig()
     distributed: DistributedConfig = DistributedConfig()
 
 
@@ -137,3 +138,4 @@ def validate(cfg: Config) -> None:
     stages.validate_reward(cfg.reward)
     stages.validate_dpo(cfg.dpo)
     stages.validate_rs(cfg.rs)
+    stages.validate_ppo(cfg.ppo)

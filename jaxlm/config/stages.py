@@ -1,4 +1,4 @@
-"""The post-training stages' sections: `sft.*`, `reward.*`, `dpo.*`, `rs.*`."""
+"""The post-training stages' sections: `sft.*`, `reward.*`, `dpo.*`, `rs.*`, `ppo.*`."""
 from __future__ import annotations
 
 import dataclasses
@@ -105,12 +105,61 @@ class RSConfig:
     prompts_per_batch: int = 32  # prompts sampled (x samples_per_prompt rows) and written per step
 
 
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+    """`jaxlm ppo`: reinforcement learning of the policy from train.init_from on sampled responses.
+
+    train.steps counts iterations. An iteration samples `group_size` responses for each of
+    `prompts_per_iteration` prompts (prompt_files and/or built-in tasks, read as `rs.*` reads them) from the
+    current policy, scores them (`checker`: the built-in tasks' check, 1 or 0; or the reward-model
+    run `reward_run`), subtracts `missing_stop_penalty` from a response that never stopped, then
+    runs `epochs` passes of `minibatches` updates each over the rollout. `algorithm`: ppo (a value
+    role, the critic, and GAE; rewards = score at the last token - kl_coef x KL per token), grpo
+    (group-normalised scores) or rloo (leave-one-out baseline), both critic-free with
+    group_size >= 2. `kl_in_loss`: the KL to the reference (k3) is a loss term, as GRPO, instead of
+    a reward penalty. `kl_target` > 0: the reward penalty's coefficient adapts (Ziegler et al.).
+    """
+
+    algorithm: str = "ppo"
+    prompt_files: tuple[str, ...] = ()  # JSONL of {"prompt": ...}, optional "task"/"answer" (as rs)
+    tasks: tuple[str, ...] = ()  # built-in tasks: their train problems as prompts, checkable
+    task_prompts: int = 500  # prompts per built-in task
+    checker: bool = False  # score with the built-in tasks' check
+    reward_run: str = ""  # or: score with this reward-model run (`jaxlm reward`)
+    prompts_per_iteration: int = 32
+    group_size: int = 1  # responses per prompt (grpo and rloo: >= 2)
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    missing_stop_penalty: float = 1.0  # subtracted from the score of a response that never stopped
+    epochs: int = 2  # passes over an iteration's rollout
+    minibatches: int = 2  # updates per pass
+    clip_eps: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 0.5
+    ent_coef: float = 0.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    kl_coef: float = 0.05
+    kl_kind: str = "k1"  # the reward penalty's estimator (the loss term is always k3)
+    kl_in_loss: bool = False
+    kl_target: float = 0.0  # > 0: adapt kl_coef towards this mean KL per response
+    kl_horizon: float = 10_000.0
+    value_from: str = ""  # the critic's start: a run (a reward run, or an LM run: head fresh); "": train.init_from
+    value_lr: float = 0.0  # the critic's learning rate; 0: optim.lr
+    frozen_dtype: str = "float32"  # the reference's and reward model's params: float32 | bfloat16
+    eval_every: int = 0  # exact match on the built-in tasks every this many iterations (0: at the end only)
+
+
 CHOICES = {
     "sft.truncation": ("trim_context", "drop"),
     "reward.truncation": ("trim_context", "drop"),
     "dpo.truncation": ("trim_context", "drop"),
     "dpo.loss_type": ("sigmoid", "ipo", "hinge", "robust", "simpo"),
     "dpo.task_rejected": ("near_miss", "sampled"),
+    "ppo.algorithm": ("ppo", "grpo", "rloo"),
+    "ppo.kl_kind": ("k1", "k2", "k3"),
+    "ppo.frozen_dtype": ("float32", "bfloat16"),
 }
 
 
@@ -163,3 +212,26 @@ def validate_reward(r: RewardConfig) -> None:
     for grade, m in r.margins.items():
         check(isinstance(m, (int, float)) and not isinstance(m, bool) and m >= 0,
               f"reward.margins.{grade}={m!r} must be a number >= 0")
+
+
+def validate_ppo(p: PPOConfig) -> None:
+    from jaxlm.data.tasks import TASK_NAMES
+
+    for name in p.tasks:
+        check(name in TASK_NAMES, f"ppo.tasks has {name!r}, not a built-in task; allowed: {', '.join(TASK_NAMES)}")
+    for key in ("task_prompts", "prompts_per_iteration", "group_size", "max_new_tokens", "epochs", "minibatches"):
+        check(getattr(p, key) > 0, f"ppo.{key}={getattr(p, key)} must be positive")
+    check(p.algorithm == "ppo" or p.group_size >= 2,
+          f"ppo.group_size={p.group_size} must be >= 2 for ppo.algorithm={p.algorithm} (its baseline is the group)")
+    check((p.prompts_per_iteration * p.group_size) % p.minibatches == 0,
+          f"ppo.minibatches={p.minibatches} must divide the rollout's {p.prompts_per_iteration * p.group_size} "
+          "responses (prompts_per_iteration x group_size)")
+    check(p.temperature > 0, f"ppo.temperature={p.temperature} must be positive")
+    check(not (p.checker and p.reward_run), f"ppo.checker=true and ppo.reward_run={p.reward_run!r}: choose one scorer")
+    for key in ("clip_eps", "value_clip", "kl_horizon"):
+        check(getattr(p, key) > 0, f"ppo.{key}={getattr(p, key)} must be positive")
+    for key in ("vf_coef", "ent_coef", "kl_coef", "kl_target", "value_lr", "missing_stop_penalty", "eval_every"):
+        value = getattr(p, key)
+        check(math.isfinite(value) and value >= 0, f"ppo.{key}={value} must be a finite number >= 0")
+    for key in ("gamma", "lam"):
+        check(0 <= getattr(p, key) <= 1, f"ppo.{key}={getattr(p, key)} must be in [0, 1]")

@@ -108,15 +108,16 @@ def _usable(record, checker: bool) -> Optional[str]:
     return None
 
 
-def load_prompts(cfg: Config) -> tuple[list[dict], collections.Counter]:
-    """The round's prompts, each {"id", "prompt", ...} (a file record's other fields kept; a task's
-    "task" and "answer"), and the counts of file records (used, and each reason one was skipped)."""
-    r, out, counts = cfg.rs, [], collections.Counter()
+def load_prompts(cfg: Config, section: str = "rs") -> tuple[list[dict], collections.Counter]:
+    """The prompts of `cfg.<section>` (rs or ppo: prompt_files, tasks, task_prompts, checker), each
+    {"id", "prompt", ...} (a file record's other fields kept; a task's "task" and "answer"), and the
+    counts of file records (used, and each reason one was skipped)."""
+    r, out, counts = getattr(cfg, section), [], collections.Counter()
     if r.prompt_files:
         try:
             records = list(readers.read_records(r.prompt_files))
         except FileNotFoundError as e:
-            raise ConfigError(f"rs.prompt_files: {e}") from None
+            raise ConfigError(f"{section}.prompt_files: {e}") from None
         for i, record in enumerate(records):
             counts["records"] += 1
             reason = str(record) if isinstance(record, readers.Unreadable) else _usable(record, r.checker)
@@ -129,7 +130,8 @@ def load_prompts(cfg: Config) -> tuple[list[dict], collections.Counter]:
         out.append({"id": f"{ex['task']}:{ex['input']}", "prompt": chat.instruction_prompt(ex), "task": ex["task"],
                     "answer": ex["answer"]})
     if not out:
-        raise ConfigError("rs needs prompts: rs.prompt_files (JSONL of {\"prompt\": ...}) and/or rs.tasks; "
+        raise ConfigError(f"{section} needs prompts: {section}.prompt_files (JSONL of {{\"prompt\": ...}}) and/or "
+                          f"{section}.tasks; "
                           + (preferences.counts_line(counts) if counts else "none given"))
     return out, counts
 
@@ -138,15 +140,16 @@ class Scorer:
     """Scores of sampled responses: the built-in tasks' checker (1.0 right, 0.0 wrong), or the
     rewards of a reward-model run (rendered as that run was trained)."""
 
-    def __init__(self, cfg: Config):
-        if not cfg.rs.checker and not cfg.rs.reward_run:
-            raise ConfigError("rs needs a scorer: rs.checker=true (the built-in tasks' check) or rs.reward_run "
-                              "(a reward-model run)")
-        self.checker = cfg.rs.checker
+    def __init__(self, cfg: Config, section: str = "rs"):
+        r = getattr(cfg, section)  # rs or ppo: checker, reward_run
+        if not r.checker and not r.reward_run:
+            raise ConfigError(f"{section} needs a scorer: {section}.checker=true (the built-in tasks' check) or "
+                              f"{section}.reward_run (a reward-model run)")
+        self.checker, self.section = r.checker, section
         if not self.checker:
-            self.run = runs.load_run(cfg.rs.reward_run)
+            self.run = runs.load_run(r.reward_run)
             if "value_head" not in self.run.params:
-                raise ConfigError(f"rs.reward_run={cfg.rs.reward_run!r} is not a reward-model run (no value head)")
+                raise ConfigError(f"{section}.reward_run={r.reward_run!r} is not a reward-model run (no value head)")
             self.renderer = chat.Renderer.from_tokenizer(self.run.tokenizer, self.run.cfg.sft.template)
 
     def __call__(self, prompts: Sequence[dict], texts: Sequence[Sequence[str]]) -> list[list[float]]:
@@ -167,7 +170,8 @@ class Scorer:
             for i, j in singles]
         bad = [g for g in flat if isinstance(g, str)]
         if bad:
-            raise ConfigError(f"rs.reward_run cannot score a sample: {bad[0]} (its train.seq_len={c.train.seq_len})")
+            raise ConfigError(f"{self.section}.reward_run cannot score a sample: {bad[0]} (its train.seq_len="
+                              f"{c.train.seq_len})")
         rewards = reward.score_groups(c, self.run.params, flat, mesh=self.run.mesh)
         whole = iter(rewards[:len(flat) - len(singles)])
         out = [[float(x) for x in next(whole)] if g is not None else [0.0] * len(texts[i])
