@@ -11,12 +11,13 @@ critic from an LM run).
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import jax
 
 from jaxlm import model, runs, sharding
-from jaxlm.checkpoint import restore_params
+from jaxlm.checkpoint import check_step, param_names, restore_params
 from jaxlm.model.transformer import value_head_init
 from jaxlm.config import Config, ConfigError, ModelConfig, OptimConfig
 from jaxlm.optim import make_optimizer
@@ -125,11 +126,15 @@ def role_params(role: Role, seed_key, mesh, rules: str):
     `seed_key`."""
     if not role.init_from:
         return model.init_sharded(role.model, seed_key, mesh, rules), None
-    source = runs.run_config(role.init_from).model
-    source = dataclasses.replace(role.model, value_head=source.value_head)
     what = role.init_from_key
-    params, step = restore_params(role.init_from, model.abstract_params(source, mesh, rules), role=role.init_role
-                                  or runs.primary_role(role.init_from), what=what)
+    step = check_step(role.init_from, None, what)
+    init_role = role.init_role or runs.primary_role(role.init_from, step)
+    # a reward run's config does not say it has a value head (its stage adds one): its checkpoint does
+    held = Path(role.init_from).absolute() / "checkpoints" / str(step) / init_role
+    source = dataclasses.replace(role.model, value_head=held.is_dir() and "value_head" in param_names(
+        role.init_from, step, init_role))
+    params, step = restore_params(role.init_from, model.abstract_params(source, mesh, rules), step, role=init_role,
+                                  what=what)
     if role.model.value_head and not source.value_head:
         head_sharding = model.shardings(role.model, mesh, rules)["value_head"]
         head = value_head_init(role.model, jax.random.fold_in(seed_key, 1))

@@ -145,15 +145,25 @@ def test_a_stopped_run_resumes_where_the_straight_run_ends_and_the_reference_sta
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
-def test_grpo_with_a_reward_model_as_scorer(tmp_path, init_run):
-    reward_cfg = dataclasses.replace(CFG, model=dataclasses.replace(CFG.model, value_head=True))
-    reward_run = write_run(tmp_path / "reward", reward_cfg, random_params(reward_cfg.model, 1), role="reward")
-    cfg = _cfg(tmp_path, init_run, checker=False, reward_run=str(reward_run), algorithm="grpo", group_size=2,
-               prompts_per_iteration=4, tasks=["add"], frozen_dtype="bfloat16")
+@pytest.fixture(scope="module")
+def reward_run(tmp_path_factory):
+    cfg = dataclasses.replace(CFG, model=dataclasses.replace(CFG.model, value_head=True))
+    return write_run(tmp_path_factory.mktemp("reward") / "reward", cfg, random_params(cfg.model, 1), role="reward")
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_a_reward_model_as_the_scorer_and_the_critics_start(tmp_path, init_run, reward_run, algorithm):
+    critic = dict(value_from=str(reward_run)) if algorithm == "ppo" else dict(group_size=2, prompts_per_iteration=4)
+    cfg = _cfg(tmp_path, init_run, checker=False, reward_run=str(reward_run), algorithm=algorithm, tasks=["add"],
+               frozen_dtype="bfloat16", **critic)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=1))
     summary = ppo.main(cfg, log=lambda line: None)
     assert summary["final_step"] == 1 and np.isfinite(summary["score"]) and "correct" not in summary
-    assert "value_loss" not in summary and runs.roles(tmp_path / "ppo", 1) == ["policy"]  # no critic
+    assert runs.roles(tmp_path / "ppo", 1) == (["policy", "value"] if algorithm == "ppo" else ["policy"])
+    if algorithm == "ppo":  # the critic started from the reward model, its trained head included
+        events = [r for r in runs.read_metrics(tmp_path / "ppo") if r.get("event") == "init_from"]
+        assert {"role": "value", "run_dir": str(reward_run)} in [{k: e[k] for k in ("role", "run_dir")} for e in events]
+        assert np.isfinite(summary["value_loss"])
 
 
 def test_bad_settings_are_named():
