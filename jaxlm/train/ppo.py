@@ -28,7 +28,9 @@ An iteration (train.steps of them):
 A checkpoint every train.save_every iterations (and at the last) holds the trained roles, their
 optimizer states and the KL coefficient; a killed run resumes after the newest one, and as every
 draw is keyed by the iteration, a resumed run repeats the uninterrupted one. One row per iteration
-in RUN_DIR/metrics.jsonl (`ITERATION_METRICS`).
+in RUN_DIR/metrics.jsonl: score (and correct, with the checker), KL to the reference, kl_coef, the
+update's losses, entropy, clip fraction and approximate KL, the critic's explained variance,
+response length, and the seconds of rollout, scoring and update.
 """
 from __future__ import annotations
 
@@ -57,11 +59,6 @@ from jaxlm.train.loop import restore_newest
 from jaxlm.train.sft import run_accuracy
 from jaxlm.train.state import Role, compile_stage, role_params, trained
 from jaxlm.train.step import Objective
-
-ITERATION_METRICS = (
-    "score", "score_raw", "correct", "kl", "kl_coef", "entropy", "clip_frac", "approx_kl", "policy_loss",
-    "value_loss", "explained_var", "response_len", "stopped", "time_rollout", "time_score", "time_update")
-
 
 def ppo_roles(cfg: Config) -> tuple[Role, ...]:
     """The trained roles (the policy; ppo: the critic too) and the frozen reference, last."""

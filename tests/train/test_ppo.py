@@ -113,6 +113,7 @@ class _Stop(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_a_stopped_run_resumes_where_the_straight_run_ends_and_the_reference_stays(tmp_path, init_run, prompt_file):
     before = runs.load_run(init_run).params
     files = dict(tasks=[], prompt_files=[str(prompt_file)])
@@ -151,14 +152,17 @@ def reward_run(tmp_path_factory):
     return write_run(tmp_path_factory.mktemp("reward") / "reward", cfg, random_params(cfg.model, 1), role="reward")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
 def test_a_reward_model_as_the_scorer_and_the_critics_start(tmp_path, init_run, reward_run, algorithm):
     critic = dict(value_from=str(reward_run)) if algorithm == "ppo" else dict(group_size=2, prompts_per_iteration=4)
     cfg = _cfg(tmp_path, init_run, checker=False, reward_run=str(reward_run), algorithm=algorithm, tasks=["add"],
                frozen_dtype="bfloat16", **critic)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=1))
+    before = runs.load_run(reward_run).params
     summary = ppo.main(cfg, log=lambda line: None)
     assert summary["final_step"] == 1 and np.isfinite(summary["score"]) and "correct" not in summary
+    jax.tree.map(np.testing.assert_array_equal, runs.load_run(reward_run).params, before)  # the reward run untouched
     assert runs.roles(tmp_path / "ppo", 1) == (["policy", "value"] if algorithm == "ppo" else ["policy"])
     if algorithm == "ppo":  # the critic started from the reward model, its trained head included
         events = [r for r in runs.read_metrics(tmp_path / "ppo") if r.get("event") == "init_from"]
