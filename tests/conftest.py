@@ -4,7 +4,10 @@ Markers (CI runs them all): `slow` (tens of seconds: subprocess runs, whole stag
 (several jaxlm processes joined by jax.distributed), `parity` (against transformers and torch).
 A quick local run: `pytest -m "not slow and not multiprocess and not parity"`.
 """
+import atexit
 import os
+import shutil
+import tempfile
 
 # XLA:CPU's cheaper backend passes halve the compile time that dominates the suite; every compared
 # program is compiled with the same flags (subprocesses inherit them), and no test times anything.
@@ -12,6 +15,13 @@ FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_
 os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), FAST_COMPILE,
                                     "--xla_force_host_platform_device_count=8"]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache per session (subprocesses inherit it): the stages' tests build the
+# same programs again in every run they start (a new jit per run), and a cache hit skips the compile.
+_CACHE = tempfile.mkdtemp(prefix="jaxlm-tests-xla-cache-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # noqa: E402
 
