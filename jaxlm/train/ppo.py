@@ -26,8 +26,10 @@ An iteration (train.steps of them):
    ppo.kl_in_loss), per response token of the minibatch.
 
 A checkpoint every train.save_every iterations (and at the last) holds the trained roles, their
-optimizer states and the KL coefficient; a killed run resumes after the newest one, and as every
-draw is keyed by the iteration, a resumed run repeats the uninterrupted one. One row per iteration
+optimizer states and the KL coefficient. SIGTERM or SIGINT stops the run after the iteration in
+flight, saved there (`jaxlm.train.loop.Interrupted`: exit 143 or 130 from the CLI; a second
+SIGINT at once). A stopped or killed run resumes after its newest checkpoint, and as every draw is
+keyed by the iteration, a resumed run repeats the uninterrupted one. One row per iteration
 in RUN_DIR/metrics.jsonl: score (and correct, with the checker), KL to the reference, kl_coef, the
 update's losses, entropy, clip fraction and approximate KL, the critic's explained variance,
 response length, and the seconds of rollout, scoring and update.
@@ -36,6 +38,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -55,7 +59,7 @@ from jaxlm.objectives import advantages as adv
 from jaxlm.objectives.lm import token_log_probs
 from jaxlm.objectives.ppo import adaptive_kl_coef, entropy, policy_loss, value_loss
 from jaxlm.train import rejection, rollout
-from jaxlm.train.loop import restore_newest
+from jaxlm.train.loop import Interrupted, restore_newest
 from jaxlm.train.sft import run_accuracy
 from jaxlm.train.state import Role, compile_stage, role_params, trained
 from jaxlm.train.step import Objective
@@ -238,6 +242,32 @@ def main(cfg: Config, log=print) -> dict:
     advantages_fn = jax.jit(lambda *a: advantages(p, *a))
     summary: dict = {}
     saved, finished = set(ckpt.all_steps()), False
+
+    def save(iteration):
+        if iteration in saved:
+            return
+        meta = {"step": iteration, "updates": int(jax.device_get(state["step"])), "cursor": 0, "skipped": skipped,
+                "kl_coef": kl_coef}
+        if meta["updates"] == 0:  # nothing learned: a rerun must not resume it as done
+            raise RunFailed(f"no update of the run's first {iteration} iterations was finite ({skipped} dropped): "
+                            "nothing learned and nothing saved; lower optim.lr")
+        try:
+            ckpt.save(iteration, state["params"], state["opt_state"], meta)
+        except NonFiniteState as e:
+            raise RunFailed(f"iteration {iteration}: the state is not finite and was not saved ({e}); the latest "
+                            f"checkpoint is {ckpt.latest_step()}; lower optim.lr") from None
+        saved.add(iteration)
+
+    # SIGTERM / SIGINT only set a flag: the run stops after the iteration in flight and saves there.
+    stop: list[int] = []
+
+    def on_signal(signum, frame):
+        if stop and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: at once, without the save
+        stop.append(signum)
+
+    handled = (signal.SIGTERM, signal.SIGINT) if threading.current_thread() is threading.main_thread() else ()
+    old_handlers = {sig: signal.signal(sig, on_signal) for sig in handled}
     try:
         while iteration < t.steps:
             t0 = time.perf_counter()
@@ -280,19 +310,13 @@ def main(cfg: Config, log=print) -> dict:
             log(f"iteration {iteration}: score {row['score']:.3f}, kl {row['kl']:.4f}, entropy "
                 f"{row.get('entropy', 0):.3f}, clip {row.get('clip_frac', 0):.3f}, {t4 - t0:.1f}s")
             summary = row
-            if iteration % t.save_every == 0 or iteration == t.steps:
-                if iteration not in saved:
-                    meta = {"step": iteration, "updates": int(jax.device_get(state["step"])), "cursor": 0,
-                            "skipped": skipped, "kl_coef": kl_coef}
-                    if meta["updates"] == 0:  # nothing learned: a rerun must not resume it as done
-                        raise RunFailed(f"no update of the run's first {iteration} iterations was finite ({skipped} "
-                                        "dropped): nothing learned and nothing saved; lower optim.lr")
-                    try:
-                        ckpt.save(iteration, state["params"], state["opt_state"], meta)
-                        saved.add(iteration)
-                    except NonFiniteState as e:
-                        raise RunFailed(f"iteration {iteration}: the state is not finite and was not saved ({e}); "
-                                        f"the latest checkpoint is {ckpt.latest_step()}; lower optim.lr") from None
+            if iteration % t.save_every == 0 or iteration == t.steps or stop:
+                save(iteration)
+            if stop and iteration < t.steps:
+                writer.event("interrupted", step=iteration, signal=signal.Signals(stop[0]).name)
+                ckpt.wait()
+                ckpt.check()
+                raise Interrupted(stop[0], iteration, ckpt.latest_step())
             if p.tasks and p.eval_every and iteration % p.eval_every == 0 and iteration != t.steps:
                 acc = task_accuracy(cfg, state["params"]["policy"], tok, p.tasks, mesh=mesh)
                 writer.scalars({"step": iteration, **{f"exact_match/{k}": v["exact_match"] for k, v in acc.items()}})
@@ -300,6 +324,8 @@ def main(cfg: Config, log=print) -> dict:
         ckpt.check()
         finished = True
     finally:
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
         with contextlib.suppress(Exception):  # a failed background save: reported by `check`, or the error in flight
             ckpt.close()
         if not finished:

@@ -1,10 +1,12 @@
 """The PPO stage: rollout rows whose mask marks exactly the response tokens; GRPO/RLOO on equal
 scores learn nothing; the update step sharded == on one device, both trained roles updated; an
-iteration starts at KL 0 (policy == reference) and leaves the init run untouched; a run stopped
-after its second iteration and resumed ends where the straight run does; GRPO with a reward model
-as the scorer (and the critic-free path) runs."""
+iteration starts at KL 0 (policy == reference) and leaves the init run untouched; a run stopped by
+SIGTERM after its first iteration (saved there) and resumed ends where the straight run does; PPO
+and GRPO with a reward model as the scorer (and PPO's critic started from it) run."""
 import dataclasses
 import json
+import os
+import signal
 
 import jax
 import numpy as np
@@ -17,6 +19,7 @@ from jaxlm.data import tasks
 from jaxlm.data.examples import chat
 from jaxlm.testing import random_params, tiny_config, write_run
 from jaxlm.train import ppo, rollout
+from jaxlm.train.loop import Interrupted
 from jaxlm.train.state import compile_stage, trained
 
 T = 64
@@ -109,12 +112,8 @@ def prompt_file(tmp_path_factory):
     return path
 
 
-class _Stop(Exception):
-    pass
-
-
 @pytest.mark.slow
-def test_a_stopped_run_resumes_where_the_straight_run_ends_and_the_reference_stays(tmp_path, init_run, prompt_file):
+def test_a_run_stopped_by_sigterm_resumes_where_the_straight_run_ends(tmp_path, init_run, prompt_file):
     before = runs.load_run(init_run).params
     files = dict(tasks=[], prompt_files=[str(prompt_file)])
     straight = ppo.main(_cfg(tmp_path, init_run, "straight", **files), log=lambda line: None)
@@ -126,20 +125,22 @@ def test_a_stopped_run_resumes_where_the_straight_run_ends_and_the_reference_sta
         assert np.isfinite(rows[-1][k])
     jax.tree.map(np.testing.assert_array_equal, runs.load_run(init_run).params, before)  # the init run untouched
 
-    def stop_at_third(line):
-        if line.startswith("iteration 3"):
-            raise _Stop
+    def sigterm_after_first(line):
+        if line.startswith("iteration 1"):
+            os.kill(os.getpid(), signal.SIGTERM)  # the run stops after the iteration in flight, saved there
 
     start = next(r for r in map(json.loads, (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines())
                  if r.get("event") == "start")
     assert start["prompt_files"] == {"records": 13, "used": 12, "missing_field": 1}  # the bad line counted
     cfg = _cfg(tmp_path, init_run, "resumed", **files)
-    with pytest.raises(_Stop):
-        ppo.main(cfg, log=stop_at_third)
-    assert steps(tmp_path / "resumed") == [1, 2]
+    stopped = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, save_every=10))
+    with pytest.raises(Interrupted) as e:
+        ppo.main(stopped, log=sigterm_after_first)
+    assert (e.value.code, e.value.saved, e.value.latest) == (143, 1, 1)
+    assert steps(tmp_path / "resumed") == [1]
     ppo.main(cfg, log=lambda line: None)
     resumed = _rows(tmp_path / "resumed")
-    assert [r["step"] for r in resumed] == [1, 2, 3, 3]  # the third iteration again after the stop
+    assert [r["step"] for r in resumed] == [1, 2, 3]
     for k in ("score", "kl", "policy_loss", "value_loss"):
         assert resumed[-1][k] == rows[-1][k], k
     a, b = runs.load_run(tmp_path / "straight").params, runs.load_run(tmp_path / "resumed").params
