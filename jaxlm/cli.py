@@ -238,13 +238,9 @@ def _rejection_sample(cfg, args) -> int:
 def _ppo(cfg, args) -> int:
     from jaxlm.train import ppo
 
-    log = print if _process_index() == 0 else (lambda line: None)
-    summary = ppo.main(cfg, log=log)
-    log(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (list, dict))}))
-    after, before = summary.get("task_accuracy", {}), summary.get("task_accuracy_before", {})
-    for name, acc in after.items():
-        start = f"{before[name]:.3f} -> " if name in before else ""
-        log(f"task {name}: exact match {start}{acc:.3f}")
+    summary = ppo.main(cfg, log=print if _process_index() == 0 else (lambda line: None))
+    if _process_index() == 0:
+        _print_summary(summary)
     return 0
 
 
@@ -252,13 +248,8 @@ def _dpo(cfg, args) -> int:
     from jaxlm.train import dpo
 
     summary = dpo.main(cfg)
-    if _process_index() != 0:
-        return 0
-    print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (list, dict))}))
-    after, before = summary.get("task_accuracy", {}), summary.get("task_accuracy_before", {})
-    for name, acc in after.items():
-        start = f"{before[name]:.3f} -> " if name in before else ""
-        print(f"task {name}: exact match {start}{acc:.3f}")
+    if _process_index() == 0:
+        _print_summary(summary)
     return 0
 
 
@@ -273,16 +264,21 @@ def _sft(cfg, args) -> int:
     from jaxlm.train import sft
 
     summary = sft.main(cfg)
-    if _process_index() != 0:
-        return 0
+    if _process_index() == 0:
+        _print_summary(summary, counts=("counts_train", "counts_eval"))
+    return 0
+
+
+def _print_summary(summary: dict, counts=()) -> None:
+    """A stage's summary: its scalars as one JSON line, the record counts named, then exact match per
+    built-in task (before -> after where the summary has both)."""
     print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (list, dict))}))
-    for key in ("counts_train", "counts_eval"):
+    for key in counts:
         print(f"{key.split('_')[1]} records: {json.dumps(summary[key])}")
     after, before = summary.get("task_accuracy", {}), summary.get("task_accuracy_before", {})
     for name, acc in after.items():
         start = f"{before[name]:.3f} -> " if name in before else ""
         print(f"task {name}: exact match {start}{acc:.3f}")
-    return 0
 
 
 def _plan(cfg, args) -> int:

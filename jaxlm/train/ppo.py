@@ -60,6 +60,7 @@ from jaxlm.objectives.lm import token_log_probs
 from jaxlm.objectives.ppo import adaptive_kl_coef, entropy, policy_loss, value_loss
 from jaxlm.train import rejection, rollout
 from jaxlm.train.loop import Interrupted, restore_newest
+from jaxlm.train.metrics import means
 from jaxlm.train.sft import run_accuracy
 from jaxlm.train.state import Role, compile_stage, role_params, trained
 from jaxlm.train.step import Objective
@@ -182,10 +183,6 @@ def _cast(params, dtype: str):
     return params if dtype == "float32" else jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
 
 
-def _means(sums: dict) -> dict:
-    return {k: float(s) / max(float(n), 1.0) for k, (s, n) in sums.items()}
-
-
 def main(cfg: Config, log=print) -> dict:
     """Run train.steps iterations from train.init_from; returns the summary: the last iteration's
     row, final_step, and with built-in tasks exact match per task before (on a fresh start) and after."""
@@ -295,7 +292,7 @@ def main(cfg: Config, log=print) -> dict:
             t4 = time.perf_counter()
             iteration += 1
             seq_kl = extra["kl"].sum(axis=1)
-            row = {"step": iteration, **_means(sums), "score": float(scores.mean()), "score_raw": float(raw.mean()),
+            row = {"step": iteration, **means(sums), "score": float(scores.mean()), "score_raw": float(raw.mean()),
                    "kl": float(seq_kl.mean()), "kl_coef": float(kl_coef),
                    "response_len": float(ro.lengths.mean()), "stopped": float(ro.stopped.mean()),
                    "time_rollout": (t1 - t0) + (t3 - t2), "time_score": t2 - t1, "time_update": t4 - t3,
