@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import shutil
+import socket
 import sys
 import time
 from pathlib import Path
@@ -300,9 +301,7 @@ class MetricsWriter:
         run_dir.mkdir(parents=True, exist_ok=True)
         self._file = open(run_dir / "metrics.jsonl", "a", buffering=1)
         try:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+            self._tb = EventFile(run_dir / "tensorboard")
         except ImportError:  # TensorBoard is optional: the JSONL has everything
             self._tb = None
 
@@ -318,9 +317,8 @@ class MetricsWriter:
         row = _strict(row)
         self._write(row)
         if self._tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self._tb.add_scalar(k, v, row["step"])
+            self._tb.scalars(row["step"], {k: v for k, v in row.items()
+                                           if k != "step" and isinstance(v, (int, float))})
 
     def event(self, name: str, **fields) -> None:
         if not self.enabled:
@@ -332,12 +330,44 @@ class MetricsWriter:
     def close(self) -> None:
         if not self.enabled or self._file.closed:
             return
+        for f in (self._file, self._tb):
+            try:
+                if f is not None:
+                    f.close()  # closes the file also when its last flush fails
+            except OSError:  # a full disk: what could be written is written
+                pass
+
+
+class EventFile:
+    """TensorBoard's event file (scalars), written in the caller's thread.
+
+    tensorboardX's SummaryWriter writes from a thread of its own and, when its last flush fails
+    (a full disk), leaves the file open and retries at exit with a traceback; this writer is the
+    same records (a length, the Event proto, their CRCs) through a plain file.
+    """
+
+    def __init__(self, directory: Path):
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.proto.summary_pb2 import Summary
+        from tensorboardX.record_writer import RecordWriter
+
+        self._event, self._summary = Event, Summary
+        directory.mkdir(exist_ok=True)
+        self._records = RecordWriter(str(directory / f"events.out.tfevents.{time.time():.0f}.{socket.gethostname()}"))
+        self._write(Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+    def _write(self, event) -> None:
         try:
-            self._file.close()
-            if self._tb is not None:
-                self._tb.close()
-        except OSError:  # a full disk: what could be written is written
-            pass
+            self._records.write(event.SerializeToString())
+        except OSError as e:  # a full disk: one line, not a traceback
+            raise RunFailed(f"cannot write {self._records.path}: {e.strerror}") from None
+
+    def scalars(self, step: int, values: dict) -> None:
+        summary = self._summary(value=[self._summary.Value(tag=k, simple_value=v) for k, v in values.items()])
+        self._write(self._event(wall_time=time.time(), step=step, summary=summary))
+
+    def close(self) -> None:
+        self._records.close()
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

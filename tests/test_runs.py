@@ -3,6 +3,7 @@ never resumed under a config that trains something else, and `--step` errors tha
 import dataclasses
 import shutil
 
+import numpy as np
 import pytest
 import yaml
 
@@ -107,3 +108,37 @@ def test_init_from_a_run_with_another_model_or_tokenizer_is_one_line(tiny_run, t
     with pytest.raises(ConfigError, match="differs from the tokenizer of the train.init_from run"):
         runs.check_init_from(cfg.model, str(spm), tiny_run)
     runs.check_init_from(dataclasses.replace(cfg.model, remat="full", value_head=True), "byte", tiny_run)
+
+
+def _tfevents(path):
+    """The Event protos of a TensorBoard event file, each record's two CRCs checked."""
+    import struct
+
+    from tensorboardX.crc32c import crc32c
+    from tensorboardX.proto.event_pb2 import Event
+
+    masked = lambda b: ((((crc32c(b) >> 15) | (crc32c(b) << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
+    data, events = path.read_bytes(), []
+    while data:
+        header, (header_crc,) = data[:8], struct.unpack("I", data[8:12])
+        (n,) = struct.unpack("Q", header)
+        body, (body_crc,) = data[12:12 + n], struct.unpack("I", data[12 + n:16 + n])
+        assert header_crc == masked(header) and body_crc == masked(body)
+        events.append(Event.FromString(body))
+        data = data[16 + n:]
+    return events
+
+
+def test_metrics_go_to_jsonl_and_a_tensorboard_event_file(tmp_path):
+    log = runs.MetricsWriter(tmp_path)
+    log.scalars({"step": 1, "loss": 2.5, "lr": 1e-3, "note": "x"})
+    log.scalars({"step": 2, "loss": float("nan")})
+    log.event("end", step=2)
+    log.close()
+    assert runs.read_metrics(tmp_path)[:2] == [{"step": 1, "loss": 2.5, "lr": 1e-3, "note": "x"},
+                                               {"step": 2, "loss": None}]
+    (path,) = (tmp_path / "tensorboard").iterdir()
+    first, *rows = _tfevents(path)
+    assert first.file_version == "brain.Event:2"
+    got = [(e.step, {v.tag: v.simple_value for v in e.summary.value}) for e in rows]
+    assert got == [(1, {"loss": 2.5, "lr": np.float32(1e-3)}), (2, {})]
