@@ -136,9 +136,10 @@ def exact_match(cfg, params, tokenizer, pairs: Sequence[tuple], *, max_new_token
 
 def task_accuracy(cfg, params, tokenizer=None, names=None, n: int = 0, *, batch_size: int = 64,
                   mesh=None) -> dict:
-    """{task: {"exact_match", "correct", "total"}}: greedy completions of each task's test problems
+    """{task: {"exact_match", "correct", "total", "examples"}}: greedy completions of each task's test problems
     (`n` distinct ones, default `sft.task_eval_examples`; `jaxlm.data.tasks.test_records`),
-    prompted as SFT renders them (`sft.template`), checked by `jaxlm.data.tasks.check`."""
+    prompted as SFT renders them (`sft.template`), checked by `jaxlm.data.tasks.check`; "examples" holds
+    each problem's {"prompt", "answer", "completion", "hit"}."""
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg.data.tokenizer)
     names = list(names or cfg.sft.tasks or tasks.TASK_NAMES)
@@ -150,12 +151,14 @@ def task_accuracy(cfg, params, tokenizer=None, names=None, n: int = 0, *, batch_
     pairs = [(chat.prompt_ids(r, rec), functools.partial(tasks.check, rec)) for rec in records]
     res = exact_match(cfg.model, params, tokenizer, pairs, max_new_tokens=cfg.sft.max_new_tokens,
                       batch_size=batch_size, stop_tokens=[tokenizer.eos_id], mesh=mesh, rules=cfg.mesh.rules)
-    hits, totals = collections.Counter(), collections.Counter()
-    for rec, hit in zip(records, res["hits"]):
+    hits, totals, examples = collections.Counter(), collections.Counter(), collections.defaultdict(list)
+    for rec, hit, completion in zip(records, res["hits"], res["completions"]):
         totals[rec["task"]] += 1
         hits[rec["task"]] += hit
-    return {name: {"exact_match": hits[name] / totals[name], "correct": hits[name], "total": totals[name]}
-            for name in names}
+        examples[rec["task"]].append({"prompt": f"{rec['instruction']} {rec['input']}", "answer": rec["answer"],
+                                      "completion": completion, "hit": hit})
+    return {name: {"exact_match": hits[name] / totals[name], "correct": hits[name], "total": totals[name],
+                   "examples": examples[name]} for name in names}
 
 
 # --- the shell: `jaxlm eval` ------------------------------------------------------------------
@@ -230,7 +233,8 @@ def run_eval(run_dir, cfg, params, step: int, mesh, tokenizer, *, texts=(), text
         rows.append({"dataset": Path(path).name, **{k: v for k, v in res.items() if k not in ("completions", "hits")}})
     if tasks is not None:
         accuracy = task_accuracy(cfg, params, tokenizer, tasks, max_documents, batch_size=batch_size, mesh=mesh)
-        rows += [{"dataset": f"task:{name}", **res} for name, res in accuracy.items()]
+        rows += [{"dataset": f"task:{name}", **{k: v for k, v in res.items() if k != "examples"}}
+                 for name, res in accuracy.items()]
     log = MetricsWriter(run_dir, enabled=jax.process_index() == 0)
     log.scalars({"step": step, **{f"eval/{r['dataset']}/{k}": v for r in rows for k, v in r.items()
                                   if k != "dataset"}})

@@ -89,20 +89,28 @@ def from_dict(tree: dict) -> Config:
     return cfg
 
 
+def read_tree(path: str | Path) -> dict:
+    """The nested dict of a YAML config file, unvalidated (`from_dict` validates it)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}".splitlines()[0]) from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
+    return loaded
+
+
+def override(tree: dict, flat: dict[str, Any]) -> dict:
+    """`tree` with the dotted keys of `flat` set ({"train.steps": 10}), `tree` itself unchanged."""
+    return _merge(tree, _nest(flat))
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML file of overrides, apply `key.sub=value` overrides, validate."""
-    tree: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}".splitlines()[0]) from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
-        tree = loaded
+    tree = read_tree(path) if path is not None else {}
     return from_dict(_merge(tree, parse_overrides(overrides or [])))
 
 
