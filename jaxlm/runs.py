@@ -287,13 +287,13 @@ def _strict(value):
 class MetricsWriter:
     """Appends one JSON object per line to RUN_DIR/metrics.jsonl and mirrors scalars to TensorBoard.
 
-    Only process 0 writes (`enabled`). Rows are {"step": ..., name: value, ...}; events are
-    {"event": name, "time": ..., ...} (start, resume, restore, nonfinite, spike, end). Lines are
-    strict JSON: a value that is not finite is written as null.
+    Only process 0 writes (`enabled`); TensorBoard's tags are grouped (`tag`). Rows are {"step": ...,
+    name: value, ...}; events are {"event": name, "time": ..., ...} (start, resume, restore, nonfinite,
+    spike, end). Lines are strict JSON: a value that is not finite is written as null.
     """
 
-    def __init__(self, run_dir: str | Path, enabled: bool = True):
-        self.enabled = enabled
+    def __init__(self, run_dir: str | Path, enabled: bool = True, group: str = "train"):
+        self.enabled, self.group = enabled, group
         self._tb = None
         if not enabled:
             return
@@ -317,8 +317,15 @@ class MetricsWriter:
         row = _strict(row)
         self._write(row)
         if self._tb is not None:
-            self._tb.scalars(row["step"], {k: v for k, v in row.items()
+            self._tb.scalars(row["step"], {self.tag(k): v for k, v in row.items()
                                            if k != "step" and isinstance(v, (int, float))})
+
+    def tag(self, name: str) -> str:
+        """TensorBoard's name of a metric, grouped: "eval_loss" -> "eval/loss", "loss" -> "train/loss"
+        (the writer's group), a name with a group of its own ("rewards/accuracy") as it is."""
+        if "/" in name:
+            return name
+        return f"eval/{name[5:]}" if name.startswith("eval_") else f"{self.group}/{name}"
 
     def event(self, name: str, **fields) -> None:
         if not self.enabled:

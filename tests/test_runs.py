@@ -3,7 +3,6 @@ never resumed under a config that trains something else, and `--step` errors tha
 import dataclasses
 import shutil
 
-import numpy as np
 import pytest
 import yaml
 
@@ -131,14 +130,15 @@ def _tfevents(path):
 
 def test_metrics_go_to_jsonl_and_a_tensorboard_event_file(tmp_path):
     log = runs.MetricsWriter(tmp_path)
-    log.scalars({"step": 1, "loss": 2.5, "lr": 1e-3, "note": "x"})
+    log.scalars({"step": 1, "loss": 2.5, "eval_loss": 3.0, "rewards/accuracy": 0.5, "note": "x"})
     log.scalars({"step": 2, "loss": float("nan")})
     log.event("end", step=2)
     log.close()
-    assert runs.read_metrics(tmp_path)[:2] == [{"step": 1, "loss": 2.5, "lr": 1e-3, "note": "x"},
+    assert runs.read_metrics(tmp_path)[:2] == [{"step": 1, "loss": 2.5, "eval_loss": 3.0, "rewards/accuracy": 0.5,
+                                                "note": "x"},
                                                {"step": 2, "loss": None}]
     (path,) = (tmp_path / "tensorboard").iterdir()
     first, *rows = _tfevents(path)
     assert first.file_version == "brain.Event:2"
     got = [(e.step, {v.tag: v.simple_value for v in e.summary.value}) for e in rows]
-    assert got == [(1, {"loss": 2.5, "lr": np.float32(1e-3)}), (2, {})]
+    assert got == [(1, {"train/loss": 2.5, "eval/loss": 3.0, "rewards/accuracy": 0.5}), (2, {})]
