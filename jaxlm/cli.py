@@ -23,6 +23,8 @@ COMMANDS = {
     "generate": "sample text from a run's checkpoint: one prompt streamed, or a JSONL of prompts",
     "eval": "perplexity and bits per byte on held-out text, exact match on question/answer files",
     "convert": "Hugging Face checkpoints (Llama, Qwen2, Mistral) into a jaxlm run, and back",
+    "pipeline": "the whole road in one command: data, pretrain, sft, reward, rs, dpo, ppo, eval; resumable",
+    "report": "draw what a run or a pipeline did (report.html and PNG figures)",
 }
 
 
@@ -116,6 +118,20 @@ def parser() -> argparse.ArgumentParser:
     conv.add_argument("--family", choices=("llama", "qwen2", "mistral"), default=None,
                       help="--to-hf: architecture to write (default: the imported one, else qwen2 with "
                       "q/k/v biases, llama without)")
+    pipe = sub.add_parser("pipeline", help=COMMANDS["pipeline"], description=COMMANDS["pipeline"] +
+                          ". Each stage runs in PIPELINE_DIR/STAGE from the model of the stage before it; "
+                          "re-running skips finished stages and resumes the interrupted one; "
+                          "PIPELINE_DIR/report.html is refreshed after each stage (jaxlm/pipeline.py).")
+    pipe.add_argument("config", help="pipeline YAML: dir, set, stages (e.g. configs/pipeline/tiny.yaml)")
+    pipe.add_argument("overrides", nargs="*", metavar="key=value",
+                      help="dir=PATH, or STAGE.section.key=value, e.g. pretrain.train.steps=100")
+    which = pipe.add_mutually_exclusive_group()
+    which.add_argument("--from", dest="start", metavar="STAGE", help="redo STAGE and every stage after it")
+    which.add_argument("--only", metavar="STAGE", help="run STAGE alone (the stages before it must have run)")
+    which.add_argument("--until", metavar="STAGE", help="run the stages up to STAGE")
+    rep = sub.add_parser("report", help=COMMANDS["report"], description=COMMANDS["report"] +
+                         ": DIR/report.html (self-contained) and DIR/figures/*.png.")
+    rep.add_argument("dir", metavar="DIR", help="a run directory or a pipeline directory")
     _run_parsers(sub)
     return p
 
@@ -372,6 +388,16 @@ def main(argv=None) -> int:
     try:
         if args.command == "convert":
             return _convert(args)
+        if args.command == "pipeline":
+            from jaxlm import pipeline
+
+            return pipeline.run(args.config, args.overrides, command=main, start=args.start, only=args.only,
+                                until=args.until)
+        if args.command == "report":
+            from jaxlm import report
+
+            print(report.write_report(args.dir))
+            return 0
         if args.command in ("generate", "eval", "score"):
             from jaxlm.runs import run_config
 
