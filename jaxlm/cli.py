@@ -37,6 +37,20 @@ def _common(p: argparse.ArgumentParser):
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxlm", description="Train large language models end to end in JAX.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    pipe = sub.add_parser("pipeline", help=COMMANDS["pipeline"], description=COMMANDS["pipeline"] +
+                          ". Each stage runs in PIPELINE_DIR/STAGE from the model of the stage before it; "
+                          "re-running skips finished stages and resumes the interrupted one; "
+                          "PIPELINE_DIR/report.html is refreshed after each stage (jaxlm/pipeline.py).")
+    pipe.add_argument("config", help="pipeline YAML: dir, set, stages (e.g. configs/pipeline/tiny.yaml)")
+    pipe.add_argument("overrides", nargs="*", metavar="key=value",
+                      help="dir=PATH, or STAGE.section.key=value, e.g. pretrain.train.steps=100")
+    which = pipe.add_mutually_exclusive_group()
+    which.add_argument("--from", dest="start", metavar="STAGE", help="redo STAGE and every stage after it")
+    which.add_argument("--only", metavar="STAGE", help="run STAGE alone (the stages before it must have run)")
+    which.add_argument("--until", metavar="STAGE", help="run the stages up to STAGE")
+    rep = sub.add_parser("report", help=COMMANDS["report"], description=COMMANDS["report"] +
+                         ": DIR/report.html (self-contained) and DIR/figures/*.png.")
+    rep.add_argument("dir", metavar="DIR", help="a run directory or a pipeline directory")
     pre = sub.add_parser("pretrain", help=COMMANDS["pretrain"], description=COMMANDS["pretrain"] +
                          ". Resumes from RUN_DIR's latest checkpoint; writes RUN_DIR/config.yaml, "
                          "metrics.jsonl, tensorboard/ and checkpoints/.")
@@ -118,20 +132,6 @@ def parser() -> argparse.ArgumentParser:
     conv.add_argument("--family", choices=("llama", "qwen2", "mistral"), default=None,
                       help="--to-hf: architecture to write (default: the imported one, else qwen2 with "
                       "q/k/v biases, llama without)")
-    pipe = sub.add_parser("pipeline", help=COMMANDS["pipeline"], description=COMMANDS["pipeline"] +
-                          ". Each stage runs in PIPELINE_DIR/STAGE from the model of the stage before it; "
-                          "re-running skips finished stages and resumes the interrupted one; "
-                          "PIPELINE_DIR/report.html is refreshed after each stage (jaxlm/pipeline.py).")
-    pipe.add_argument("config", help="pipeline YAML: dir, set, stages (e.g. configs/pipeline/tiny.yaml)")
-    pipe.add_argument("overrides", nargs="*", metavar="key=value",
-                      help="dir=PATH, or STAGE.section.key=value, e.g. pretrain.train.steps=100")
-    which = pipe.add_mutually_exclusive_group()
-    which.add_argument("--from", dest="start", metavar="STAGE", help="redo STAGE and every stage after it")
-    which.add_argument("--only", metavar="STAGE", help="run STAGE alone (the stages before it must have run)")
-    which.add_argument("--until", metavar="STAGE", help="run the stages up to STAGE")
-    rep = sub.add_parser("report", help=COMMANDS["report"], description=COMMANDS["report"] +
-                         ": DIR/report.html (self-contained) and DIR/figures/*.png.")
-    rep.add_argument("dir", metavar="DIR", help="a run directory or a pipeline directory")
     _run_parsers(sub)
     return p
 
