@@ -294,6 +294,24 @@ def reward_scores(rows: list[dict], stats: Optional[dict]):
     return fig
 
 
+def reward_distributions(heldout: Optional[dict]):
+    """Histograms of the held-out rewards: each group's best response (chosen) against the others."""
+    groups = (heldout or {}).get("groups") or []
+    chosen = [g["rewards"][0] for g in groups if len(g.get("rewards") or []) > 1]
+    rejected = [r for g in groups if len(g.get("rewards") or []) > 1 for r in g["rewards"][1:]]
+    if not chosen:
+        return None
+    fig, (ax,) = _figure(1)
+    lo, hi = min(chosen + rejected), max(chosen + rejected)
+    bins = [lo + (hi - lo) * i / 30 for i in range(31)] if hi > lo else 10
+    ax.hist(rejected, bins=bins, alpha=0.6, label=f"rejected ({len(rejected)})")
+    ax.hist(chosen, bins=bins, alpha=0.6, label=f"chosen ({len(chosen)})")
+    ax.set(xlabel="reward", ylabel="responses")
+    ax.legend(fontsize=8)
+    fig.suptitle("Held-out rewards")
+    return fig
+
+
 def ppo_exact_match(rows: list[dict], title: str, tasks: list):
     """Exact match per task over iterations, where the run evaluated it twice or more (once: its numbers)."""
     curves = [(t, _series(rows, f"exact_match/{t}")) for t in tasks]
@@ -366,6 +384,7 @@ def sft_section(run_dir: Path, name: str = "sft") -> Section:
 
 def reward_section(run_dir: Path, name: str = "reward") -> Section:
     rows, stats = _metrics(run_dir), _json(run_dir / "reward_stats.json")
+    heldout = _json(run_dir / "heldout_rewards.json") or {}
     accuracy = metric_lines("Reward model", rows, [
         ("pairwise accuracy", [("train", "accuracy"), ("held-out", "eval_accuracy")]),
         ("margin (chosen - rejected)", [("train", "margin"), ("held-out", "eval_margin")])])
@@ -373,10 +392,15 @@ def reward_section(run_dir: Path, name: str = "reward") -> Section:
                     (f"{name}_scores", "Mean reward of chosen and rejected responses over steps: the run logs their "
                      "means only, not their distributions. Right: the mean ± std of the reward over the training "
                      "responses in reward_stats.json (all responses together, not split by chosen/rejected).",
-                     reward_scores(rows, stats))],
+                     reward_scores(rows, stats)),
+                    (f"{name}_distributions", "The rewards of the held-out groups: each group's preferred response "
+                     "(chosen) against the others (rejected), after training (heldout_rewards.json).",
+                     reward_distributions(heldout))],
                    _finals(rows, [("steps", "step"), ("train loss", "loss"), ("held-out loss", "eval_loss"),
                                   ("held-out accuracy", "eval_accuracy"), ("held-out margin", "eval_margin")])
-                   + [("reward mean", (stats or {}).get("mean")), ("reward std", (stats or {}).get("std"))])
+                   + [("reward mean", (stats or {}).get("mean")), ("reward std", (stats or {}).get("std"))]
+                   + [("held-out pairwise accuracy", _per_task(heldout["accuracy"]) if heldout.get("accuracy")
+                       else None)])
 
 
 def rs_section(run_dir: Path, name: str = "rs") -> Section:

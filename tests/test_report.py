@@ -103,7 +103,12 @@ def _pipeline(root, status: dict):
                                   + [{"step": 3, "eval_accuracy": 0.8355555555, "eval_margin": 5.1791059027,
                                       "eval_reward_chosen": 3.58, "eval_reward_rejected": -1.59}], "reward"),
                              (d / "reward_stats.json").write_text('{"mean": 1.2568867, "std": 5.4936352, '
-                                                                  '"responses": 2262}')),
+                                                                  '"responses": 2262}'),
+                             (d / "heldout_rewards.json").write_text(json.dumps({
+                                 "accuracy": {"all": 0.75, "add": 0.5, "sort": 1.0},
+                                 "groups": [{"task": t, "rewards": [c, r]} for t, c, r in
+                                            (("add", 1.0, 2.0), ("add", 3.0, -1.0), ("sort", 2.5, 0.1),
+                                             ("sort", 4.0, -2.0))]}))),
         "rs": _rs,
         "dpo": lambda d: _run(d, [{"step": s, "loss": 0.7 - 0.1 * s, "rewards/accuracy": 0.7 + 0.05 * s,
                                    "rewards/margin": 0.2 * s, "rewards/chosen": -0.01 * s,
@@ -168,7 +173,8 @@ def test_every_image_is_an_embedded_png_and_the_same_as_its_file(finished):
     root, page = finished
     files = {p.name: p.read_bytes() for p in (root / "figures").iterdir()}
     assert {f"{s}.png" for s in ("data_documents", "data_drops", "pretrain_loss", "pretrain_throughput",
-                                 "sft_loss", "reward_accuracy", "reward_scores", "rs_loss", "rs_rounds",
+                                 "sft_loss", "reward_accuracy", "reward_scores", "reward_distributions", "rs_loss",
+                                 "rs_rounds",
                                  "dpo_preferences", "ppo_training", "eval_accuracy")} == set(files)
     assert len(page.imgs) == len(files)
     for img in page.imgs:
@@ -207,6 +213,7 @@ def test_key_numbers_are_the_logged_values(finished):
         shown = stages[stage][2]
         for label, value in numbers.items():
             assert float(shown[label].replace(",", "")) == pytest.approx(value, rel=5e-4), (stage, label)
+    assert stages["reward"][2]["held-out pairwise accuracy"] == "all 0.75, add 0.5, sort 1"
     assert stages["data"][2]["kept"] == "1,571" and stages["data"][2]["tokens"] == "17,993,925"
     assert stages["pretrain"][2]["steps"] == "40" and stages["rs"][2]["rounds done"] == "2"
 

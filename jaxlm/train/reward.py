@@ -37,6 +37,7 @@ from jaxlm.train.state import Role
 from jaxlm.train.step import Objective
 
 STATS_FILE = "reward_stats.json"
+HELDOUT_FILE = "heldout_rewards.json"  # {"accuracy": {task or "all": ...}, "groups": [{"task", "rewards"}]}
 
 
 def reward_role(cfg: Config) -> tuple[Role, ...]:
@@ -132,14 +133,19 @@ def reward_stats(rewards) -> dict:
 
 def main(cfg: Config) -> dict:
     """Train the reward model; the summary adds held-out pairwise accuracy per task (and over all
-    held-out groups), and the reward's mean and std over training groups, written with the run."""
+    held-out groups; with every held-out reward in RUN_DIR/heldout_rewards.json), and the reward's
+    mean and std over training groups, written with the run (RUN_DIR/reward_stats.json)."""
     stage = build(cfg)
     summary = run(cfg, stage)
     loaded = runs.load_run(cfg.train.run_dir)
     evals = list(stage.eval_data.sources[0].docs) if stage.eval_data is not None else []
     if evals:
-        summary["heldout_accuracy"] = pairwise_accuracy(evals, score_groups(loaded.cfg, loaded.params, evals,
-                                                                     mesh=loaded.mesh))
+        rewards = score_groups(loaded.cfg, loaded.params, evals, mesh=loaded.mesh)
+        summary["heldout_accuracy"] = pairwise_accuracy(evals, rewards)
+        if jax.process_index() == 0:  # each held-out group's rewards, best response first (the report draws them)
+            groups = [{"task": g.get("task"), "rewards": [float(x) for x in r]} for g, r in zip(evals, rewards)]
+            (Path(loaded.path) / HELDOUT_FILE).write_text(
+                json.dumps({"accuracy": summary["heldout_accuracy"], "groups": groups}) + "\n")
     train = list(stage.train_data.sources[0].docs)
     picked = np.random.default_rng(0).permutation(len(train))[:cfg.reward.stats_groups]
     stats = reward_stats(score_groups(loaded.cfg, loaded.params, [train[i] for i in picked], mesh=loaded.mesh))

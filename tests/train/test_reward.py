@@ -184,6 +184,9 @@ def test_a_tiny_reward_model_learns_a_planted_preference_and_scores_a_file(tmp_p
                       optim=dict(lr=3e-3, warmup_steps=10), reward=dict(train_files=[str(tmp_path / "prefs.jsonl")]))
     summary = reward.main(cfg)
     assert summary["heldout_accuracy"]["all"] > 0.95, summary["heldout_accuracy"]
+    heldout = json.loads((tmp_path / "rm" / reward.HELDOUT_FILE).read_text())
+    assert heldout["accuracy"] == summary["heldout_accuracy"]
+    assert np.mean([g["rewards"][0] > g["rewards"][1] for g in heldout["groups"]]) == heldout["accuracy"]["all"]
     stats = json.loads((tmp_path / "rm" / reward.STATS_FILE).read_text())
     assert stats["responses"] > 0 and stats["std"] > 0
     # `jaxlm score`: the run's rewards for records it never saw, normalised by its statistics
