@@ -13,8 +13,10 @@ directory. `start(cfg)` refuses to train into a run directory that holds a diffe
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
+import os
 import shutil
 import socket
 import sys
@@ -345,6 +347,9 @@ class MetricsWriter:
                 pass
 
 
+_EVENT_FILES = itertools.count()
+
+
 class EventFile:
     """TensorBoard's event file (scalars), written in the caller's thread.
 
@@ -360,7 +365,10 @@ class EventFile:
 
         self._event, self._summary = Event, Summary
         directory.mkdir(exist_ok=True)
-        self._records = RecordWriter(str(directory / f"events.out.tfevents.{time.time():.0f}.{socket.gethostname()}"))
+        # TensorBoard reads every file named *tfevents*; the pid and a count keep two writers of one
+        # second (a run, then `jaxlm eval` on it) from truncating each other's file
+        name = f"events.out.tfevents.{time.time():.0f}.{socket.gethostname()}.{os.getpid()}.{next(_EVENT_FILES)}"
+        self._records = RecordWriter(str(directory / name))
         self._write(Event(wall_time=time.time(), file_version="brain.Event:2"))
 
     def _write(self, event) -> None:

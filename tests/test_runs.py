@@ -134,10 +134,14 @@ def test_metrics_go_to_jsonl_and_a_tensorboard_event_file(tmp_path):
     log.scalars({"step": 2, "loss": float("nan")})
     log.event("end", step=2)
     log.close()
+    later = runs.MetricsWriter(tmp_path)  # another writer in the same second: a file of its own
+    later.scalars({"step": 3, "loss": 1.0})
+    later.close()
     assert runs.read_metrics(tmp_path)[:2] == [{"step": 1, "loss": 2.5, "eval_loss": 3.0, "rewards/accuracy": 0.5,
                                                 "note": "x"},
                                                {"step": 2, "loss": None}]
-    (path,) = (tmp_path / "tensorboard").iterdir()
+    path, other = sorted((tmp_path / "tensorboard").iterdir(), key=lambda p: int(p.name.rsplit(".", 1)[1]))
+    assert [(e.step, [v.tag for v in e.summary.value]) for e in _tfevents(other)[1:]] == [(3, ["train/loss"])]
     first, *rows = _tfevents(path)
     assert first.file_version == "brain.Event:2"
     got = [(e.step, {v.tag: v.simple_value for v in e.summary.value}) for e in rows]
