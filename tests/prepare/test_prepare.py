@@ -150,15 +150,3 @@ def test_cli_prepare_tokenizer_tokenize_on_the_embedded_corpus(tmp_path):
     assert len(shards) == len(docs)
     for i, text in enumerate(docs):
         assert shards[i][-1] == tok.eos_id and tok.decode(shards[i]) == text
-    # ... and pretraining reads those shards through the loader (the embedded default's last step).
-    run = tmp_path / "run"
-    out = jaxlm_cli("pretrain", cfg, f"data.tokenizer={tmp_path / 'spm.model'}",
-                    f"data.sources=[{{name: stdlib, path: '{tmp_path / 'tokens'}'}}]",
-                    "data.heldout_fraction=0.3", "model.vocab_size=600", "model.n_layers=1",
-                    "train.steps=3", "train.batch_size=8", "train.seq_len=32", "train.eval_every=3",
-                    "train.save_every=3", "train.eval_batches=1", "optim.warmup_steps=1",
-                    "train.progress=false", f"train.run_dir={run}")
-    from jaxlm.runs import read_metrics
-
-    evals = [r for r in read_metrics(run) if "eval_loss" in r]
-    assert evals and all(0 < e["eval_loss"] < 10 for e in evals) and "held-out loss" in out
