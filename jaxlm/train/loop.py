@@ -105,6 +105,29 @@ def restore_newest(ckpt: Checkpointer, abstract_state: dict, log) -> tuple[Optio
     return None, None
 
 
+def catch_stop_signals(enabled: bool = True):
+    """(stop, release): from now on SIGTERM and SIGINT only append their number to the list `stop`,
+    for the caller to stop at its next step boundary and save there; a second SIGINT raises
+    KeyboardInterrupt at once, without the save. `release()` puts the old handlers back. Handlers are
+    set only when `enabled` and in the main thread (where Python allows them)."""
+    stop: list[int] = []
+
+    def on_signal(signum, frame):
+        if stop and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.append(signum)
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    handled = (signal.SIGTERM, signal.SIGINT) if enabled and in_main_thread else ()
+    old = {s: signal.signal(s, on_signal) for s in handled}
+
+    def release():
+        for s, h in old.items():
+            signal.signal(s, h)
+
+    return stop, release
+
+
 def run(cfg: Config, stage: Stage, devices=None) -> dict:
     """Train `stage` under `cfg` (on `devices`, default all); resume from RUN_DIR's latest
     checkpoint if there is one. Returns the summary: the last logged row, the last evaluation,
@@ -276,16 +299,7 @@ def run(cfg: Config, stage: Stage, devices=None) -> dict:
     # A signal only sets a flag; the loop stops at the next step boundary and saves there, never
     # inside a save. With several processes JAX's preemption sync manager owns SIGTERM and
     # `distributed.preempted` turns True on every process at the same iteration: all save together.
-    stop: list[int] = []
-
-    def on_signal(signum, frame):
-        if stop and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: at once, without the save
-        stop.append(signum)
-
-    in_main_thread = threading.current_thread() is threading.main_thread()  # where Python allows handlers
-    handled = (signal.SIGTERM, signal.SIGINT) if pcount == 1 and in_main_thread else ()
-    old_handlers = {s: signal.signal(s, on_signal) for s in handled}
+    stop, release_signals = catch_stop_signals(pcount == 1)
     # Several processes: if one dies, the others leave within distributed.peer_timeout_s.
     peers = None
     if pcount > 1:
@@ -349,8 +363,7 @@ def run(cfg: Config, stage: Stage, devices=None) -> dict:
         check_learned()  # a run resumed at its last step
         finished = True
     finally:
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
+        release_signals()
         if peers is not None:  # the others skip a process that is done, and leave when one failed
             peers.close(failed=not finished and interrupted is None)
         train_data.close()

@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -59,7 +58,7 @@ from jaxlm.objectives import advantages as adv
 from jaxlm.objectives.lm import token_log_probs
 from jaxlm.objectives.ppo import adaptive_kl_coef, entropy, policy_loss, value_loss
 from jaxlm.train import rejection, rollout
-from jaxlm.train.loop import Interrupted, restore_newest
+from jaxlm.train.loop import Interrupted, catch_stop_signals, restore_newest
 from jaxlm.train.metrics import means
 from jaxlm.train.sft import run_accuracy
 from jaxlm.train.state import Role, compile_stage, role_params, trained
@@ -256,15 +255,7 @@ def main(cfg: Config, log=print) -> dict:
         saved.add(iteration)
 
     # SIGTERM / SIGINT only set a flag: the run stops after the iteration in flight and saves there.
-    stop: list[int] = []
-
-    def on_signal(signum, frame):
-        if stop and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: at once, without the save
-        stop.append(signum)
-
-    handled = (signal.SIGTERM, signal.SIGINT) if threading.current_thread() is threading.main_thread() else ()
-    old_handlers = {sig: signal.signal(sig, on_signal) for sig in handled}
+    stop, release_signals = catch_stop_signals()
     try:
         while iteration < t.steps:
             t0 = time.perf_counter()
@@ -321,8 +312,7 @@ def main(cfg: Config, log=print) -> dict:
         ckpt.check()
         finished = True
     finally:
-        for sig, handler in old_handlers.items():
-            signal.signal(sig, handler)
+        release_signals()
         with contextlib.suppress(Exception):  # a failed background save: reported by `check`, or the error in flight
             ckpt.close()
         if not finished:
