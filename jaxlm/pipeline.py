@@ -35,7 +35,8 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from jaxlm.config import Config, ConfigError, from_dict, override, parse_overrides, read_tree, save_config, to_dict
+from jaxlm.config import (Config, ConfigError, flat_keys, from_dict, override, parse_overrides, read_tree,
+                          save_config, to_dict)
 
 STAGES = ("data", "pretrain", "sft", "reward", "rs", "dpo", "ppo", "eval")
 MODELS = ("pretrain", "sft", "rs", "dpo", "ppo")  # stages that leave a policy behind, in `eval`'s chart
@@ -76,15 +77,6 @@ def _mapping(value, where: str) -> dict:
     return value
 
 
-def _flatten(tree, prefix: str = "") -> dict:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    out = {}
-    for k, v in tree.items():
-        out.update(_flatten(v, f"{prefix}.{k}" if prefix else k))
-    return out
-
-
 def load(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Path, list[Stage]]:
     """The pipeline directory and its stages, in order, each stage's config resolved and validated.
 
@@ -93,7 +85,7 @@ def load(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Path, list[St
     unknown = sorted(set(tree) - {"dir", "set", "stages"})
     if unknown:
         raise ConfigError(f"pipeline config {str(path)!r}: unknown keys {unknown}; allowed: dir, set, stages")
-    extra = _flatten(parse_overrides(list(overrides)))  # {"dir": ..., "sft.train.steps": 3}
+    extra = parse_overrides(list(overrides))  # {"dir": ..., "sft": {"train": {"steps": 3}}}
     if not (extra.get("dir") or tree.get("dir")):
         raise ConfigError(f"pipeline config {str(path)!r} sets no dir (the pipeline directory)")
     directory = Path(str(extra.get("dir") or tree["dir"])).resolve()
@@ -102,14 +94,14 @@ def load(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Path, list[St
     unknown = [name for name in specs if name not in STAGES]
     if unknown or not specs:
         raise ConfigError(f"pipeline stages {unknown or '{}'}: allowed are {', '.join(STAGES)} (in that order)")
-    for key in extra:
+    for key in (item.split("=", 1)[0].strip() for item in overrides):
         if key != "dir" and key.split(".")[0] not in specs:
             raise ConfigError(f"pipeline override {key!r}: allowed are dir=PATH and STAGE.section.key=value with "
                               f"STAGE one of the pipeline's stages: {', '.join(n for n in STAGES if n in specs)}")
     stages, previous = [], None
     for name in (n for n in STAGES if n in specs):
         spec, run_dir = specs[name], directory / name
-        mine = {k[len(name) + 1:]: v for k, v in extra.items() if k.startswith(name + ".")}
+        mine = extra.get(name) or {}  # this stage's overrides
         if name == "eval":
             settings = {**EVAL_DEFAULTS, **_mapping(spec or {}, "stages.eval"), **mine}
             if set(settings) != set(EVAL_DEFAULTS):
@@ -127,7 +119,7 @@ def load(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Path, list[St
         if name != "data":
             wiring = {"train.run_dir": str(run_dir), **({"train.init_from": previous} if previous else {})}
         try:
-            cfg = from_dict(override(read_tree(spec["config"]), {**flat, **mine, **wiring}))
+            cfg = from_dict(override(read_tree(spec["config"]), {**flat, **flat_keys(mine), **wiring}))
         except ConfigError as e:
             raise ConfigError(f"stage {name} ({spec['config']}): {e}") from None
         model = None
@@ -140,7 +132,7 @@ def load(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Path, list[St
 
 def differences(old: dict, new: dict) -> list[str]:
     """Dotted keys whose values differ between two nested dicts (either side missing counts)."""
-    a, b = _flatten(old), _flatten(new)
+    a, b = flat_keys(old), flat_keys(new)
     return sorted(k for k in set(a) | set(b) if a.get(k, None) != b.get(k, None) or (k in a) != (k in b))
 
 

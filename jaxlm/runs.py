@@ -31,7 +31,7 @@ from jax.experimental import multihost_utils
 
 from jaxlm import model, sharding
 from jaxlm.checkpoint import check_step, param_names, restore_params
-from jaxlm.config import Config, ConfigError, load_config, save_config, to_dict
+from jaxlm.config import Config, ConfigError, flat_keys, load_config, save_config, to_dict
 from jaxlm.data.tokenizers import file_sha256, load_tokenizer
 from jaxlm.errors import RunFailed
 
@@ -145,19 +145,8 @@ def resolve_paths(cfg: Config) -> Config:
                                 reference_from=_absolute(cfg.dpo.reference_from)))
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and "." not in key:  # sections; mappings inside them are values
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def _identity(tree: dict) -> dict:
-    flat = _flat(tree)
+    flat = flat_keys(tree)
     return {k: v for k, v in flat.items()
             if any(k == p or k.startswith(p + ".") for p in IDENTITY)
             and k not in {f"model.{r}" for r in RUNTIME_MODEL_KEYS}}

@@ -103,6 +103,19 @@ def read_tree(path: str | Path) -> dict:
     return loaded
 
 
+def flat_keys(tree: dict, prefix: str = "") -> dict:
+    """{"section.key": value} of a config tree (mappings inside a section are values), the inverse
+    of `override`'s nesting."""
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and "." not in key:  # sections; mappings inside them are values
+            out.update(flat_keys(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
 def override(tree: dict, flat: dict[str, Any]) -> dict:
     """`tree` with the dotted keys of `flat` set ({"train.steps": 10}), `tree` itself unchanged."""
     return _merge(tree, _nest(flat))
