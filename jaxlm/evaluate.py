@@ -168,7 +168,8 @@ def heldout_documents(cfg, max_documents: int = 0) -> list[np.ndarray]:
     """The run's held-out documents (token arrays), as its data config splits them."""
     _, heldout, _ = build_lm_data(cfg.data, cfg.train.seq_len, batch_size=cfg.train.batch_size)
     if heldout is None:
-        raise ConfigError("the run holds out no documents (data.heldout_fraction=0); pass --text FILE")
+        raise ConfigError("the run holds out no documents (data.heldout_fraction=0 and no data.sources heldout_path); "
+                          "pass --text FILE")
     docs = [src.docs[i] for src in heldout.sources for i in range(len(src.docs))]
     return docs[:max_documents] if max_documents else docs
 

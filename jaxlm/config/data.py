@@ -15,6 +15,7 @@ class MixSourceConfig:
     name: str = ""
     path: str = ""
     weight: float = 1.0  # mixture weight (normalised over the sources)
+    heldout_path: str = ""  # token shards held out for this source (then all of `path` trains)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +43,14 @@ class DataConfig:
     shuffle_block: int = 65536
     fim_max_tokens: int = 0  # FIM: documents are cut into pieces this long, each FIM'd alone; 0: seq_len // 2
     heldout_fraction: float = 0.02
+    # document: a hash of source name and index | content: a hash of the document's tokens |
+    # tail: the last heldout_fraction of every document (a source of one document: always tail)
+    heldout_split: str = "document"
     max_documents: int = 0  # 0: all (per source)
     seed: int = 0
+
+
+SPLITS = ("document", "paragraphs", "chunks")  # how `prepare` cuts a record's text into documents
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,8 +59,11 @@ class SourceConfig:
 
     name: str = ""
     paths: tuple[str, ...] = ()  # files or globs
-    format: str = "auto"  # auto (by suffix) | jsonl | parquet | text
+    format: str = "auto"  # auto (by suffix; .gz .zst .bz2 .xz read decompressed) | jsonl | parquet | text
     text_field: str = "text"
+    id_field: str = ""  # a field naming each document, kept in rejects.jsonl; "": none
+    split: str = "document"  # document (a record is one) | paragraphs (blank-line separated) | chunks
+    chunk_chars: int = 20_000  # split: chunks: pieces of at most this many characters, cut at breaks
     rules: Optional[dict] = None  # rule name -> params (or true); None: prepare.rules
 
 
@@ -72,6 +82,9 @@ class PrepareConfig:
     suffix_dedup: bool = False  # exact repeated spans (Lee et al. 2022), on UTF-8 bytes
     suffix_min_len: int = 50
     max_chars: int = 1_000_000  # longer documents are counted and skipped
+    # a source whose records are unusable as read (malformed, no text field, empty, too long) in
+    # more than this fraction stops the run, as does a source with no usable record or none kept
+    max_unusable: float = 0.5
     out_dir: str = "data/prepared"
     write_rejects: bool = True  # RUN_DIR/rejects.jsonl: every dropped document with its reason
 
@@ -106,6 +119,7 @@ CHOICES = {
     "data.source": ("stdlib", "shards"),
     "data.curriculum_unit": ("tokens", "steps", "examples"),
     "data.packing": ("auto", "concat", "first_fit"),
+    "data.heldout_split": ("document", "content", "tail"),
     "tokenizer.model_type": ("bpe", "unigram"),
 }
 
@@ -132,6 +146,15 @@ def validate_data(d: DataConfig) -> None:
           "(0: half of train.seq_len)")
     check(d.max_documents >= 0, f"data.max_documents={d.max_documents} must be >= 0 (0: all)")
     check(0 <= d.heldout_fraction < 1, f"data.heldout_fraction={d.heldout_fraction} must be in [0, 1)")
+
+
+def validate_prepare(p: PrepareConfig) -> None:
+    check(0 <= p.max_unusable <= 1, f"prepare.max_unusable={p.max_unusable} must be in [0, 1]")
+    check(p.max_chars >= 0, f"prepare.max_chars={p.max_chars} must be >= 0 (0: no limit)")
+    for i, src in enumerate(p.sources):
+        check(src.split in SPLITS, f"prepare.sources[{i}].split={src.split!r} is not allowed; choose one of: "
+              f"{', '.join(SPLITS)}")
+        check(src.chunk_chars > 0, f"prepare.sources[{i}].chunk_chars={src.chunk_chars} must be positive")
 
 
 def validate_tokenizer(t: TokenizerConfig) -> None:

@@ -40,17 +40,59 @@ class _Take:
         return self._docs[int(self._idx[i])]
 
 
-def heldout_indices(name: str, n: int, fraction: float) -> np.ndarray:
-    """A boolean [n]: which documents of source `name` are held out (a fixed hash of name and
-    index, independent of the training seed). Both sides are non-empty when fraction > 0, n >= 2."""
-    u = np.random.default_rng([7, zlib.crc32(name.encode())]).random(n)
+class _Pieces:
+    """Token ranges `[start[i], stop[i])` of documents `idx[i]` of a random-access dataset."""
+
+    def __init__(self, docs, idx: np.ndarray, start: np.ndarray, stop: np.ndarray):
+        self._docs, self._idx, self._start, self._stop = docs, idx, start, stop
+
+    def __len__(self) -> int:
+        return len(self._idx)
+
+    def __getitem__(self, i: int):
+        return self._docs[int(self._idx[i])][int(self._start[i]):int(self._stop[i])]
+
+
+def _both_sides(u: np.ndarray, fraction: float) -> np.ndarray:
+    """`u < fraction`, moved by one document if needed so that both sides are non-empty."""
     held = u < fraction
-    if fraction > 0 and n >= 2:
+    if fraction > 0 and len(u) >= 2:
         if not held.any():
             held[np.argmin(u)] = True
         elif held.all():
             held[np.argmax(u)] = False
     return held
+
+
+def heldout_indices(name: str, n: int, fraction: float) -> np.ndarray:
+    """A boolean [n]: which documents of source `name` are held out (a fixed hash of name and
+    index, independent of the training seed). Both sides are non-empty when fraction > 0, n >= 2."""
+    return _both_sides(np.random.default_rng([7, zlib.crc32(name.encode())]).random(n), fraction)
+
+
+def split_heldout(name: str, docs, fraction: float, how: str):
+    """(train, heldout, how): the documents of token source `name` split by `data.heldout_split`:
+    `document` by a fixed hash of name and index (`heldout_indices`); `content` by a hash of each
+    document's tokens, so a document lands on the same side whatever its source's name or place
+    (and exact duplicates together); `tail` the last `fraction` of every document's tokens held
+    out, so one long text can be validated on. A source of one document is split by `tail`
+    whatever `how` says (`how` returned is the rule used). `content` and `tail` read every
+    document once."""
+    n = len(docs)
+    if fraction == 0:
+        return docs, _Take(docs, np.zeros(0, np.int64)), how
+    if how != "tail" and n >= 2:
+        if how == "content":
+            u = np.array([zlib.crc32(np.asarray(docs[i], np.int32).tobytes(), 7) for i in range(n)]) / 2.0**32
+            held = _both_sides(u, fraction)
+        else:
+            held = heldout_indices(name, n, fraction)
+        return _Take(docs, np.flatnonzero(~held)), _Take(docs, np.flatnonzero(held)), how
+    lengths = np.array([len(docs[i]) for i in range(n)])
+    cut = np.clip(lengths - np.round(lengths * fraction).astype(np.int64), 1, np.maximum(lengths - 1, 1))
+    long = np.flatnonzero(lengths >= 2)
+    train = _Pieces(docs, np.arange(n), np.zeros(n, np.int64), cut)
+    return train, _Pieces(docs, long, cut[long], lengths[long]), "tail"
 
 
 def _specials(tokenizer, objective: dict):
@@ -97,9 +139,28 @@ def _check_tokenizer(name: str, index: dict, tokenizer: str) -> None:
                           f"data.tokenizer={tokenizer!r}; they must be the same tokenizer")
 
 
+def _shard_index(name: str, path: str, tokenizer: str) -> dict:
+    """The index of the token shards in `path`, written with `tokenizer`, or one line saying why not."""
+    from jaxlm.data.shards import load_index
+
+    if not (Path(path) / "index.json").is_file():
+        raise ConfigError(f"data.sources {name!r}: {path!r} holds no token shards "
+                          "(index.json); write them with `jaxlm data tokenize`")
+    index = load_index(path)
+    _check_tokenizer(name, index, tokenizer)
+    return index
+
+
+def _shard_docs(name: str, path: str, tokenizer: str):
+    from jaxlm.data.shards import read_shards
+
+    _shard_index(name, path, tokenizer)
+    return read_shards(path)
+
+
 def _shard_sources(data_cfg: DataConfig, tokenizer, info: dict):
     from jaxlm.data.loader import Source
-    from jaxlm.data.shards import load_index, read_shards
+    from jaxlm.data.shards import read_shards
 
     if not data_cfg.sources:
         raise ConfigError("data.source=shards needs data.sources: [{name, path, weight}, ...] "
@@ -110,23 +171,22 @@ def _shard_sources(data_cfg: DataConfig, tokenizer, info: dict):
     train, heldout = [], []
     per_source = {}
     for s in data_cfg.sources:
-        if not (Path(s.path) / "index.json").is_file():
-            raise ConfigError(f"data.sources {s.name!r}: {s.path!r} holds no token shards "
-                              "(index.json); write them with `jaxlm data tokenize`")
-        index = load_index(s.path)
-        _check_tokenizer(s.name, index, data_cfg.tokenizer)
+        index = _shard_index(s.name, s.path, data_cfg.tokenizer)
         if s.weight <= 0:
             raise ConfigError(f"data.sources {s.name!r}: weight={s.weight} must be positive")
         docs = read_shards(s.path)
         n = min(len(docs), data_cfg.max_documents or len(docs))
-        held = heldout_indices(s.name, n, data_cfg.heldout_fraction)
-        tr, he = np.flatnonzero(~held), np.flatnonzero(held)
+        docs = _Take(docs, np.arange(n)) if n < len(docs) else docs
+        if s.heldout_path:
+            tr, he, how = docs, _shard_docs(s.name, s.heldout_path, data_cfg.tokenizer), "heldout_path"
+        else:
+            tr, he, how = split_heldout(s.name, docs, data_cfg.heldout_fraction, data_cfg.heldout_split)
         if len(tr) == 0:
             raise ConfigError(f"data.sources {s.name!r} has no training documents in {s.path!r}")
-        train.append(Source(s.name, _Take(docs, tr), s.weight))
+        train.append(Source(s.name, tr, s.weight))
         if len(he):
-            heldout.append(Source(s.name, _Take(docs, he), s.weight))
-        per_source[s.name] = {"docs_train": len(tr), "docs_heldout": len(he),
+            heldout.append(Source(s.name, he, s.weight))
+        per_source[s.name] = {"docs_train": len(tr), "docs_heldout": len(he), "heldout_split": how,
                               "tokens": index.get("tokens"), "documents": index.get("documents")}
     info.update(sources=per_source, docs_train=sum(v["docs_train"] for v in per_source.values()),
                 docs_heldout=sum(v["docs_heldout"] for v in per_source.values()))

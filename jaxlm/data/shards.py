@@ -168,7 +168,7 @@ def tokenize_to_shards(texts: Iterable[str], tokenizer_path_or_name: str, out_di
 def tokenize_from_config(t, log=print) -> dict:
     """`jaxlm data tokenize`: the usable records of `t.inputs` (a TokenizeConfig) into shards."""
     from jaxlm.config import ConfigError
-    from jaxlm.data.readers import texts
+    from jaxlm.data.readers import describe_losses, no_documents, texts
 
     if not t.inputs:
         raise ConfigError("tokenize.inputs is empty; name the prepared files to tokenize")
@@ -176,8 +176,12 @@ def tokenize_from_config(t, log=print) -> dict:
     index = tokenize_to_shards(docs, t.tokenizer, t.out_dir, workers=t.workers or os.cpu_count() or 1,
                                docs_per_shard=t.docs_per_shard, overwrite=t.overwrite)
     n, skipped = counts()
+    if n == 0:
+        for f in [*Path(t.out_dir).glob("shard-*.array_record"), Path(t.out_dir) / INDEX]:
+            f.unlink(missing_ok=True)  # nothing written: a rerun with the right inputs needs no overwrite
+        raise ConfigError(no_documents("tokenize", t.text_field, skipped))
     log(f"wrote {len(index['shards'])} shards to {t.out_dir}: {index['documents']} documents, "
-        f"{index['tokens']} tokens; {skipped} unusable records skipped")
+        f"{index['tokens']} tokens; unusable records skipped: {describe_losses(skipped)}")
     return index
 
 

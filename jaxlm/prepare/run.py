@@ -11,12 +11,17 @@ not by the corpus:
    array over UTF-8 bytes), and write `OUT_DIR/<source>.jsonl`.
 
 Every dropped or changed document is counted by rule and source in `report.json` and
-`report.txt`; with `write_rejects`, `rejects.jsonl` holds each dropped document's reason.
+`report.txt`; with `write_rejects`, `rejects.jsonl` holds each dropped document's source,
+place, id (`id_field`), reason and first 2000 characters (none for a document dropped for its
+personal data). A source that holds no record, whose records are mostly unusable as read
+(`max_unusable`), or of which nothing is kept, stops the run with one line of counts by reason
+(the report is written first).
 """
 from __future__ import annotations
 
 import collections
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -78,27 +83,40 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
                              rows=cfg.minhash_rows, ngram=cfg.minhash_ngram) if cfg.minhash_dedup else None
     t0 = time.perf_counter()
 
-    def reject(source, where, reason, text=None):
+    id_fields = {src.name: src.id_field for src, _, _ in plans}
+
+    def reject(source, where, reason, text=None, fields=None):
         counts[source]["dropped"][reason] += 1
         if rejects is not None:
-            rejects.write(json.dumps({"source": source, "where": where, "reason": reason,
+            if reason.startswith("pii."):
+                text = None  # the personal data that dropped it stays out of the rejects, too
+            doc_id = (fields or {}).get(id_fields[source]) if id_fields[source] else None
+            rejects.write(json.dumps({"source": source, "where": where, "id": doc_id, "reason": reason,
                                       "text": None if text is None else text[:2000]}) + "\n")
+
+    def stop(message):
+        if rejects is not None:
+            rejects.close()
+        shutil.rmtree(staging, ignore_errors=True)
+        _write_report(out_dir, counts, t0)
+        raise ConfigError(message)
 
     doc_id = 0
     for src, files, rules in plans:
+        c = counts[src.name]
         with open(staging / f"{src.name}.jsonl", "w") as stage_f:
             for path, fmt in files:
-                for rec in readers.read_documents(path, fmt, src.text_field, cfg.max_chars):
-                    c = counts[src.name]
+                for rec in readers.read_documents(path, fmt, src.text_field, cfg.max_chars, src.split,
+                                                  src.chunk_chars):
                     c["read"] += 1
                     if rec.text is None:
-                        reject(src.name, rec.where, f"read.{rec.error}")
+                        reject(src.name, rec.where, f"read.{rec.error}", fields=rec.fields)
                         continue
                     text, dropped = rec.text, False
                     for rule in rules:
                         verdict = rule(text)
                         if verdict.text is None:
-                            reject(src.name, rec.where, verdict.reason, text)
+                            reject(src.name, rec.where, verdict.reason, text, rec.fields)
                             dropped = True
                             break
                         if verdict.reason:
@@ -109,7 +127,7 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
                     if cfg.exact_dedup:
                         key = dedup.exact_key(text)
                         if key in seen:
-                            reject(src.name, rec.where, "dedup.exact", text)
+                            reject(src.name, rec.where, "dedup.exact", text, rec.fields)
                             continue
                         seen.add(key)
                     if lsh is not None:
@@ -117,6 +135,9 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
                     doc = {**rec.fields, "text": text}  # the other fields are kept
                     stage_f.write(json.dumps({"id": doc_id, "where": rec.where, "doc": doc}) + "\n")
                     doc_id += 1
+        problem = _unusable(src, c, cfg.max_unusable)
+        if problem:
+            stop(problem)
     near = lsh.duplicates() if lsh is not None else set()
     log(f"pass 1: {sum(c['read'] for c in counts.by_source.values())} documents in "
         f"{time.perf_counter() - t0:.1f} s; {len(near)} near-duplicates")
@@ -125,7 +146,7 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
         for line in open(staging / f"{name}.jsonl"):
             obj = json.loads(line)
             if obj["id"] in near:
-                reject(name, obj["where"], "dedup.minhash", obj["doc"]["text"])
+                reject(name, obj["where"], "dedup.minhash", obj["doc"]["text"], obj["doc"])
                 continue
             yield obj
 
@@ -135,7 +156,7 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
     outputs = {src.name: open(out_dir / f"{src.name}.jsonl", "w") for src, _, _ in plans}
     for name, obj in docs:
         if not obj["doc"]["text"].strip():
-            reject(name, obj["where"], "dedup.suffix_array_empty")
+            reject(name, obj["where"], "dedup.suffix_array_empty", fields=obj["doc"])
             continue
         counts[name]["kept"] += 1
         outputs[name].write(json.dumps(obj["doc"]) + "\n")
@@ -147,13 +168,43 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
         (staging / f"{src.name}.jsonl").unlink()
     staging.rmdir()
 
-    report = {"sources": counts.as_dict(), "seconds": time.perf_counter() - t0,
-              "out_dir": str(out_dir)}
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
-    summary = format_report(report)
-    (out_dir / "report.txt").write_text(summary)
-    log(summary)
+    report = _write_report(out_dir, counts, t0)
+    log(format_report(report))
+    empty = [name for name, c in report["sources"].items() if c["kept"] == 0]
+    if empty:
+        raise ConfigError("; ".join(f"source {name!r} kept no document: read {report['sources'][name]['read']}, "
+                                    f"dropped {readers.describe_losses(report['sources'][name]['dropped'])}"
+                                    for name in empty) + f" (see {out_dir / 'report.txt'})")
     return report
+
+
+def _write_report(out_dir: Path, counts: _Counts, t0: float) -> dict:
+    report = {"sources": counts.as_dict(), "seconds": time.perf_counter() - t0, "out_dir": str(out_dir)}
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    (out_dir / "report.txt").write_text(format_report(report))
+    return report
+
+
+def _unusable(src, c: dict, max_unusable: float) -> str:
+    """Why source `src` stops the run after its first pass (counts `c`), or ""."""
+    lost = {reason[len("read."):]: n for reason, n in c["dropped"].items() if reason.startswith("read.")}
+    where = f"source {src.name!r} ({', '.join(map(str, src.paths))})"
+    if c["read"] == 0:
+        return f"{where} holds no record: are its files empty?"
+    n_lost = sum(lost.values())
+    if n_lost == c["read"]:
+        head = f"{where}: none of its {c['read']} records is usable"
+    elif n_lost > max_unusable * c["read"]:
+        head = (f"{where}: {n_lost} of its {c['read']} records are unusable, more than "
+                f"prepare.max_unusable={max_unusable} of them")
+    else:
+        return ""
+    hints = []
+    if lost.get("missing_text"):
+        hints.append(f"is the text under another field than text_field={src.text_field!r}?")
+    if lost.get("too_long"):
+        hints.append("a long text can be cut into documents with split: chunks (or paragraphs)")
+    return f"{head} ({readers.describe_losses(lost)})" + (f"; {' '.join(hints)}" if hints else "")
 
 
 def _cut_repeated_spans(docs, min_len: int, counts, log):

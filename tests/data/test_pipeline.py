@@ -238,3 +238,49 @@ def test_byte_tokenizer_reserves_jaxlm_specials_after_the_bytes():
     want = [ord("a") + 3, sp.roles["user"], ord("b") + 3, sp.sentinels[7]] + list(tok.encode("<|no_such|>"))
     np.testing.assert_array_equal(got, want)
     assert tok.decode(got) == "ab<|no_such|>"
+
+
+BYTE = ByteTokenizer()
+
+
+@pytest.mark.parametrize("how", ["document", "content", "tail"])
+def test_a_one_document_source_is_validated_on_its_tail_whatever_its_name(tmp_path, how):
+    text = "".join(f"line {i} of the one long text\n" for i in range(400))
+    path = _write_shards(tmp_path, "book", [text])
+    doc = np.asarray(load_tokenizer("byte").encode(text).tolist() + [load_tokenizer("byte").eos_id])
+    for name in ("book", "b", "x", "novel", "corpus", "a1"):  # the old hash put it on one side by name
+        cfg = DataConfig(source="shards", sources=(MixSourceConfig(name, path),), heldout_fraction=0.1,
+                         heldout_split=how)
+        train, heldout, info = build_lm_data(cfg, seq_len=16)
+        assert info["sources"][name]["heldout_split"] == "tail"
+        head, tail = train.sources[0].docs[0], heldout.sources[0].docs[0]
+        np.testing.assert_array_equal(np.concatenate([head, tail]), doc)
+        assert len(tail) == round(0.1 * len(doc))
+
+
+def test_content_split_follows_the_text_not_its_name_or_place(tmp_path):
+    texts = [f"document {i} " * (3 + i % 5) for i in range(60)]
+    a = _write_shards(tmp_path, "a", texts)
+    b = _write_shards(tmp_path, "b", texts[::-1] + texts[:5])  # reordered, five duplicated
+    held_texts = {}
+    for name, path in (("first", a), ("second", b)):
+        cfg = DataConfig(source="shards", sources=(MixSourceConfig(name, path),), heldout_fraction=0.2,
+                         heldout_split="content")
+        train, heldout, _ = build_lm_data(cfg, seq_len=16)
+        as_text = lambda src: {BYTE.decode(src.docs[i][:-1]) for i in range(len(src.docs))}
+        held_texts[name] = as_text(heldout.sources[0])
+        assert held_texts[name].isdisjoint(as_text(train.sources[0]))  # duplicates on one side
+    assert held_texts["first"] == held_texts["second"] and 4 <= len(held_texts["first"]) <= 24
+
+
+def test_a_source_can_bring_its_own_heldout_shards(tmp_path):
+    from jaxlm.evaluate import heldout_documents
+
+    a = _write_shards(tmp_path, "a", [f"train {i}" for i in range(10)])
+    v = _write_shards(tmp_path, "v", ["valid one", "valid two"])
+    cfg = DataConfig(source="shards", sources=(MixSourceConfig("a", a, heldout_path=v),), heldout_fraction=0.5)
+    train, heldout, info = build_lm_data(cfg, seq_len=8)
+    assert len(train.sources[0].docs) == 10 and info["sources"]["a"]["heldout_split"] == "heldout_path"
+    run = type("Run", (), {"data": cfg, "train": type("T", (), {"seq_len": 8, "batch_size": 2})})
+    docs = heldout_documents(run)  # what `jaxlm eval` scores by default
+    assert [BYTE.decode(d[:-1]) for d in docs] == ["valid one", "valid two"]

@@ -82,6 +82,66 @@ def test_every_document_is_kept_or_counted_with_a_reason(corpus):
     assert len(rejects) == sum(w["dropped"].values()) + sum(b["dropped"].values())
     assert {r["reason"] for r in rejects} >= {"dedup.minhash", "read.malformed_json"}
     assert "kept 21" in (tmp_path / "out" / "report.txt").read_text()
+    pii = [r for r in rejects if r["reason"] == "pii.too_many"]
+    assert len(pii) == 1 and pii[0]["text"] is None  # the addresses that dropped it are not kept either
+    assert all(r["text"] for r in rejects if r["reason"].startswith(("dedup", "min_words")))
+
+
+def test_rejects_name_documents_by_their_id_field(corpus):
+    tmp_path, web, books = corpus
+    cfg = config(tmp_path, web, books)
+    cfg = cfg.__class__(**{**cfg.__dict__, "sources": (cfg.sources[0].__class__(
+        **{**cfg.sources[0].__dict__, "id_field": "id"}),)})
+    prepare(cfg, log=lambda *_: None)
+    ids = {r["reason"]: r["id"] for r in read_out(tmp_path / "out" / "rejects.jsonl")}
+    assert ids["dedup.exact"] == 100 and ids["dedup.minhash"] == 101 and ids["pii.too_many"] == 103
+    assert ids["read.malformed_json"] is None
+
+
+def test_one_text_file_split_into_chunks_is_prepared_with_a_gopher_rule(tmp_path):
+    rng = np.random.default_rng(3)
+    book = tmp_path / "book.txt"
+    book.write_text("\n\n".join(prose(rng, 200) for _ in range(300)))  # ~300 kB, ~60k words
+    tree = {"out_dir": str(tmp_path / "out"), "max_chars": 100_000, "rules": {"gopher_quality": True},
+            "sources": [{"name": "book", "paths": [str(book)]}]}
+    with pytest.raises(ConfigError, match=r"none of its 1 records is usable \(1 too_long\); .*split: chunks"):
+        prepare(from_dict({"prepare": tree}).prepare, log=lambda *_: None)
+    tree["sources"][0].update(split="chunks", chunk_chars=10_000)
+    report = prepare(from_dict({"prepare": tree}).prepare, log=lambda *_: None)
+    kept = read_out(tmp_path / "out" / "book.jsonl")
+    assert report["sources"]["book"]["read"] == len(kept) > 25
+    assert "".join(d["text"] for d in kept) == book.read_text()
+
+
+def write_lines(path, records):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+@pytest.mark.parametrize("records, settings, message", [
+    ([], {}, r"holds no record: are its files empty\?"),
+    ([{"content": "a b c d e f"}] * 3, {}, r"none of its 3 records is usable \(3 missing_text\); is the text "
+                                           r"under another field than text_field='text'\?"),
+    (["{bad", {"text": "fine words here"}, "{bad", {"text": "  "}], {"max_unusable": 0.5},
+     r"3 of its 4 records are unusable, more than prepare.max_unusable=0.5 of them \(2 malformed_json, 1 empty\)"),
+    ([{"text": "short"}] * 2, {"rules": {"min_words": {"min_words": 5}}},
+     r"source 'web' kept no document: read 2, dropped 2 min_words.too_few \(see .*report.txt\)"),
+])
+def test_a_source_that_yields_nothing_usable_stops_the_run(tmp_path, records, settings, message):
+    path = write_lines(tmp_path / "web.jsonl", records)
+    tree = {"out_dir": str(tmp_path / "out"), "rules": {}, "sources": [{"name": "web", "paths": [str(path)]}],
+            **settings}
+    with pytest.raises(ConfigError, match=message):
+        prepare(from_dict({"prepare": tree}).prepare, log=lambda *_: None)
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["sources"]["web"]["read"] == len(records)
+
+
+def test_a_few_unusable_records_are_counted_and_the_run_goes_on(tmp_path):
+    path = write_lines(tmp_path / "web.jsonl", ["{bad", {"text": "fine words here"}, {"text": "more fine words"}])
+    tree = {"out_dir": str(tmp_path / "out"), "rules": {}, "max_unusable": 0.5,
+            "sources": [{"name": "web", "paths": [str(path)]}]}
+    report = prepare(from_dict({"prepare": tree}).prepare, log=lambda *_: None)
+    assert report["sources"]["web"]["kept"] == 2 and report["sources"]["web"]["dropped"] == {"read.malformed_json": 1}
 
 
 def test_parquet_source(corpus):

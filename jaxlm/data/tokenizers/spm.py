@@ -110,7 +110,7 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str | Path, vocab_si
 def train_from_config(t, log=print) -> Path:
     """`jaxlm data tokenizer`: train on the usable records of `t.inputs` (a TokenizerConfig)."""
     from jaxlm.config import ConfigError
-    from jaxlm.data.readers import texts
+    from jaxlm.data.readers import describe_losses, no_documents, texts
 
     if not t.inputs:
         raise ConfigError("tokenizer.inputs is empty; name the prepared files to train on")
@@ -118,9 +118,13 @@ def train_from_config(t, log=print) -> Path:
     try:
         path = train_sentencepiece(docs, t.out, t.vocab_size, model_type=t.model_type, n_sentinels=t.n_sentinels)
     except ValueError as e:
+        n, skipped = counts()
+        if n == 0:
+            raise ConfigError(no_documents("tokenizer", t.text_field, skipped)) from None
         raise ConfigError(f"tokenizer: {e}") from None
     n, skipped = counts()
-    log(f"trained {path} (vocab {t.vocab_size}) on {n} documents; {skipped} unusable records skipped")
+    log(f"trained {path} (vocab {t.vocab_size}) on {n} documents; unusable records skipped: "
+        f"{describe_losses(skipped)}")
     return path
 
 
