@@ -86,6 +86,10 @@ class PrepareConfig:
     # more than this fraction stops the run, as does a source with no usable record or none kept
     max_unusable: float = 0.5
     out_dir: str = "data/prepared"
+    workers: int = 0  # map processes; 0: one per CPU core
+    executor: str = "local"  # local (a process pool) | ray (prepare.ray_address; work dir on a shared filesystem)
+    ray_address: str = ""  # "": a Ray instance started for the run | auto | ray://HOST:PORT
+    task_mb: float = 8.0  # a map task reads a source's consecutive files until this many MiB
     write_rejects: bool = True  # RUN_DIR/rejects.jsonl: every dropped document with its reason
 
 
@@ -120,6 +124,7 @@ CHOICES = {
     "data.curriculum_unit": ("tokens", "steps", "examples"),
     "data.packing": ("auto", "concat", "first_fit"),
     "data.heldout_split": ("document", "content", "tail"),
+    "prepare.executor": ("local", "ray"),
     "tokenizer.model_type": ("bpe", "unigram"),
 }
 
@@ -151,6 +156,8 @@ def validate_data(d: DataConfig) -> None:
 def validate_prepare(p: PrepareConfig) -> None:
     check(0 <= p.max_unusable <= 1, f"prepare.max_unusable={p.max_unusable} must be in [0, 1]")
     check(p.max_chars >= 0, f"prepare.max_chars={p.max_chars} must be >= 0 (0: no limit)")
+    check(p.workers >= 0, f"prepare.workers={p.workers} must be >= 0 (0: one per CPU core)")
+    check(p.task_mb > 0, f"prepare.task_mb={p.task_mb} must be positive")
     for i, src in enumerate(p.sources):
         check(src.split in SPLITS, f"prepare.sources[{i}].split={src.split!r} is not allowed; choose one of: "
               f"{', '.join(SPLITS)}")

@@ -1,14 +1,19 @@
-"""`jaxlm data prepare`: filter, scrub and deduplicate raw documents, source by source.
+"""`jaxlm data prepare`: filter, scrub and deduplicate raw documents, as a map over input files
+and one reduce.
 
-Two streaming passes, so memory is bounded by the work (hashes and MinHash signatures),
-not by the corpus:
+1. Map (`map_step`): each source's files, in groups of about `prepare.task_mb`, are tasks run
+   in `prepare.workers` processes (or on a Ray cluster, `prepare.executor: ray`); a task counts
+   and skips unusable records, runs the source's rules, and writes the survivors with their
+   exact key and MinHash signature under OUT_DIR/work/. A killed run, started again with the
+   same settings on the same files, runs only the tasks that did not finish.
+2. Reduce (this process, in input order, so the output does not depend on the workers or the
+   order tasks finished): drop exact duplicates (normalized-text hash; the first occurrence
+   across all sources is kept), index the survivors' signatures and drop all but the first of
+   each near-duplicate cluster, optionally cut exact repeated spans (suffix array over UTF-8
+   bytes), and write `OUT_DIR/<source>.jsonl` (under a temporary name, renamed when complete).
 
-1. read each source's files; count and skip unusable records; run the source's rules in
-   order (a rule may drop or change a document); drop exact duplicates (normalized-text
-   hash, across all sources); write survivors to a staging file and add their MinHash
-   signatures to the LSH index;
-2. drop one of every near-duplicate cluster, optionally cut exact repeated spans (suffix
-   array over UTF-8 bytes), and write `OUT_DIR/<source>.jsonl`.
+Memory is bounded by the work (exact hashes, the LSH index), not by the corpus, but for the
+suffix array, which holds the surviving corpus.
 
 Every dropped or changed document is counted by rule and source in `report.json` and
 `report.txt`; with `write_rejects`, `rejects.jsonl` holds each dropped document's source,
@@ -20,7 +25,11 @@ personal data). A source that holds no record, whose records are mostly unusable
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import dataclasses
 import json
+import multiprocessing
+import os
 import shutil
 import time
 from pathlib import Path
@@ -30,16 +39,16 @@ import numpy as np
 from jaxlm.config import ConfigError, PrepareConfig
 from jaxlm.data import readers
 from jaxlm.prepare import dedup
+from jaxlm.prepare.map_step import Task, reject_record, run_task
 from jaxlm.prepare.rules import build_rules
 
 
 class _Counts:
     """Per-source counters: read, kept, dropped by reason, changed by reason."""
 
-    def __init__(self):
-        self.by_source = collections.defaultdict(lambda: {"read": 0, "kept": 0,
-                                                          "dropped": collections.Counter(),
-                                                          "changed": collections.Counter()})
+    def __init__(self, sources):
+        self.by_source = {name: {"read": 0, "kept": 0, "dropped": collections.Counter(),
+                                 "changed": collections.Counter()} for name in sources}
 
     def __getitem__(self, source):
         return self.by_source[source]
@@ -70,103 +79,156 @@ def _check(cfg: PrepareConfig):
     return plans
 
 
+def _tasks(cfg: PrepareConfig, plans, work: Path) -> list[Task]:
+    """The map tasks: each source's files in order, grouped while under prepare.task_mb."""
+    common = dict(max_chars=cfg.max_chars, exact=cfg.exact_dedup, work=str(work),
+                  minhash=(cfg.minhash_bands * cfg.minhash_rows, cfg.minhash_bands, cfg.minhash_rows,
+                           cfg.minhash_ngram) if cfg.minhash_dedup else None)
+    tasks = []
+    for src, files, _ in plans:
+        rules = json.dumps(cfg.rules if src.rules is None else src.rules, sort_keys=True)
+        groups, size = [[]], 0
+        for path, fmt in files:
+            if groups[-1] and size >= cfg.task_mb * 2**20:
+                groups.append([])
+                size = 0
+            groups[-1].append((str(path), fmt))
+            size += path.stat().st_size
+        tasks += [Task(len(tasks) + i, src.name, tuple(g), src.text_field, src.id_field, src.split, src.chunk_chars,
+                       rules=rules, **common) for i, g in enumerate(groups)]
+    return tasks
+
+
+def _open_work(work: Path, cfg: PrepareConfig, tasks: list[Task], log) -> None:
+    """Keep the finished tasks of an earlier run of the same settings on the same files; else start over."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("workers", "executor", "ray_address")}
+    files = [[p, os.stat(p).st_size, os.stat(p).st_mtime_ns] for t in tasks for p, _ in t.files]
+    plan = json.dumps({"settings": settings, "files": files}, sort_keys=True, default=str)
+    stored = work / "plan.json"
+    if work.exists() and not (stored.is_file() and stored.read_text() == plan):
+        log(f"{work}: left by a run of other settings or inputs; starting over")
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    stored.write_text(plan)
+
+
+def _execute(todo: list[Task], cfg: PrepareConfig, log) -> None:
+    """Run the map tasks: in this process, in a pool of prepare.workers processes, or on Ray."""
+    if cfg.executor == "ray":
+        return _execute_ray(todo, cfg)
+    workers = min(cfg.workers or os.cpu_count() or 1, len(todo))
+    if workers <= 1:
+        for task in todo:
+            run_task(task)
+        return
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(run_task, todo))  # a failed task raises here; the others finish and are kept
+
+
+def _execute_ray(todo: list[Task], cfg: PrepareConfig) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("prepare.executor=ray needs Ray: pip install 'jaxlm[ray]'") from None
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=cfg.ray_address or None, num_cpus=None if cfg.ray_address else cfg.workers or None,
+                 include_dashboard=False, log_to_driver=False)
+    try:
+        remote = ray.remote(run_task)
+        ray.get([remote.remote(task) for task in todo])
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def prepare(cfg: PrepareConfig, log=print) -> dict:
-    """Run both passes; returns the report (also written to OUT_DIR/report.json)."""
+    """Map, then reduce; returns the report (also written to OUT_DIR/report.json)."""
     plans = _check(cfg)
     out_dir = Path(cfg.out_dir)
-    staging = out_dir / "staging"
-    staging.mkdir(parents=True, exist_ok=True)
-    counts = _Counts()
-    rejects = open(out_dir / "rejects.jsonl", "w") if cfg.write_rejects else None
-    seen = set()
-    lsh = dedup.MinHashDedup(num_perm=cfg.minhash_bands * cfg.minhash_rows, bands=cfg.minhash_bands,
-                             rows=cfg.minhash_rows, ngram=cfg.minhash_ngram) if cfg.minhash_dedup else None
+    work = out_dir / "work"
+    tasks = _tasks(cfg, plans, work)
+    _open_work(work, cfg, tasks, log)
     t0 = time.perf_counter()
+    todo = [t for t in tasks if not t.done()]
+    if len(todo) < len(tasks):
+        log(f"resuming: {len(tasks) - len(todo)} of {len(tasks)} map tasks already done")
+    _execute(todo, cfg, log)
+    counts = _Counts([src.name for src, _, _ in plans])
+    for t in tasks:
+        c = json.loads(t.path("counts.json").read_text())
+        counts[t.source]["read"] += c["read"]
+        counts[t.source]["dropped"].update(c["dropped"])
+        counts[t.source]["changed"].update(c["changed"])
+    for src, _, _ in plans:
+        problem = _unusable(src, counts[src.name], cfg.max_unusable)
+        if problem:
+            _write_report(out_dir, counts, t0)
+            raise ConfigError(problem)
+    log(f"map: {sum(c['read'] for c in counts.by_source.values())} documents in {len(tasks)} tasks, "
+        f"{time.perf_counter() - t0:.1f} s")
 
+    rejects = open(out_dir / "rejects.jsonl.tmp", "w") if cfg.write_rejects else None
     id_fields = {src.name: src.id_field for src, _, _ in plans}
 
     def reject(source, where, reason, text=None, fields=None):
         counts[source]["dropped"][reason] += 1
         if rejects is not None:
-            if reason.startswith("pii."):
-                text = None  # the personal data that dropped it stays out of the rejects, too
-            doc_id = (fields or {}).get(id_fields[source]) if id_fields[source] else None
-            rejects.write(json.dumps({"source": source, "where": where, "id": doc_id, "reason": reason,
-                                      "text": None if text is None else text[:2000]}) + "\n")
+            rejects.write(reject_record(source, where, reason, text, fields, id_fields[source]))
 
-    def stop(message):
-        if rejects is not None:
-            rejects.close()
-        shutil.rmtree(staging, ignore_errors=True)
-        _write_report(out_dir, counts, t0)
-        raise ConfigError(message)
-
-    doc_id = 0
-    for src, files, rules in plans:
-        c = counts[src.name]
-        with open(staging / f"{src.name}.jsonl", "w") as stage_f:
-            for path, fmt in files:
-                for rec in readers.read_documents(path, fmt, src.text_field, cfg.max_chars, src.split,
-                                                  src.chunk_chars):
-                    c["read"] += 1
-                    if rec.text is None:
-                        reject(src.name, rec.where, f"read.{rec.error}", fields=rec.fields)
-                        continue
-                    text, dropped = rec.text, False
-                    for rule in rules:
-                        verdict = rule(text)
-                        if verdict.text is None:
-                            reject(src.name, rec.where, verdict.reason, text, rec.fields)
-                            dropped = True
-                            break
-                        if verdict.reason:
-                            c["changed"][verdict.reason] += 1
-                        text = verdict.text
-                    if dropped:
-                        continue
-                    if cfg.exact_dedup:
-                        key = dedup.exact_key(text)
-                        if key in seen:
-                            reject(src.name, rec.where, "dedup.exact", text, rec.fields)
-                            continue
-                        seen.add(key)
-                    if lsh is not None:
-                        lsh.add(doc_id, text)
-                    doc = {**rec.fields, "text": text}  # the other fields are kept
-                    stage_f.write(json.dumps({"id": doc_id, "where": rec.where, "doc": doc}) + "\n")
-                    doc_id += 1
-        problem = _unusable(src, c, cfg.max_unusable)
-        if problem:
-            stop(problem)
+    if rejects is not None:
+        for t in tasks:
+            with open(t.path("rejects.jsonl")) as f:
+                shutil.copyfileobj(f, rejects)
+    # Exact duplicates, then the near-duplicate index, in task order: the first occurrence is kept.
+    seen, exact_kept, n = set(), [], 0
+    lsh = dedup.MinHashDedup(num_perm=cfg.minhash_bands * cfg.minhash_rows, bands=cfg.minhash_bands,
+                             rows=cfg.minhash_rows, ngram=cfg.minhash_ngram) if cfg.minhash_dedup else None
+    for t in tasks:
+        rows = []
+        for j, obj in enumerate(_task_docs(t)):
+            if cfg.exact_dedup:
+                if obj["key"] in seen:
+                    reject(t.source, obj["where"], "dedup.exact", obj["doc"]["text"], obj["doc"])
+                    continue
+                seen.add(obj["key"])
+            rows.append(j)
+        if lsh is not None:
+            lsh.add_signatures(range(n, n + len(rows)), np.load(t.path("sigs.npy"))[rows])
+        exact_kept.append(set(rows))
+        n += len(rows)
     near = lsh.duplicates() if lsh is not None else set()
-    log(f"pass 1: {sum(c['read'] for c in counts.by_source.values())} documents in "
-        f"{time.perf_counter() - t0:.1f} s; {len(near)} near-duplicates")
+    log(f"dedup: {len(seen) if cfg.exact_dedup else n} exact-unique documents, {len(near)} near-duplicates")
 
-    def survivors(name):
-        for line in open(staging / f"{name}.jsonl"):
-            obj = json.loads(line)
-            if obj["id"] in near:
-                reject(name, obj["where"], "dedup.minhash", obj["doc"]["text"], obj["doc"])
-                continue
-            yield obj
+    def survivors():
+        doc_id = 0
+        for t, rows in zip(tasks, exact_kept):
+            for j, obj in enumerate(_task_docs(t)):
+                if j not in rows:
+                    continue
+                doc_id += 1
+                if doc_id - 1 in near:
+                    reject(t.source, obj["where"], "dedup.minhash", obj["doc"]["text"], obj["doc"])
+                    continue
+                yield t.source, obj
 
-    docs = ((src.name, obj) for src, _, _ in plans for obj in survivors(src.name))
+    docs = survivors()
     if cfg.suffix_dedup:  # needs the whole surviving corpus in memory, as bytes
         docs = _cut_repeated_spans(list(docs), cfg.suffix_min_len, counts, log)
-    outputs = {src.name: open(out_dir / f"{src.name}.jsonl", "w") for src, _, _ in plans}
+    outputs = {src.name: open(out_dir / f"{src.name}.jsonl.tmp", "w") for src, _, _ in plans}
     for name, obj in docs:
         if not obj["doc"]["text"].strip():
             reject(name, obj["where"], "dedup.suffix_array_empty", fields=obj["doc"])
             continue
         counts[name]["kept"] += 1
         outputs[name].write(json.dumps(obj["doc"]) + "\n")
-    for f in outputs.values():
+    for name, f in outputs.items():
         f.close()
+        os.replace(f.name, out_dir / f"{name}.jsonl")
     if rejects is not None:
         rejects.close()
-    for src, _, _ in plans:
-        (staging / f"{src.name}.jsonl").unlink()
-    staging.rmdir()
+        os.replace(rejects.name, out_dir / "rejects.jsonl")
+    shutil.rmtree(work)
 
     report = _write_report(out_dir, counts, t0)
     log(format_report(report))
@@ -176,6 +238,12 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
                                     f"dropped {readers.describe_losses(report['sources'][name]['dropped'])}"
                                     for name in empty) + f" (see {out_dir / 'report.txt'})")
     return report
+
+
+def _task_docs(task: Task):
+    with open(task.path("docs.jsonl")) as f:
+        for line in f:
+            yield json.loads(line)
 
 
 def _write_report(out_dir: Path, counts: _Counts, t0: float) -> dict:
