@@ -11,7 +11,8 @@ Record format: one record per document, in input order; the record is the docume
 ids as little-endian int32 bytes (4 * n_tokens bytes, no header), ending with eos when
 `append_eos`. Shards are written with `group_size:1` (one record per compressed chunk,
 zstd), the setting ArrayRecord asks for so that random access reads one record, not 65536.
-`index.json` is written last, atomically: a directory without it is an unfinished write.
+`index.json` is written last, atomically: a directory without it is an unfinished write, whose
+`progress.json` lists the shards complete so far (a rerun of the same write goes on from there).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from jaxlm.data.tokenizers import file_sha256, load_tokenizer
 
 INDEX = "index.json"
+PROGRESS = "progress.json"  # the shards complete so far, while a write is unfinished
 FORMAT = "jaxlm.tokens.v1"
 RECORD = "<i4"  # little-endian int32 token ids, one document per record
 WRITER_OPTIONS = "group_size:1"
@@ -86,11 +88,12 @@ def _encoded_chunks(texts, tokenizer_name: str, workers: int, chunk_docs: int, a
 
 
 class _ShardWriter:
-    """Writes records to shard-00000, shard-00001, ... with `docs_per_shard` records each."""
+    """Writes records to shard-00000, shard-00001, ... with `docs_per_shard` records each;
+    `on_close(shards)` is called after each shard is complete."""
 
-    def __init__(self, out_dir: Path, docs_per_shard: int):
-        self.out_dir, self.docs_per_shard = out_dir, docs_per_shard
-        self.shards: list[dict] = []
+    def __init__(self, out_dir: Path, docs_per_shard: int, shards=(), on_close=lambda shards: None):
+        self.out_dir, self.docs_per_shard, self.on_close = out_dir, docs_per_shard, on_close
+        self.shards: list[dict] = list(shards)
         self._writer = None
 
     def write(self, record: bytes) -> None:
@@ -109,18 +112,38 @@ class _ShardWriter:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+            self.on_close(self.shards)
+
+
+def _resumable(out_dir: Path, key: str):
+    """The complete shards an unfinished write of the same `key` left in `out_dir` (PROGRESS),
+    with every other shard file removed; None if there is no such write to resume."""
+    path = out_dir / PROGRESS
+    if not key or (out_dir / INDEX).exists() or not path.is_file():
+        return None
+    progress = json.loads(path.read_text())
+    if progress.get("key") != key:
+        return None
+    done = progress["shards"]
+    for f in out_dir.glob("shard-*.array_record"):
+        if f.name not in {s["path"] for s in done}:
+            f.unlink()  # the shard being written when the run stopped
+    return done
 
 
 def tokenize_to_shards(texts: Iterable[str], tokenizer_path_or_name: str, out_dir: str | Path, *,
                        workers: int = os.cpu_count() or 1, docs_per_shard: int = 8192,
                        chunk_docs: int = 64, append_eos: bool = True,
-                       overwrite: bool = False) -> dict:
+                       overwrite: bool = False, resume_key: str = "") -> dict:
     """Tokenize `texts` (any iterable, read lazily) into ArrayRecord shards; returns the index.
 
     `workers` processes each load the tokenizer once (`workers=1`: in this process); the
     output does not depend on `workers` or `chunk_docs`. An `out_dir` that already holds
-    shards is an error unless `overwrite`, which removes them first. Workers are spawned, so a
-    script that calls this with `workers > 1` needs the `if __name__ == "__main__":` guard.
+    shards is an error unless `overwrite`, which removes them first, or unless it holds an
+    unfinished write with the same `resume_key` (a caller's fingerprint of `texts` and the
+    settings): then the complete shards are kept, their documents skipped in `texts`, and the
+    write goes on from there. Workers are spawned, so a script that calls this with
+    `workers > 1` needs the `if __name__ == "__main__":` guard.
     """
     if docs_per_shard < 1 or chunk_docs < 1:
         raise ValueError(f"docs_per_shard={docs_per_shard} and chunk_docs={chunk_docs} must be >= 1")
@@ -129,14 +152,26 @@ def tokenize_to_shards(texts: Iterable[str], tokenizer_path_or_name: str, out_di
         raise ValueError(f"append_eos=True but the tokenizer {tokenizer.name!r} has no eos")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    key = json.dumps([resume_key, tokenizer.name, docs_per_shard, append_eos]) if resume_key else ""
+    done = None if overwrite else _resumable(out_dir, key)
     old = sorted(out_dir.glob("shard-*.array_record")) + sorted(out_dir.glob(INDEX))
-    if old and not overwrite:
+    if done is not None:
+        texts = itertools.islice(texts, sum(s["documents"] for s in done), None)
+    elif old and not overwrite:
         raise FileExistsError(f"{str(out_dir)!r} already holds shards; pass overwrite=True "
                               f"or choose an empty directory")
-    for path in reversed(old):  # the index first, so no reader sees a half-deleted set
-        path.unlink()
+    else:
+        for path in reversed(old):  # the index first, so no reader sees a half-deleted set
+            path.unlink()
 
-    writer = _ShardWriter(out_dir, docs_per_shard)
+    def save_progress(shards):  # full shards only: one closed by an error is written again
+        if key:
+            full = [s for s in shards if s["documents"] == docs_per_shard]
+            (out_dir / (PROGRESS + ".tmp")).write_text(json.dumps({"key": key, "shards": full}))
+            os.replace(out_dir / (PROGRESS + ".tmp"), out_dir / PROGRESS)
+
+    save_progress(done or [])
+    writer = _ShardWriter(out_dir, docs_per_shard, done or [], save_progress)
     try:
         for records in _encoded_chunks(texts, tokenizer_path_or_name, workers, chunk_docs,
                                        append_eos):
@@ -162,19 +197,22 @@ def tokenize_to_shards(texts: Iterable[str], tokenizer_path_or_name: str, out_di
     tmp = out_dir / (INDEX + ".tmp")
     tmp.write_text(json.dumps(index, indent=1))
     os.replace(tmp, out_dir / INDEX)
+    (out_dir / PROGRESS).unlink(missing_ok=True)
     return index
 
 
 def tokenize_from_config(t, log=print) -> dict:
     """`jaxlm data tokenize`: the usable records of `t.inputs` (a TokenizeConfig) into shards."""
     from jaxlm.config import ConfigError
-    from jaxlm.data.readers import describe_losses, no_documents, texts
+    from jaxlm.data.readers import describe_losses, expand, no_documents, texts
 
     if not t.inputs:
         raise ConfigError("tokenize.inputs is empty; name the prepared files to tokenize")
     docs, counts = texts(t.inputs, t.text_field)
+    inputs = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in expand(t.inputs)]
     index = tokenize_to_shards(docs, t.tokenizer, t.out_dir, workers=t.workers or os.cpu_count() or 1,
-                               docs_per_shard=t.docs_per_shard, overwrite=t.overwrite)
+                               docs_per_shard=t.docs_per_shard, overwrite=t.overwrite,
+                               resume_key=json.dumps([inputs, t.text_field]))
     n, skipped = counts()
     if n == 0:
         for f in [*Path(t.out_dir).glob("shard-*.array_record"), Path(t.out_dir) / INDEX]:

@@ -133,3 +133,31 @@ def test_missing_or_unfinished_directory_is_named(tmp_path):
          "shards": [{"path": "shard-00000.array_record", "documents": 1, "tokens": 1}]}))
     with pytest.raises(FileNotFoundError, match="shard-00000"):
         read_shards(tmp_path)
+
+
+@pytest.mark.parametrize("stop_at", [0, 7, 25])
+def test_an_interrupted_write_goes_on_from_its_last_full_shard(tmp_path, texts, stop_at):
+    def interrupted():
+        for i, text in enumerate(texts[:30]):
+            if i == stop_at:
+                raise KeyboardInterrupt  # the finally closes a part-written shard
+            yield text
+
+    whole = tokenize_to_shards(texts[:30], "byte", tmp_path / "whole", workers=1, docs_per_shard=4)
+    with pytest.raises(KeyboardInterrupt):
+        tokenize_to_shards(interrupted(), "byte", tmp_path / "cut", workers=1, docs_per_shard=4, chunk_docs=2,
+                           resume_key="k")
+    progress = json.loads((tmp_path / "cut" / "progress.json").read_text())
+    assert len(progress["shards"]) == stop_at // 4  # full shards only
+    if stop_at:
+        with pytest.raises(FileExistsError):  # another write (another key) does not take them over
+            tokenize_to_shards(texts[:30], "byte", tmp_path / "cut", workers=1, docs_per_shard=4,
+                               resume_key="other")
+    pulled = []
+    index = tokenize_to_shards((pulled.append(t) or t for t in texts[:30]), "byte", tmp_path / "cut", workers=1,
+                               docs_per_shard=4, resume_key="k")
+    assert len(pulled) == 30  # the finished shards' documents are skipped, not tokenized again
+    assert index["shards"] == whole["shards"] and index["documents"] == 30
+    resumed, reference = read_shards(tmp_path / "cut"), read_shards(tmp_path / "whole")
+    assert all(np.array_equal(resumed[i], reference[i]) for i in range(30))
+    assert not (tmp_path / "cut" / "progress.json").exists()
