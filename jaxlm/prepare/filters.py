@@ -1,14 +1,16 @@
 """Document filters: small named rules, each called on one document's text, returning a Verdict.
 
-Pure, dependency-free Python (the stdlib only). A rule is a frozen dataclass whose fields are
-its thresholds, defaulting to the published values; `rules.build_rules` makes a chain from a
-config mapping. Words are whitespace-separated tokens with leading and trailing punctuation
-removed (tokens of punctuation alone are not words); lines and paragraphs are compared
-stripped, and blank lines are neither counted nor compared.
+Pure Python: the stdlib, and pysbd for C4's sentence count (imported when a c4 rule is made).
+A rule is a frozen dataclass whose fields are its thresholds, defaulting to the published
+values; `rules.build_rules` makes a chain from a config mapping. Words are whitespace-separated
+tokens with leading and trailing punctuation removed (tokens of punctuation alone are not
+words); lines and paragraphs are compared stripped, and blank lines are neither counted nor
+compared.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import html.parser
 import re
 import string
@@ -166,7 +168,7 @@ class GopherQuality:
 # --- Gopher repetition (Rae et al. 2021, table A1) ----------------------------------------
 
 
-def _duplicates(units: list[str]) -> tuple[int, int, int]:
+def duplicates(units: list[str]) -> tuple[int, int, int]:
     """(count of units equal to an earlier one, their characters, characters of all units)."""
     seen, n_dup, chars = set(), 0, 0
     for u in units:
@@ -252,7 +254,7 @@ class GopherRepetition:
 
     def __call__(self, text: str) -> Verdict:
         for kind, units in (("para", _paragraphs(text)), ("line", _lines(text))):
-            n_dup, chars, total = _duplicates(units)
+            n_dup, chars, total = duplicates(units)
             if units and n_dup / len(units) > getattr(self, f"max_dup_{kind}_frac"):
                 return Verdict(None, f"gopher_repetition.dup_{kind}_frac")
             if units and chars / total > getattr(self, f"max_dup_{kind}_char_frac"):
@@ -272,15 +274,39 @@ _CITATION = re.compile(r"\[\d*\]|\[edit\]|\[citation needed\]", re.IGNORECASE)
 _END_PUNCTUATION = (".", "?", "!", '"', "'")
 _POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies",
            "use cookies")
-# A sentence boundary inside a line: terminal punctuation, space, then a capital or digit.
-_SENTENCE_BREAK = re.compile(r"[.!?][\"')\]’”]*\s+(?=[\"'(\[‘“]?[A-Z0-9])")
+# Where a counted sentence break can be: terminal punctuation (then closing quotes or brackets), whitespace.
+_MAYBE_BREAK = re.compile(r"[.!?…][\"')\]’”]*\s")
+_ENDS_AT_BREAK = re.compile(r"[.!?…][\"')\]’”]*\s+\Z")
+
+
+@functools.cache
+def _segmenter():
+    """pysbd's English sentence segmenter (rules inside the package, nothing downloaded)."""
+    try:
+        import pysbd
+    except ImportError:
+        raise ConfigError("the c4 rule counts sentences with pysbd, which is not installed: "
+                          "pip install pysbd") from None
+    return pysbd.Segmenter(language="en", clean=False)
+
+
+def count_sentences(line: str) -> int:
+    """Sentences in one line: 1 + the places where pysbd ends a sentence at a `_MAYBE_BREAK`.
+    Its other breaks are not counted: inside a word ("$HOME/." | "bashrc") or at a bare space.
+    A line with no `_MAYBE_BREAK` is one sentence without asking pysbd."""
+    if not _MAYBE_BREAK.search(line):
+        return 1
+    segments = _segmenter().segment(line)  # clean=False: each keeps its trailing whitespace
+    return 1 + sum(1 for s in segments[:-1] if _ENDS_AT_BREAK.search(s))
 
 
 @dataclasses.dataclass(frozen=True)
 class C4Lines:
     """C4's line filter. Lines are tested in order; only lines that pass the punctuation and
     word-count tests are checked for "lorem ipsum" and "{" (which drop the whole document), as
-    in the published code. Sentences are counted by a regex, not NLTK's punkt."""
+    in the published code. Sentences of the kept lines are counted line by line with
+    `count_sentences` (pysbd; C4 used NLTK's punkt, datatrove uses spaCy's sentencizer), and
+    only until there are `min_sentences`: the count decides nothing more."""
 
     name: ClassVar[str] = "c4"
     min_words_per_line: int = 3
@@ -292,6 +318,9 @@ class C4Lines:
     filter_javascript: bool = True
     filter_curly_bracket: bool = True
     filter_policy: bool = True
+
+    def __post_init__(self):
+        _segmenter()  # a missing pysbd is a config error now, not a failure mid-run
 
     def __call__(self, text: str) -> Verdict:
         kept, sentences = [], 0
@@ -316,7 +345,13 @@ class C4Lines:
             if self.filter_policy and any(p in lower for p in _POLICY):
                 continue
             kept.append(line)
-            sentences += 1 + len(_SENTENCE_BREAK.findall(line))
+        # pysbd is slow: skip it when even a break at every `_MAYBE_BREAK` gives too few sentences,
+        # and stop once there are enough.
+        if sum(1 + len(_MAYBE_BREAK.findall(line)) for line in kept) >= self.min_sentences:
+            for line in kept:
+                sentences += count_sentences(line)
+                if sentences >= self.min_sentences:
+                    break
         if sentences < self.min_sentences:
             return Verdict(None, "c4.too_few_sentences")
         out = "\n".join(kept)

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 from jaxlm.config.schema import ConfigError, build
 from jaxlm.prepare.filters import Blocklist, C4Lines, GopherQuality, GopherRepetition, HtmlStrip, MinWords
+from jaxlm.prepare.language import LanguageId
 from jaxlm.prepare.pii import PiiScrub
 from jaxlm.prepare.quality import Perplexity, QualityClassifier
+from jaxlm.prepare.web import FineWebQuality
 
 RULES: dict[str, type] = {r.name: r for r in (
-    HtmlStrip, GopherQuality, GopherRepetition, C4Lines, MinWords, Blocklist, PiiScrub,
-    QualityClassifier, Perplexity)}
+    HtmlStrip, LanguageId, GopherQuality, GopherRepetition, C4Lines, FineWebQuality, MinWords, Blocklist,
+    PiiScrub, QualityClassifier, Perplexity)}
 
 
 def build_rules(spec: dict) -> list:

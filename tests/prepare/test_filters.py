@@ -50,8 +50,8 @@ def unique_words(n: int, prefix: str = "u") -> list[str]:
 def test_verdict_is_frozen_and_rules_are_named():
     with pytest.raises(dataclasses.FrozenInstanceError):
         Verdict("x").text = "y"
-    assert list(RULES) == ["html", "gopher_quality", "gopher_repetition", "c4", "min_words",
-                           "blocklist", "pii", "quality_classifier", "perplexity"]
+    assert list(RULES) == ["html", "language", "gopher_quality", "gopher_repetition", "c4", "fineweb",
+                           "min_words", "blocklist", "pii", "quality_classifier", "perplexity"]
     assert all(cls.name == name for name, cls in RULES.items())
 
 
@@ -341,7 +341,7 @@ def test_build_rules_in_order_with_params():
 
 
 @pytest.mark.parametrize("spec,match", [
-    ({"nope": True}, r"unknown filter 'nope'; allowed: html, gopher_quality, .*pii"),
+    ({"nope": True}, r"unknown filter 'nope'; allowed: html, language, gopher_quality, .*pii"),
     ({"pii": {"max": 3}}, r"filter 'pii' has no parameter 'max'; allowed: max_matches"),
     ({"pii": {"max_matches": "3"}}, r"pii.max_matches='3' has the wrong type; expected int"),
     ({"pii": {"max_matches": True}}, r"expected int"),
