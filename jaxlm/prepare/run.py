@@ -86,7 +86,7 @@ def _tasks(cfg: PrepareConfig, plans, work: Path) -> list[Task]:
                            cfg.minhash_ngram) if cfg.minhash_dedup else None)
     tasks = []
     for src, files, _ in plans:
-        rules = json.dumps(cfg.rules if src.rules is None else src.rules, sort_keys=True)
+        rules = json.dumps(cfg.rules if src.rules is None else src.rules)  # in order: a chain
         groups, size = [[]], 0
         for path, fmt in files:
             if groups[-1] and size >= cfg.task_mb * 2**20:
@@ -103,7 +103,7 @@ def _open_work(work: Path, cfg: PrepareConfig, tasks: list[Task], log) -> None:
     """Keep the finished tasks of an earlier run of the same settings on the same files; else start over."""
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("workers", "executor", "ray_address")}
     files = [[p, os.stat(p).st_size, os.stat(p).st_mtime_ns] for t in tasks for p, _ in t.files]
-    plan = json.dumps({"settings": settings, "files": files}, sort_keys=True, default=str)
+    plan = json.dumps({"settings": settings, "files": files}, default=str)  # rule order matters
     stored = work / "plan.json"
     if work.exists() and not (stored.is_file() and stored.read_text() == plan):
         log(f"{work}: left by a run of other settings or inputs; starting over")

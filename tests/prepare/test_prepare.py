@@ -210,3 +210,13 @@ def test_cli_prepare_tokenizer_tokenize_on_the_embedded_corpus(tmp_path):
     assert len(shards) == len(docs)
     for i, text in enumerate(docs):
         assert shards[i][-1] == tok.eos_id and tok.decode(shards[i]) == text
+
+
+def test_rules_run_in_the_order_given(tmp_path):
+    path = write_lines(tmp_path / "web.jsonl", [{"text": "a short one"}, {"text": "another short text"}])
+    for rules, reason in (({"min_words": {"min_words": 10}, "gopher_quality": True}, "min_words.too_few"),
+                          ({"gopher_quality": True, "min_words": {"min_words": 10}}, "gopher_quality.word_count")):
+        tree = {"out_dir": str(tmp_path / "out"), "rules": rules, "workers": 1,
+                "sources": [{"name": "web", "paths": [str(path)]}]}
+        with pytest.raises(ConfigError, match=f"kept no document: read 2, dropped 2 {reason}"):
+            prepare(from_dict({"prepare": tree}).prepare, log=lambda *_: None)
