@@ -28,8 +28,11 @@ DIR/replaced/. DIR/report.html (`jaxlm.report`) is refreshed after every stage.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -172,6 +175,28 @@ def run(path: str | Path, overrides: Sequence[str] = (), *, command, start: Opti
     directory, stages = load(path, overrides)
     selected = _select(stages, start, only, until)
     directory.mkdir(parents=True, exist_ok=True)
+    with _exclusive(directory):
+        return _run(directory, stages, selected, start, command, log)
+
+
+@contextlib.contextmanager
+def _exclusive(directory: Path):
+    """Hold DIR/pipeline.lock (an advisory lock the system drops when the process ends): a second
+    pipeline on the same directory stops with one line instead of racing this one."""
+    with open(directory / "pipeline.lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise ConfigError(f"{directory} is in use by another jaxlm pipeline (process {f.read().strip() or '?'}); "
+                              "wait for it to finish or stop it") from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
+
+
+def _run(directory: Path, stages, selected, start, command, log) -> int:
     record = read_record(directory)
     if start is not None:
         for stage in stages[[s.name for s in stages].index(start):]:

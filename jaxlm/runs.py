@@ -375,6 +375,11 @@ class EventFile:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """All rows and events of a run, in order."""
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """All rows and events of a run, in order. A last line without its newline that is not JSON is
+    one the run is writing now, and is left out; any other line that is not JSON raises."""
+    *lines, last = (Path(run_dir) / "metrics.jsonl").read_text().split("\n")
+    rows = [json.loads(line) for line in lines if line.strip()]
+    try:
+        return rows + ([json.loads(last)] if last.strip() else [])
+    except json.JSONDecodeError:
+        return rows

@@ -140,6 +140,9 @@ def test_metrics_go_to_jsonl_and_a_tensorboard_event_file(tmp_path):
     assert runs.read_metrics(tmp_path)[:2] == [{"step": 1, "loss": 2.5, "eval_loss": 3.0, "rewards/accuracy": 0.5,
                                                 "note": "x"},
                                                {"step": 2, "loss": None}]
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')  # a row the run is writing now
+    assert runs.read_metrics(tmp_path)[-1] == {"step": 3, "loss": 1.0}
     path, other = sorted((tmp_path / "tensorboard").iterdir(), key=lambda p: int(p.name.rsplit(".", 1)[1]))
     assert [(e.step, [v.tag for v in e.summary.value]) for e in _tfevents(other)[1:]] == [(3, ["train/loss"])]
     first, *rows = _tfevents(path)

@@ -142,6 +142,21 @@ def test_stage_names_and_overrides_are_checked(tmp_path):
         pipeline.load(path)
 
 
+def test_a_second_pipeline_on_the_same_directory_is_refused(tmp_path):
+    import fcntl
+    import os
+
+    path = _pipeline_config(tmp_path, "pipe")
+    (tmp_path / "pipe").mkdir()
+    with open(tmp_path / "pipe" / "pipeline.lock", "w") as held:  # as a running pipeline holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write(str(os.getpid()))
+        held.flush()
+        message = rf"pipe is in use by another jaxlm pipeline \(process {os.getpid()}\)"
+        with pytest.raises(pipeline.ConfigError, match=message):
+            pipeline.run(path, command=lambda argv: pytest.fail(f"ran {argv}"))
+
+
 def test_the_embedded_default_resolves():
     directory, stages = pipeline.load(ROOT / "configs" / "pipeline" / "tiny.yaml", ["dir=/tmp/x"])
     assert [s.name for s in stages] == list(pipeline.STAGES)

@@ -70,12 +70,7 @@ def _yaml(path: Path):
 
 def _metrics(run_dir: Path) -> list[dict]:
     """The rows and events of RUN_DIR/metrics.jsonl; [] before it exists."""
-    if not (run_dir / "metrics.jsonl").is_file():
-        return []
-    try:
-        return read_metrics(run_dir)
-    except ValueError:  # a line cut short by the run writing it now
-        return _jsonl(run_dir / "metrics.jsonl")
+    return read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
 
 
 def _event(rows: list[dict], name: str) -> dict:
