@@ -156,13 +156,17 @@ def reward_run(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
 def test_a_reward_model_as_the_scorer_and_the_critics_start(tmp_path, init_run, reward_run, algorithm):
-    critic = dict(value_from=str(reward_run)) if algorithm == "ppo" else dict(group_size=2, prompts_per_iteration=4)
+    critic = (dict(value_from=str(reward_run)) if algorithm == "ppo"
+              else dict(group_size=2, prompts_per_iteration=4, eval_every=1))  # and exact match each iteration
     cfg = _cfg(tmp_path, init_run, checker=False, reward_run=str(reward_run), algorithm=algorithm, tasks=["add"],
                frozen_dtype="bfloat16", **critic)
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=1))
+    iterations = 1 if algorithm == "ppo" else 2
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=iterations))
     before = runs.load_run(reward_run).params
     summary = ppo.main(cfg, log=lambda line: None)
-    assert summary["final_step"] == 1 and np.isfinite(summary["score"]) and "correct" not in summary
+    assert summary["final_step"] == iterations and np.isfinite(summary["score"]) and "correct" not in summary
+    evaluated = [r["step"] for r in runs.read_metrics(tmp_path / "ppo") if "exact_match/add" in r]
+    assert evaluated == ([1] if algorithm == "ppo" else [1, 2])  # eval_every, then the end
     jax.tree.map(np.testing.assert_array_equal, runs.load_run(reward_run).params, before)  # the reward run untouched
     assert runs.roles(tmp_path / "ppo", 1) == (["policy", "value"] if algorithm == "ppo" else ["policy"])
     if algorithm == "ppo":  # the critic started from the reward model, its trained head included
