@@ -112,7 +112,7 @@ def _open_work(work: Path, cfg: PrepareConfig, tasks: list[Task], log) -> None:
     stored.write_text(plan)
 
 
-def _execute(todo: list[Task], cfg: PrepareConfig, log) -> None:
+def _execute(todo: list[Task], cfg: PrepareConfig) -> None:
     """Run the map tasks: in this process, in a pool of prepare.workers processes, or on Ray."""
     if cfg.executor == "ray":
         return _execute_ray(todo, cfg)
@@ -153,7 +153,7 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
     todo = [t for t in tasks if not t.done()]
     if len(todo) < len(tasks):
         log(f"resuming: {len(tasks) - len(todo)} of {len(tasks)} map tasks already done")
-    _execute(todo, cfg, log)
+    _execute(todo, cfg)
     counts = _Counts([src.name for src, _, _ in plans])
     for t in tasks:
         c = json.loads(t.path("counts.json").read_text())
@@ -180,39 +180,7 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
         for t in tasks:
             with open(t.path("rejects.jsonl")) as f:
                 shutil.copyfileobj(f, rejects)
-    # Exact duplicates, then the near-duplicate index, in task order: the first occurrence is kept.
-    seen, exact_kept, n = set(), [], 0
-    lsh = dedup.MinHashDedup(num_perm=cfg.minhash_bands * cfg.minhash_rows, bands=cfg.minhash_bands,
-                             rows=cfg.minhash_rows, ngram=cfg.minhash_ngram) if cfg.minhash_dedup else None
-    for t in tasks:
-        rows = []
-        for j, obj in enumerate(_task_docs(t)):
-            if cfg.exact_dedup:
-                if obj["key"] in seen:
-                    reject(t.source, obj["where"], "dedup.exact", obj["doc"]["text"], obj["doc"])
-                    continue
-                seen.add(obj["key"])
-            rows.append(j)
-        if lsh is not None:
-            lsh.add_signatures(range(n, n + len(rows)), np.load(t.path("sigs.npy"))[rows])
-        exact_kept.append(set(rows))
-        n += len(rows)
-    near = lsh.duplicates() if lsh is not None else set()
-    log(f"dedup: {len(seen) if cfg.exact_dedup else n} exact-unique documents, {len(near)} near-duplicates")
-
-    def survivors():
-        doc_id = 0
-        for t, rows in zip(tasks, exact_kept):
-            for j, obj in enumerate(_task_docs(t)):
-                if j not in rows:
-                    continue
-                doc_id += 1
-                if doc_id - 1 in near:
-                    reject(t.source, obj["where"], "dedup.minhash", obj["doc"]["text"], obj["doc"])
-                    continue
-                yield t.source, obj
-
-    docs = survivors()
+    docs = _deduplicated(tasks, cfg, reject, log)
     if cfg.suffix_dedup:  # needs the whole surviving corpus in memory, as bytes
         docs = _cut_repeated_spans(list(docs), cfg.suffix_min_len, counts, log)
     outputs = {src.name: open(out_dir / f"{src.name}.jsonl.tmp", "w") for src, _, _ in plans}
@@ -238,6 +206,39 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
                                     f"dropped {readers.describe_losses(report['sources'][name]['dropped'])}"
                                     for name in empty) + f" (see {out_dir / 'report.txt'})")
     return report
+
+
+def _deduplicated(tasks: list[Task], cfg: PrepareConfig, reject, log):
+    """(source, record) of every mapped document that is neither an exact nor a near duplicate of
+    one before it (in task order, so the first occurrence is kept); the others go to `reject`.
+    Two passes over the map's files: the first indexes, the second yields."""
+    seen, exact_kept, n = set(), [], 0
+    lsh = dedup.MinHashDedup(num_perm=cfg.minhash_bands * cfg.minhash_rows, bands=cfg.minhash_bands,
+                             rows=cfg.minhash_rows, ngram=cfg.minhash_ngram) if cfg.minhash_dedup else None
+    for t in tasks:
+        rows = []
+        for j, obj in enumerate(_task_docs(t)):
+            if cfg.exact_dedup:
+                if obj["key"] in seen:
+                    reject(t.source, obj["where"], "dedup.exact", obj["doc"]["text"], obj["doc"])
+                    continue
+                seen.add(obj["key"])
+            rows.append(j)
+        if lsh is not None:
+            lsh.add_signatures(range(n, n + len(rows)), np.load(t.path("sigs.npy"))[rows])
+        exact_kept.append(set(rows))
+        n += len(rows)
+    near = lsh.duplicates() if lsh is not None else set()
+    log(f"dedup: {n} documents after exact dedup, {len(near)} near-duplicates among them")
+    doc_id = 0
+    for t, rows in zip(tasks, exact_kept):
+        for j, obj in enumerate(_task_docs(t)):
+            if j in rows:
+                if doc_id in near:
+                    reject(t.source, obj["where"], "dedup.minhash", obj["doc"]["text"], obj["doc"])
+                else:
+                    yield t.source, obj
+                doc_id += 1
 
 
 def _task_docs(task: Task):
