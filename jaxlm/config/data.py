@@ -43,8 +43,9 @@ class DataConfig:
     shuffle_block: int = 65536
     fim_max_tokens: int = 0  # FIM: documents are cut into pieces this long, each FIM'd alone; 0: seq_len // 2
     heldout_fraction: float = 0.02
-    # document: a hash of source name and index | content: a hash of the document's tokens |
-    # tail: the last heldout_fraction of every document (a source of one document: always tail)
+    # of data.sources (stdlib: by a hash of each file's path): document: a hash of source name and
+    # index | content: a hash of the document's tokens | tail: the last heldout_fraction of every
+    # document (a source of one document: always tail)
     heldout_split: str = "document"
     max_documents: int = 0  # 0: all (per source)
     seed: int = 0
