@@ -16,14 +16,24 @@ class ModelConfig:
     d_ff: int = 352
     max_seq_len: int = 256
     rope_theta: float = 10_000.0
-    # RoPE frequency scaling for long context (the Hugging Face `rope_scaling` kinds):
-    # none | linear (every frequency / factor) | llama3 (Llama 3.1: low frequencies / factor,
-    # high ones kept, a smooth blend between, by wavelength relative to rope_original_max_len).
+    # RoPE frequency scaling for long context (`jaxlm.model.attention.rope_inv_freq`):
+    # none | linear (every frequency / factor: Position Interpolation) | llama3 (Llama 3.1: low
+    # frequencies / factor, high ones kept, a smooth blend between, by wavelength relative to
+    # rope_original_max_len) | ntk (NTK-aware: theta * factor^(H/(H-2))) | dynamic (Hugging Face's
+    # dynamic NTK: ntk's base for the batch's length L once L > rope_original_max_len, plain RoPE
+    # below) | yarn (YaRN: ramp between kept and / factor frequencies, sin and cos times an
+    # attention factor).
     rope_scaling: str = "none"
     rope_scaling_factor: float = 1.0
     rope_low_freq_factor: float = 1.0  # llama3 only
     rope_high_freq_factor: float = 4.0  # llama3 only
-    rope_original_max_len: int = 8192  # llama3 only: the context length before scaling
+    rope_original_max_len: int = 8192  # llama3, dynamic, yarn: the context length before scaling
+    # yarn only: frequencies turning more than beta_fast times over rope_original_max_len are kept,
+    # fewer than beta_slow times divided by factor; the ramp's bounds are rounded out (truncate)
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_attention_factor: float = 0.0  # yarn only; 0: 0.1 * ln(factor) + 1
+    rope_truncate: bool = True
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     qkv_bias: bool = False
@@ -87,7 +97,7 @@ CHOICES = {
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "dots", "full"),
     "model.attention": ("auto", "blocks", "cudnn", "reference"),
-    "model.rope_scaling": ("none", "linear", "llama3"),
+    "model.rope_scaling": ("none", "linear", "llama3", "ntk", "dynamic", "yarn"),
 }
 
 
@@ -107,5 +117,16 @@ def validate(m: ModelConfig) -> None:
         check(0 < m.rope_low_freq_factor < m.rope_high_freq_factor,
               f"model.rope_low_freq_factor={m.rope_low_freq_factor} and model.rope_high_freq_factor="
               f"{m.rope_high_freq_factor} must satisfy 0 < low < high")
+    if m.rope_scaling in ("llama3", "dynamic", "yarn"):
         check(m.rope_original_max_len > 0,
               f"model.rope_original_max_len={m.rope_original_max_len} must be positive")
+    if m.rope_scaling in ("ntk", "dynamic"):
+        check(m.head_dim > 2, f"model.rope_scaling={m.rope_scaling} needs model.d_model/n_heads > 2 "
+              f"(theta * factor^(H/(H-2))); got {m.head_dim}")
+    if m.rope_scaling == "yarn":
+        check(m.rope_theta > 1, f"model.rope_theta={m.rope_theta} must exceed 1 for model.rope_scaling=yarn")
+        check(0 < m.rope_beta_slow <= m.rope_beta_fast,
+              f"model.rope_beta_slow={m.rope_beta_slow} and model.rope_beta_fast={m.rope_beta_fast} must "
+              f"satisfy 0 < beta_slow <= beta_fast")
+        check(m.rope_attention_factor >= 0, f"model.rope_attention_factor={m.rope_attention_factor} must be "
+              f">= 0 (0: 0.1 * ln(factor) + 1)")

@@ -7,15 +7,17 @@ naming the key and what is supported.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 from jaxlm.config import Config, ConfigError, ModelConfig, TrainConfig, validate
+from jaxlm.model.attention import ntk_theta
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}
 FAMILIES = {family: arch for arch, family in ARCHITECTURES.items()}
 # transformers' defaults for keys a config.json may leave out
 _DEFAULT_MAX_LEN = {"llama": 2048, "qwen2": 32768, "mistral": 131072}
-_ROPE_KINDS = {"default": "none", "linear": "linear", "llama3": "llama3"}
+_ROPE_KINDS = {"default": "none", "linear": "linear", "llama3": "llama3", "dynamic": "dynamic", "yarn": "yarn"}
 _SILU = ("silu", "swish")
 
 
@@ -49,8 +51,14 @@ def _required(hf: dict, key: str):
     return hf[key]
 
 
-def rope_fields(hf: dict) -> dict:
-    """The ModelConfig rope_* fields of an HF config (either transformers spelling)."""
+def rope_fields(hf: dict, max_position_embeddings: int) -> dict:
+    """The ModelConfig rope_* fields of an HF config (either transformers spelling).
+
+    As transformers reads them: llama3's and yarn's original length defaults to
+    max_position_embeddings, which is dynamic's; yarn's factor to max_position_embeddings over
+    the original length, its betas to 32 and 1, and its attention factor (cos and sin times it)
+    to 0.1 ln(factor) + 1, or mscale / mscale_all_dim's ratio (DeepSeek), kept as the number.
+    """
     params = hf.get("rope_parameters")
     if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
         raise InteropError(f"rope_parameters per layer type ({', '.join(params)}) are not supported")
@@ -63,7 +71,7 @@ def rope_fields(hf: dict) -> dict:
     if kind not in _ROPE_KINDS:
         raise InteropError(f"rope scaling type {kind!r} is not supported; supported: "
                            f"{', '.join(k for k in _ROPE_KINDS if k != 'default')} (or none)")
-    for key in ("partial_rotary_factor", "attention_factor"):
+    for key in ("partial_rotary_factor",) + (() if kind == "yarn" else ("attention_factor",)):
         value = scaling.get(key, hf.get(key))
         if value not in (None, 1, 1.0):
             raise InteropError(f"{key}={value} is not supported (RoPE on every dimension, unscaled attention)")
@@ -74,13 +82,41 @@ def rope_fields(hf: dict) -> dict:
             raise InteropError(f"rope scaling {kind!r} lacks {key!r}")
         return scaling[key]
 
-    if kind in ("linear", "llama3"):
+    original = int(scaling.get("original_max_position_embeddings") or max_position_embeddings)
+    if kind in ("linear", "llama3", "dynamic"):
         out["rope_scaling_factor"] = float(need("factor"))
     if kind == "llama3":
         out.update(rope_low_freq_factor=float(need("low_freq_factor")),
-                   rope_high_freq_factor=float(need("high_freq_factor")),
-                   rope_original_max_len=int(need("original_max_position_embeddings")))
+                   rope_high_freq_factor=float(need("high_freq_factor")), rope_original_max_len=original)
+    if kind == "dynamic":  # transformers' dynamic NTK scales beyond max_position_embeddings
+        out["rope_original_max_len"] = int(max_position_embeddings)
+    if kind == "yarn":
+        factor = scaling.get("factor")
+        factor = float(max_position_embeddings / original if factor is None else factor)
+        out.update(rope_scaling_factor=factor, rope_original_max_len=original,
+                   rope_beta_fast=float(scaling.get("beta_fast") or 32),
+                   rope_beta_slow=float(scaling.get("beta_slow") or 1),
+                   rope_truncate=bool(scaling.get("truncate", True)),
+                   rope_attention_factor=_yarn_attention_factor(scaling, factor))
     return out
+
+
+def _yarn_attention_factor(scaling: dict, factor: float) -> float:
+    """yarn's `attention_factor` as given, or mscale / mscale_all_dim's (DeepSeek) as transformers
+    computes it; 0.0 (jaxlm's default formula, 0.1 ln(factor) + 1) when neither is there."""
+    value = scaling.get("attention_factor")
+    if value is not None:
+        if value <= 0:
+            raise InteropError(f"rope scaling 'yarn' attention_factor={value} is not supported; it must be positive")
+        return float(value)
+    mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    if not (mscale and mscale_all_dim):
+        return 0.0
+
+    def get_mscale(m):  # YaRN's 0.1 ln(s) + 1, with DeepSeek's multiplier m on 0.1
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    return float(get_mscale(mscale) / get_mscale(mscale_all_dim))
 
 
 def sliding_window(hf: dict, family: str) -> Optional[int]:
@@ -122,6 +158,7 @@ def model_config_from_hf(hf: dict, *, param_dtype: str = "float32",
             raise InteropError(f"{key}=true is not supported for {FAMILIES[family]} "
                                "(jaxlm has biases on q, k, v only, as in Qwen2)")
     max_len = int(_value(hf, "max_position_embeddings", _DEFAULT_MAX_LEN[family]))
+    rope = rope_fields(hf, max_len)
     window = sliding_window(hf, family)
     if max_seq_len is not None:
         if window is not None and max_seq_len > window:
@@ -137,7 +174,7 @@ def model_config_from_hf(hf: dict, *, param_dtype: str = "float32",
         d_ff=_required(hf, "intermediate_size"), max_seq_len=max_len,
         norm_eps=float(_value(hf, "rms_norm_eps", 1e-6)),
         tie_embeddings=bool(_value(hf, "tie_word_embeddings", False)),
-        qkv_bias=family == "qwen2", param_dtype=param_dtype, **rope_fields(hf))
+        qkv_bias=family == "qwen2", param_dtype=param_dtype, **rope)
     # jaxlm's own limits too (e.g. an odd head_dim, which rotate-half RoPE cannot pair up)
     validate(Config(model=cfg, train=TrainConfig(seq_len=min(TrainConfig.seq_len, cfg.max_seq_len))))
     return cfg
@@ -166,19 +203,16 @@ def hf_config_from_model(cfg: ModelConfig, family: Optional[str] = None, base: O
     out = {k: v for k, v in (base or {}).items() if k not in _REPLACED}
     if out.get("model_type") != family:  # another family's extra keys do not carry over
         out = {k: v for k, v in out.items() if k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    scaling = None
-    if cfg.rope_scaling != "none":
-        scaling = {"rope_type": cfg.rope_scaling, "factor": cfg.rope_scaling_factor}
-    if cfg.rope_scaling == "llama3":
-        scaling.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
-                       original_max_position_embeddings=cfg.rope_original_max_len)
+    theta, scaling = hf_rope(cfg)
+    max_len = max(int(out.get("max_position_embeddings") or 0), cfg.max_seq_len)
+    if cfg.rope_scaling == "dynamic":  # the length transformers' dynamic NTK scales beyond
+        max_len = cfg.rope_original_max_len
     out.update(
         architectures=[FAMILIES[family]], model_type=family, vocab_size=cfg.vocab_size,
         hidden_size=cfg.d_model, intermediate_size=cfg.d_ff, num_hidden_layers=cfg.n_layers,
         num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
         hidden_act="silu", rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
-        max_position_embeddings=max(int(out.get("max_position_embeddings") or 0), cfg.max_seq_len),
-        rope_theta=cfg.rope_theta, rope_scaling=scaling, torch_dtype=dtype)
+        max_position_embeddings=max_len, rope_theta=theta, rope_scaling=scaling, torch_dtype=dtype)
     if family == "llama":
         out.update(attention_bias=False, mlp_bias=False)
     if family in ("qwen2", "mistral"):
@@ -186,6 +220,30 @@ def hf_config_from_model(cfg: ModelConfig, family: Optional[str] = None, base: O
     if family == "qwen2":
         out.setdefault("use_sliding_window", False)
     return out
+
+
+def hf_rope(cfg: ModelConfig) -> tuple[float, Optional[dict]]:
+    """`rope_theta` and `rope_scaling` of the HF config of a jaxlm model.
+
+    ntk has no Hugging Face type: it is written as the plain RoPE it is, rope_theta = theta *
+    factor^(H/(H-2)) (the same frequencies; it reads back as rope_scaling none with that theta).
+    dynamic's original length is written as max_position_embeddings, where transformers reads it.
+    """
+    kind, factor = cfg.rope_scaling, cfg.rope_scaling_factor
+    if kind == "none":
+        return cfg.rope_theta, None
+    if kind == "ntk":
+        return float(ntk_theta(cfg.rope_theta, factor, cfg.head_dim)), None
+    scaling = {"rope_type": kind, "factor": factor}
+    if kind == "llama3":
+        scaling.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
+                       original_max_position_embeddings=cfg.rope_original_max_len)
+    if kind == "yarn":
+        scaling.update(original_max_position_embeddings=cfg.rope_original_max_len, beta_fast=cfg.rope_beta_fast,
+                       beta_slow=cfg.rope_beta_slow, truncate=cfg.rope_truncate)
+        if cfg.rope_attention_factor:
+            scaling["attention_factor"] = float(cfg.rope_attention_factor)
+    return cfg.rope_theta, scaling
 
 
 def describe(cfg: ModelConfig) -> str:

@@ -13,6 +13,7 @@ G = N // K query heads per kv head, H head dim.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple, Optional
 
 import jax
@@ -21,42 +22,120 @@ import numpy as np
 
 
 class RopeScaling(NamedTuple):
-    """RoPE frequency scaling (`ModelConfig.rope_scaling*`): kind none | linear | llama3."""
+    """RoPE frequency scaling (`ModelConfig.rope_scaling*`): kind none | linear | llama3 | ntk | dynamic | yarn.
+
+    original_max_len: the context length before scaling (llama3, yarn; dynamic's threshold).
+    beta_fast, beta_slow, attention_factor (0: YaRN's 0.1 ln(factor) + 1), truncate: yarn only.
+    """
 
     kind: str = "none"
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_len: int = 8192
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float = 0.0
+    truncate: bool = True
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling = RopeScaling()) -> jax.Array:
+def _plain_inv_freq(head_dim: int, base) -> jax.Array:
+    return 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+
+
+def ntk_theta(theta, factor, head_dim: int):
+    """NTK-aware base theta * factor^(H / (H - 2)) (bloc97 2023; YaRN, Peng et al. 2023, section 3.1):
+    the lowest frequency turns factor times slower, the highest as before."""
+    return theta * factor ** (head_dim / (head_dim - 2))
+
+
+def _yarn_ramp(head_dim: int, theta: float, scaling: RopeScaling) -> jax.Array:
+    """[H/2]: 0 for the pairs that turn more than beta_fast times over original_max_len (kept),
+    1 for those that turn fewer than beta_slow times (divided by factor), linear between.
+
+    YaRN's "NTK-by-parts" (Peng et al. 2023, section 3.2) as its authors' code and transformers'
+    `_compute_yarn_parameters` compute it: the ramp is linear in the pair index i, between the
+    (fractional) i where original_max_len / (2 pi theta^(2i/H)) = beta_fast and = beta_slow,
+    floored and ceiled with `truncate`, clipped to [0, H - 1].
+    """
+    def pair_index(rotations):
+        return head_dim * math.log(scaling.original_max_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = pair_index(scaling.beta_fast), pair_index(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: no division by zero
+    return jnp.clip((jnp.arange(head_dim // 2, dtype=jnp.float32) - low) / (high - low), 0.0, 1.0)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling = RopeScaling(),
+                  seq_len=None) -> jax.Array:
     """Rotation frequencies [H/2] in radians per position, float32 as in Hugging Face.
 
     linear: every frequency / factor. llama3 (Llama 3.1): frequencies whose wavelength exceeds
     original_max_len / low_freq_factor are divided by factor, those shorter than
     original_max_len / high_freq_factor are kept, and the band between blends the two linearly
-    in original_max_len / wavelength.
+    in original_max_len / wavelength. ntk: plain RoPE with base `ntk_theta`. dynamic (dynamic
+    NTK, transformers' "dynamic"): `ntk_theta` with factor * L / original_max_len - (factor - 1)
+    in place of factor, L = max(seq_len, original_max_len): plain RoPE up to original_max_len.
+    seq_len (an int or a traced int scalar) is the sequence length seen; None: original_max_len.
+    yarn (Peng et al. 2023): frequencies / factor and unchanged ones blended by `_yarn_ramp`.
     """
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if scaling.kind == "none":
+        return _plain_inv_freq(head_dim, theta)
     if scaling.kind == "linear":
-        return inv_freq / scaling.factor
+        return _plain_inv_freq(head_dim, theta) / scaling.factor
     if scaling.kind == "llama3":
+        inv_freq = _plain_inv_freq(head_dim, theta)
         wavelen = 2 * jnp.pi / inv_freq
         low, high = scaling.low_freq_factor, scaling.high_freq_factor
         # <= 0 in the low band (scaled), >= 1 in the high band (kept): clipping is the three cases.
         smooth = jnp.clip((scaling.original_max_len / wavelen - low) / (high - low), 0.0, 1.0)
         return (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
-    if scaling.kind != "none":
-        raise ValueError(f"rope scaling {scaling.kind!r} is not supported; allowed: none, linear, llama3")
-    return inv_freq
+    if scaling.kind == "ntk":
+        return _plain_inv_freq(head_dim, ntk_theta(theta, scaling.factor, head_dim))
+    if scaling.kind == "dynamic":
+        original = scaling.original_max_len
+        L = jnp.maximum(jnp.asarray(original if seq_len is None else seq_len), original).astype(jnp.float32)
+        stretch = scaling.factor * L / original - (scaling.factor - 1)  # 1 up to original_max_len
+        return _plain_inv_freq(head_dim, ntk_theta(theta, stretch, head_dim))
+    if scaling.kind == "yarn":
+        pos_freqs = theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+        extrapolated = 1 - _yarn_ramp(head_dim, theta, scaling)  # transformers' order of float32 ops
+        return 1.0 / (scaling.factor * pos_freqs) * (1 - extrapolated) + 1.0 / pos_freqs * extrapolated
+    raise ValueError(f"rope scaling {scaling.kind!r} is not supported; allowed: none, linear, llama3, ntk, "
+                     "dynamic, yarn")
+
+
+def rope_attention_factor(scaling: RopeScaling) -> float:
+    """What RoPE's sin and cos are multiplied by (so q.k by its square), as transformers does: YaRN's
+    attention_factor, by default 0.1 ln(factor) + 1 (YaRN section 3.4's sqrt(1/t)); 1 otherwise."""
+    if scaling.kind != "yarn":
+        return 1.0
+    if scaling.attention_factor:
+        return float(scaling.attention_factor)
+    return 0.1 * math.log(scaling.factor) + 1.0 if scaling.factor > 1 else 1.0
 
 
 def rope_tables(positions_BT: jax.Array, head_dim: int, theta: float,
                 scaling: RopeScaling = RopeScaling()):
-    """sin and cos tables [B, T, H/2] for rotate-half RoPE (the Hugging Face Llama layout)."""
-    angle_BTh = positions_BT.astype(jnp.float32)[..., None] * rope_inv_freq(head_dim, theta, scaling)
-    return jnp.sin(angle_BTh), jnp.cos(angle_BTh)
+    """sin and cos tables [B, T, H/2] for rotate-half RoPE (the Hugging Face Llama layout), both times
+    `rope_attention_factor`.
+
+    dynamic takes the sequence length L as the largest position of the batch + 1, as transformers
+    does on every forward: a full forward matches its logits; in cached generation each chunk's keys
+    keep the frequencies of the L they were written at while later queries use a longer L, the same
+    as transformers' generation (which recomputes them as the sequence grows).
+    """
+    seq_len = jnp.max(positions_BT) + 1 if scaling.kind == "dynamic" else None
+    angle_BTh = positions_BT.astype(jnp.float32)[..., None] * rope_inv_freq(head_dim, theta, scaling, seq_len)
+    scale = rope_attention_factor(scaling)
+    sin_BTh, cos_BTh = jnp.sin(angle_BTh), jnp.cos(angle_BTh)
+    if scale != 1.0:
+        sin_BTh, cos_BTh = sin_BTh * scale, cos_BTh * scale
+    return sin_BTh, cos_BTh
 
 
 def apply_rope(x_BTNH: jax.Array, sin_BTh: jax.Array, cos_BTh: jax.Array) -> jax.Array:

@@ -24,11 +24,16 @@ def _dtypes(cfg: ModelConfig):
     return dict(dtype=jnp.dtype(cfg.compute_dtype), param_dtype=jnp.dtype(cfg.param_dtype))
 
 
+def rope_scaling_of(cfg: ModelConfig) -> attn_lib.RopeScaling:
+    """The RoPE frequency scaling that the config's rope_* fields describe."""
+    return attn_lib.RopeScaling(cfg.rope_scaling, cfg.rope_scaling_factor, cfg.rope_low_freq_factor,
+                                cfg.rope_high_freq_factor, cfg.rope_original_max_len, cfg.rope_beta_fast,
+                                cfg.rope_beta_slow, cfg.rope_attention_factor, cfg.rope_truncate)
+
+
 def _rope(cfg: ModelConfig, positions_BT):
     """RoPE sin and cos tables [B, T, H/2], with the config's frequency scaling."""
-    scaling = attn_lib.RopeScaling(cfg.rope_scaling, cfg.rope_scaling_factor, cfg.rope_low_freq_factor,
-                                   cfg.rope_high_freq_factor, cfg.rope_original_max_len)
-    return attn_lib.rope_tables(positions_BT, cfg.head_dim, cfg.rope_theta, scaling)
+    return attn_lib.rope_tables(positions_BT, cfg.head_dim, cfg.rope_theta, rope_scaling_of(cfg))
 
 
 class Block(nnx.Module):

@@ -48,9 +48,12 @@ def test_families():
     ({"architectures": ["GPT2LMHeadModel"]}, ["'GPT2LMHeadModel' is not supported",
                                               "LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM"]),
     ({"architectures": None, "model_type": "gemma"}, ["model_type='gemma'", "supported: LlamaForCausalLM"]),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, ["rope scaling type 'yarn' is not supported",
-                                                              "linear, llama3"]),
-    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, ["'dynamic' is not supported"]),
+    ({"rope_scaling": {"rope_type": "longrope", "factor": 4.0}}, ["rope scaling type 'longrope' is not supported",
+                                                                  "linear, llama3, dynamic, yarn"]),
+    ({"rope_scaling": {"type": "dynamic"}}, ["rope scaling 'dynamic' lacks 'factor'"]),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0, "attention_factor": 2.0}},
+     ["attention_factor=2.0 is not supported"]),
+    ({"rope_scaling": {"type": "yarn", "factor": 2.0, "attention_factor": 0.0}}, ["attention_factor=0.0"]),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, ["rope scaling 'llama3' lacks 'low_freq_factor'"]),
     ({"partial_rotary_factor": 0.5}, ["partial_rotary_factor=0.5 is not supported"]),
     ({"attention_bias": True}, ["attention_bias=true is not supported for LlamaForCausalLM"]),
@@ -90,9 +93,64 @@ def test_sliding_window_caps_the_sequence_or_stops():
     ModelConfig(qkv_bias=True, tie_embeddings=True, rope_theta=1e6, rope_scaling="linear", rope_scaling_factor=2.0),
     ModelConfig(rope_scaling="llama3", rope_scaling_factor=8.0, rope_low_freq_factor=2.0,
                 rope_high_freq_factor=5.0, rope_original_max_len=100, norm_eps=1e-6, max_seq_len=1000),
+    ModelConfig(rope_scaling="dynamic", rope_scaling_factor=2.0, rope_original_max_len=256, max_seq_len=256),
+    ModelConfig(rope_scaling="yarn", rope_scaling_factor=4.0, rope_original_max_len=64, max_seq_len=256),
+    ModelConfig(rope_scaling="yarn", rope_scaling_factor=3.0, rope_original_max_len=100, rope_beta_fast=8.0,
+                rope_beta_slow=0.5, rope_attention_factor=1.25, rope_truncate=False, rope_theta=5e5),
 ])
 def test_config_round_trip(cfg):
     assert model_config_from_hf(hf_config_from_model(cfg)) == cfg
+
+
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512}
+
+
+@pytest.mark.parametrize("rope, fields", [
+    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}},  # the original length is max_position_embeddings
+     dict(rope_scaling="dynamic", rope_scaling_factor=2.0, rope_original_max_len=2048)),
+    ({"rope_parameters": {**YARN, "rope_theta": 1e6}},
+     dict(rope_scaling="yarn", rope_scaling_factor=4.0, rope_original_max_len=512, rope_beta_fast=32.0,
+          rope_beta_slow=1.0, rope_attention_factor=0.0, rope_truncate=True, rope_theta=1e6)),
+    ({"rope_scaling": {**YARN, "beta_fast": 8, "beta_slow": 2, "truncate": False, "attention_factor": 1.5}},
+     dict(rope_beta_fast=8.0, rope_beta_slow=2.0, rope_truncate=False, rope_attention_factor=1.5)),
+    ({"rope_scaling": {**YARN, "mscale": 1.0, "mscale_all_dim": 0.5}},  # transformers' DeepSeek ratio, as a number
+     dict(rope_attention_factor=(0.1 * math.log(4) + 1) / (0.05 * math.log(4) + 1))),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": None, "original_max_position_embeddings": 256}},
+     dict(rope_scaling_factor=8.0)),  # transformers: max_position_embeddings / original
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, dict(rope_original_max_len=2048)),
+])
+def test_hf_rope_import_export_import(rope, fields):
+    cfg = model_config_from_hf({**LLAMA, **rope})
+    for key, value in fields.items():
+        assert getattr(cfg, key) == (value if isinstance(value, str) else pytest.approx(value, rel=1e-12)), key
+    exported = hf_config_from_model(cfg)
+    assert exported["rope_scaling"]["rope_type"] == cfg.rope_scaling
+    assert model_config_from_hf(exported) == cfg
+    assert hf_config_from_model(model_config_from_hf(exported)) == exported
+
+
+def test_ntk_exports_as_plain_rope_at_its_theta():
+    """Hugging Face has no static NTK type; the same frequencies are plain RoPE with theta * s^(H/(H-2))."""
+    cfg = ModelConfig(rope_scaling="ntk", rope_scaling_factor=4.0, rope_theta=10_000.0)  # head_dim 32
+    exported = hf_config_from_model(cfg)
+    assert exported["rope_scaling"] is None
+    assert exported["rope_theta"] == pytest.approx(10_000.0 * 4.0 ** (32 / 30), rel=1e-12)
+    back = model_config_from_hf(exported)
+    assert (back.rope_scaling, back.rope_theta) == ("none", exported["rope_theta"])
+    np.testing.assert_array_equal(np.asarray(rope_inv_freq(32, back.rope_theta)),
+                                  np.asarray(rope_inv_freq(32, 10_000.0, RopeScaling("ntk", 4.0))))
+    assert hf_config_from_model(back) == exported
+
+
+def test_dynamic_exports_its_original_length_as_max_position_embeddings():
+    """transformers' dynamic NTK scales past max_position_embeddings: that key must hold the original length,
+    so a longer model.max_seq_len is not carried (it reads back as the original length)."""
+    cfg = ModelConfig(rope_scaling="dynamic", rope_scaling_factor=4.0, rope_original_max_len=128, max_seq_len=512)
+    exported = hf_config_from_model(cfg, base={**LLAMA, "max_position_embeddings": 4096})
+    assert (exported["max_position_embeddings"], exported["rope_scaling"]) == (128, {"rope_type": "dynamic",
+                                                                                     "factor": 4.0})
+    assert model_config_from_hf(exported) == dataclasses.replace(cfg, max_seq_len=128)
+    assert model_config_from_hf(exported, max_seq_len=512) == cfg
 
 
 def test_export_keeps_the_base_config_and_refuses_what_hf_cannot_hold():
@@ -112,7 +170,14 @@ def test_export_keeps_the_base_config_and_refuses_what_hf_cannot_hold():
 
 
 @pytest.mark.parametrize("model, fragment", [
-    ({"rope_scaling": "yarn"}, "model.rope_scaling='yarn' is not allowed; choose one of: none, linear, llama3"),
+    ({"rope_scaling": "longrope"},
+     "model.rope_scaling='longrope' is not allowed; choose one of: none, linear, llama3, ntk, dynamic, yarn"),
+    ({"rope_scaling": "yarn", "rope_beta_fast": 1.0, "rope_beta_slow": 2.0}, "0 < beta_slow <= beta_fast"),
+    ({"rope_scaling": "yarn", "rope_beta_slow": 0}, "model.rope_beta_slow=0.0 and model.rope_beta_fast=32.0"),
+    ({"rope_scaling": "yarn", "rope_attention_factor": -1}, "model.rope_attention_factor=-1.0 must be >= 0"),
+    ({"rope_scaling": "yarn", "rope_theta": 1}, "model.rope_theta=1.0 must exceed 1 for model.rope_scaling=yarn"),
+    ({"rope_scaling": "dynamic", "rope_original_max_len": 0}, "model.rope_original_max_len=0 must be positive"),
+    ({"rope_scaling": "ntk", "d_model": 8, "n_heads": 4, "n_kv_heads": 4}, "needs model.d_model/n_heads > 2"),
     ({"rope_scaling": "linear", "rope_scaling_factor": 0}, "model.rope_scaling_factor=0.0 must be positive"),
     ({"rope_scaling": "llama3", "rope_low_freq_factor": 4.0, "rope_high_freq_factor": 4.0}, "0 < low < high"),
     ({"rope_scaling": "llama3", "rope_original_max_len": 0}, "model.rope_original_max_len=0 must be positive"),

@@ -141,3 +141,96 @@ def test_greedy_generation_matches_transformers(built):
                           max_new_tokens=16, min_new_tokens=16, eos_token_id=None, pad_token_id=0).numpy()[:, 6:]
     cfg, params = load_hf(path, mesh=one_device())
     np.testing.assert_array_equal(np.asarray(generate(cfg, params, prompts, max_new_tokens=16).tokens), want)
+
+
+# --- long context: yarn and dynamic past original_max_position_embeddings -------------------------------------
+
+# head_dim 16: wavelengths 6.3 to 2e4 positions. With 64 original positions yarn's ramp spans pairs 0-3 (or
+# 0-2 with beta_slow 0.5, untruncated), and dynamic rescales at the 80 positions compared (L = 80 > 64).
+LONG = dict(vocab_size=37, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+            intermediate_size=19)
+LONG_CASES = {
+    "yarn": dict(LONG, max_position_embeddings=256, rope_parameters={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 10_000.0}),
+    "yarn_mscale_untruncated": dict(LONG, max_position_embeddings=256, rope_parameters={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 8.0,
+        "beta_slow": 0.5, "truncate": False, "mscale": 1.0, "mscale_all_dim": 0.5, "rope_theta": 10_000.0}),
+    "dynamic": dict(LONG, max_position_embeddings=64, rope_parameters={
+        "rope_type": "dynamic", "factor": 2.0, "rope_theta": 10_000.0}),
+}
+LONG_T = 80
+
+
+def full_logits(m, tokens: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return m(input_ids=torch.tensor(tokens)).logits.numpy()
+
+
+@pytest.fixture(scope="module")
+def long_built(tmp_path_factory):
+    """case -> (directory, tokens [2, LONG_T], HF logits), the model saved by transformers."""
+    cache = {}
+
+    def get(case):
+        if case not in cache:
+            torch.manual_seed(0)
+            m = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LONG_CASES[case])).eval()
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.normal_(0.0, 0.3)
+            path = tmp_path_factory.mktemp(case)
+            m.save_pretrained(path)
+            tokens = np.random.default_rng(2).integers(0, LONG["vocab_size"], (2, LONG_T))
+            cache[case] = path, tokens, full_logits(m, tokens)  # a fresh model: dynamic's state is unused
+        return cache[case]
+
+    return get
+
+
+@pytest.mark.parametrize("case", list(LONG_CASES))
+def test_long_context_rope_scaling_matches_transformers(case, long_built, tmp_path):
+    path, tokens, want = long_built(case)
+    cfg, params = load_hf(path, mesh=one_device())
+    assert cfg.rope_scaling == LONG_CASES[case]["rope_parameters"]["rope_type"]
+    tokens_j = jnp.asarray(tokens, jnp.int32)
+    np.testing.assert_allclose(np.asarray(apply(cfg, params, tokens_j)), want, atol=1e-4, rtol=0)
+    # the test sees wrong frequencies, a missing attention factor, and dynamic's base at the original length
+    wrong = [dataclasses.replace(cfg, rope_scaling="none")]
+    if cfg.rope_scaling == "yarn":
+        wrong.append(dataclasses.replace(cfg, rope_attention_factor=1.0))
+    else:
+        wrong.append(dataclasses.replace(cfg, rope_original_max_len=LONG_T))
+    for other in wrong:
+        assert np.abs(np.asarray(apply(other, params, tokens_j)) - want).max() > 1e-2, other
+    # exported, transformers reads it as the same model, and jaxlm reads back the same config
+    save_hf(cfg, params, tmp_path / "out", base_config=read_config(path))
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    np.testing.assert_allclose(full_logits(exported, tokens), want, atol=1e-6, rtol=0)
+    assert load_hf(tmp_path / "out", mesh=one_device())[0] == cfg
+
+
+def test_dynamic_rope_generation_matches_transformers(long_built):
+    """60 prompt tokens and 12 new ones cross the 64 original positions. transformers recomputes the dynamic
+    base at every step from then on and keeps the keys cached under the bases they were written with;
+    jaxlm's KV-cache sampler does the same (each call's L = its longest row's last position + 1)."""
+    from jaxlm.generate import generate
+    from jaxlm.objectives.lm import token_log_probs
+
+    path, _, _ = long_built("dynamic")
+    m = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()  # fresh dynamic state
+    prompts = np.random.default_rng(4).integers(1, LONG["vocab_size"], (2, 60))
+    with torch.no_grad():
+        out = m.generate(torch.tensor(prompts), attention_mask=torch.ones(2, 60, dtype=torch.long), do_sample=False,
+                         max_new_tokens=12, min_new_tokens=12, eos_token_id=None, pad_token_id=0,
+                         output_logits=True, return_dict_in_generate=True)
+    want_tokens = out.sequences.numpy()[:, 60:]
+    want_logp = torch.log_softmax(torch.stack(out.logits, 1), -1).gather(-1, out.sequences[:, 60:, None])[..., 0]
+    cfg, params = load_hf(path, mesh=one_device(), max_seq_len=128)  # past max_position_embeddings, as dynamic is
+    assert cfg.rope_original_max_len == 64
+    got = generate(cfg, params, prompts, max_new_tokens=12)
+    np.testing.assert_array_equal(np.asarray(got.tokens), want_tokens)
+    np.testing.assert_allclose(np.asarray(got.model_logprobs), want_logp.numpy(), atol=1e-4, rtol=0)
+    # one forward over the whole sequence (every position at the final base) scores the same tokens otherwise
+    full = apply(cfg, params, jnp.asarray(out.sequences.numpy()[:, :-1], jnp.int32))
+    full_logp = np.asarray(token_log_probs(full[:, 59:], jnp.asarray(want_tokens, jnp.int32)))
+    assert np.abs(full_logp - want_logp.numpy()).max() > 1e-3
