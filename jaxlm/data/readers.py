@@ -122,6 +122,11 @@ def open_binary(path: Path) -> BinaryIO:
     return open(path, "rb")
 
 
+def file_stamps(paths) -> list[list]:
+    """[path, size, mtime_ns] of each file: what says a rerun reads the same inputs."""
+    return [[str(p), os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in paths]
+
+
 def check_inputs(patterns, fmt: str = "auto") -> list[tuple[Path, str]]:
     """(file, format) for every input, or one clear error before any work starts."""
     files = expand(patterns)
@@ -301,6 +306,11 @@ def read_text(path: Path, max_chars: int = 0) -> Iterator[Record]:
 PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n")  # a blank line (spaces allowed)
 
 
+def paragraphs(text: str) -> list[str]:
+    """The paragraphs of `text` (split at blank lines), stripped, empty ones left out."""
+    return [p for p in (p.strip() for p in PARAGRAPH_BREAK.split(text)) if p]
+
+
 def _cut(window: str) -> int:
     """Where to end a chunk that may be at most `len(window)` long: after the last paragraph
     break, else line break, in the window's second half; else after its last whitespace; else at
@@ -323,7 +333,7 @@ def split_text(text: str, how: str = "document", chunk_chars: int = 0) -> list[s
     if how == "document":
         return [text]
     if how == "paragraphs":
-        return [p for p in (p.strip() for p in PARAGRAPH_BREAK.split(text)) if p]
+        return paragraphs(text)
     if chunk_chars <= 0:
         raise ValueError(f"split chunks needs chunk_chars > 0; got {chunk_chars}")
     pieces, start = [], 0
@@ -382,8 +392,12 @@ def describe_losses(reasons: dict) -> str:
     return ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1])) or "none"
 
 
+def text_field_hint(key: str, text_field: str) -> str:
+    """The hint when records lack the text field."""
+    return f"is the text under another field than {key}={text_field!r}?"
+
+
 def no_documents(section: str, text_field: str, skipped: dict) -> str:
     """The one line when `section.inputs` yielded no usable record."""
-    hint = (f"; is the text under another field than {section}.text_field={text_field!r}?"
-            if skipped.get("missing_text") else "")
+    hint = f"; {text_field_hint(f'{section}.text_field', text_field)}" if skipped.get("missing_text") else ""
     return (f"{section}.inputs yielded no usable record (skipped: {describe_losses(skipped)}){hint}")

@@ -7,11 +7,10 @@ naming the key and what is supported.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 from jaxlm.config import Config, ConfigError, ModelConfig, TrainConfig, validate
-from jaxlm.model.attention import ntk_theta
+from jaxlm.model.attention import ntk_theta, yarn_mscale
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}
 FAMILIES = {family: arch for arch, family in ARCHITECTURES.items()}
@@ -112,11 +111,7 @@ def _yarn_attention_factor(scaling: dict, factor: float) -> float:
     mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
     if not (mscale and mscale_all_dim):
         return 0.0
-
-    def get_mscale(m):  # YaRN's 0.1 ln(s) + 1, with DeepSeek's multiplier m on 0.1
-        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
-
-    return float(get_mscale(mscale) / get_mscale(mscale_all_dim))
+    return float(yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim))
 
 
 def sliding_window(hf: dict, family: str) -> Optional[int]:

@@ -109,6 +109,12 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling = RopeScalin
                      "dynamic, yarn")
 
 
+def yarn_mscale(factor: float, multiplier: float = 1.0) -> float:
+    """YaRN's 0.1 ln(factor) + 1 (section 3.4's sqrt(1/t)), 1 when factor <= 1; DeepSeek's mscale
+    puts `multiplier` on the 0.1."""
+    return 0.1 * multiplier * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+
 def rope_attention_factor(scaling: RopeScaling) -> float:
     """What RoPE's sin and cos are multiplied by (so q.k by its square), as transformers does: YaRN's
     attention_factor, by default 0.1 ln(factor) + 1 (YaRN section 3.4's sqrt(1/t)); 1 otherwise."""
@@ -116,7 +122,7 @@ def rope_attention_factor(scaling: RopeScaling) -> float:
         return 1.0
     if scaling.attention_factor:
         return float(scaling.attention_factor)
-    return 0.1 * math.log(scaling.factor) + 1.0 if scaling.factor > 1 else 1.0
+    return yarn_mscale(scaling.factor)
 
 
 def rope_tables(positions_BT: jax.Array, head_dim: int, theta: float,

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from jaxlm.config.schema import ConfigError
+from jaxlm.data.readers import paragraphs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,13 +43,6 @@ def words_of(text: str) -> list[str]:
 
 def _lines(text: str) -> list[str]:
     return [s for s in (line.strip() for line in text.splitlines()) if s]
-
-
-_PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n")
-
-
-def _paragraphs(text: str) -> list[str]:
-    return [s for s in (p.strip() for p in _PARAGRAPH_BREAK.split(text)) if s]
 
 
 # --- html ---------------------------------------------------------------------------------
@@ -253,7 +247,7 @@ class GopherRepetition:
                               f"top_ngrams={self.top_ngrams}, dup_ngrams={self.dup_ngrams}")
 
     def __call__(self, text: str) -> Verdict:
-        for kind, units in (("para", _paragraphs(text)), ("line", _lines(text))):
+        for kind, units in (("para", paragraphs(text)), ("line", _lines(text))):
             n_dup, chars, total = duplicates(units)
             if units and n_dup / len(units) > getattr(self, f"max_dup_{kind}_frac"):
                 return Verdict(None, f"gopher_repetition.dup_{kind}_frac")

@@ -102,7 +102,7 @@ def _tasks(cfg: PrepareConfig, plans, work: Path) -> list[Task]:
 def _open_work(work: Path, cfg: PrepareConfig, tasks: list[Task], log) -> None:
     """Keep the finished tasks of an earlier run of the same settings on the same files; else start over."""
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("workers", "executor", "ray_address")}
-    files = [[p, os.stat(p).st_size, os.stat(p).st_mtime_ns] for t in tasks for p, _ in t.files]
+    files = readers.file_stamps(p for t in tasks for p, _ in t.files)
     plan = json.dumps({"settings": settings, "files": files}, default=str)  # rule order matters
     stored = work / "plan.json"
     if work.exists() and not (stored.is_file() and stored.read_text() == plan):
@@ -270,7 +270,7 @@ def _unusable(src, c: dict, max_unusable: float) -> str:
         return ""
     hints = []
     if lost.get("missing_text"):
-        hints.append(f"is the text under another field than text_field={src.text_field!r}?")
+        hints.append(readers.text_field_hint("text_field", src.text_field))
     if lost.get("too_long"):
         hints.append("a long text can be cut into documents with split: chunks (or paragraphs)")
     return f"{head} ({readers.describe_losses(lost)})" + (f"; {' '.join(hints)}" if hints else "")
