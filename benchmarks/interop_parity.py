@@ -18,4 +18,16 @@ for case in par.CASES:
     if cfg.rope_scaling != "none":
         plain = np.asarray(par.apply(dataclasses.replace(cfg, rope_scaling="none"), params, jnp.asarray(tokens, jnp.int32)))
         extra = f" unscaled-rope diff {np.abs(plain[0]-want[0]).max():.3g}"
+    if cfg.sliding_window:
+        whole = par.apply(dataclasses.replace(cfg, sliding_window=0), params, jnp.asarray(tokens, jnp.int32))
+        whole = np.asarray(whole)
+        extra = f" no-window diff {np.abs(whole[0]-want[0]).max():.3g}"
     print(f"{case}: max |jaxlm - HF| on real positions {d:.3g}; max |logit| {np.abs(want).max():.3g}{extra}")
+get_long = par.long_built.__wrapped__(F())
+for case in par.LONG_CASES:  # 80 positions over 64 original ones
+    path, tokens, want = get_long(case)
+    cfg, params = load_hf(path, mesh=par.one_device())
+    out = np.asarray(par.apply(cfg, params, jnp.asarray(tokens, jnp.int32)))
+    plain = np.asarray(par.apply(dataclasses.replace(cfg, rope_scaling="none"), params, jnp.asarray(tokens, jnp.int32)))
+    print(f"{case}: max |jaxlm - HF| {np.abs(out - want).max():.3g}; max |logit| {np.abs(want).max():.3g} "
+          f"unscaled-rope diff {np.abs(plain - want).max():.3g}")

@@ -202,9 +202,12 @@ def generate(cfg, params: dict, prompts, prompt_lengths=None, max_new_tokens=64,
     N = int(limits_B.max())
     if N < 1 or limits_B.min() < 0:
         raise ValueError(f"max_new_tokens={np.asarray(max_new_tokens).tolist()} must be >= 0, at least one >= 1")
-    if int(lengths_B.max()) + N > cfg.max_seq_len:
+    if int(lengths_B.max()) + N > cfg.max_seq_len and not cfg.sliding_window:
         raise ValueError(f"longest prompt ({int(lengths_B.max())}) + max_new_tokens ({N}) exceeds "
-                         f"model.max_seq_len={cfg.max_seq_len}")
+                         f"model.max_seq_len={cfg.max_seq_len}, the positions this model was made for; ask "
+                         f"for fewer tokens, or extend the context (model.rope_scaling and a longer "
+                         f"model.max_seq_len), or use a model with model.sliding_window (and "
+                         f"model.attention_sinks), which generates past it at constant memory")
     temperature = float(temperature)
     if not (temperature >= 0 and np.isfinite(temperature)):
         raise ValueError(f"temperature={temperature} must be >= 0 (0: greedy)")

@@ -34,6 +34,13 @@ class ModelConfig:
     rope_beta_slow: float = 1.0
     rope_attention_factor: float = 0.0  # yarn only; 0: 0.1 * ln(factor) + 1
     rope_truncate: bool = True
+    # Local attention (`jaxlm.model.attention.in_window`): each token sees the last sliding_window
+    # positions, itself included (Mistral), and with attention_sinks > 0 also the first
+    # attention_sinks positions of its sequence (the Lambda-shaped window of LM-Infinite and
+    # StreamingLLM). The KV cache then holds attention_sinks + sliding_window columns, so
+    # generation runs past max_seq_len at constant memory. 0: off.
+    sliding_window: int = 0
+    attention_sinks: int = 0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     qkv_bias: bool = False
@@ -111,6 +118,10 @@ def validate(m: ModelConfig) -> None:
           f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads}")
     check(m.head_dim % 2 == 0, f"model.d_model/n_heads={m.head_dim} must be even for RoPE")
     check(m.rope_theta > 0, f"model.rope_theta={m.rope_theta} must be positive")
+    check(m.sliding_window >= 0, f"model.sliding_window={m.sliding_window} must be >= 0 (0: off)")
+    check(m.attention_sinks >= 0, f"model.attention_sinks={m.attention_sinks} must be >= 0 (0: none)")
+    check(m.attention_sinks == 0 or m.sliding_window > 0,
+          f"model.attention_sinks={m.attention_sinks} needs model.sliding_window > 0 (sinks belong to a window)")
     if m.rope_scaling != "none":
         check(m.rope_scaling_factor > 0, f"model.rope_scaling_factor={m.rope_scaling_factor} must be positive")
     if m.rope_scaling == "llama3":

@@ -115,26 +115,36 @@ def _yarn_attention_factor(scaling: dict, factor: float) -> float:
 
 
 def sliding_window(hf: dict, family: str) -> Optional[int]:
-    """The attention window some layers use, or None when every layer attends to all positions."""
+    """The attention window some layers use, or None when every layer attends to all positions
+    (Llama has none: transformers ignores the key there)."""
     window = hf.get("sliding_window")
-    if not window:
+    if not window or family == "llama" or (family == "qwen2" and not hf.get("use_sliding_window")):
         return None
     if hf.get("layer_types") is not None:
         return window if "sliding_attention" in hf["layer_types"] else None
-    if family == "qwen2":  # transformers 4: layers from max_window_layers on, if use_sliding_window
-        n_layers = _required(hf, "num_hidden_layers")
-        used = hf.get("use_sliding_window") and _value(hf, "max_window_layers", n_layers) < n_layers
-        return window if used else None
+    if family == "qwen2":  # layers from max_window_layers on
+        return window if _value(hf, "max_window_layers", 28) < _required(hf, "num_hidden_layers") else None
     return window
+
+
+def every_layer_slides(hf: dict, family: str) -> bool:
+    """Whether the sliding window applies to every layer (jaxlm's `model.sliding_window` does):
+    Mistral's does; Qwen2's from layer max_window_layers on; `layer_types` says per layer."""
+    if sliding_window(hf, family) is None:
+        return False
+    if hf.get("layer_types") is not None:
+        return all(kind == "sliding_attention" for kind in hf["layer_types"])
+    return family != "qwen2" or _value(hf, "max_window_layers", 28) <= 0
 
 
 def model_config_from_hf(hf: dict, *, param_dtype: str = "float32",
                          max_seq_len: Optional[int] = None) -> ModelConfig:
     """The jaxlm ModelConfig of an HF config.
 
-    `max_seq_len` defaults to `max_position_embeddings`. jaxlm has no sliding-window
-    attention: a model whose window is shorter than that is imported with max_seq_len =
-    the window (where the window never binds, so results are exact); asking for more is an error.
+    `max_seq_len` defaults to `max_position_embeddings`. A sliding window on every layer becomes
+    `model.sliding_window`. jaxlm's window is the same for every layer: a model whose window is on
+    some layers only is imported with max_seq_len = the window (where the window never binds, so
+    results are exact); asking for more is an error.
     """
     family = family_of(hf)
     if hf.get("quantization_config"):
@@ -155,13 +165,14 @@ def model_config_from_hf(hf: dict, *, param_dtype: str = "float32",
     max_len = int(_value(hf, "max_position_embeddings", _DEFAULT_MAX_LEN[family]))
     rope = rope_fields(hf, max_len)
     window = sliding_window(hf, family)
+    every_layer = every_layer_slides(hf, family)
     if max_seq_len is not None:
-        if window is not None and max_seq_len > window:
-            raise InteropError(f"max_seq_len={max_seq_len} exceeds the sliding window {window} of this "
-                               f"{FAMILIES[family]}; jaxlm has no sliding-window attention, so sequences "
-                               f"must stay within {window}")
+        if window is not None and not every_layer and max_seq_len > window:
+            raise InteropError(f"max_seq_len={max_seq_len} exceeds the sliding window {window} that some "
+                               f"layers of this {FAMILIES[family]} use; jaxlm's window applies to every "
+                               f"layer or none, so sequences must stay within {window}")
         max_len = max_seq_len
-    elif window is not None:
+    elif window is not None and not every_layer:
         max_len = min(max_len, window)
     cfg = ModelConfig(
         vocab_size=_required(hf, "vocab_size"), d_model=D, n_layers=_required(hf, "num_hidden_layers"),
@@ -169,7 +180,7 @@ def model_config_from_hf(hf: dict, *, param_dtype: str = "float32",
         d_ff=_required(hf, "intermediate_size"), max_seq_len=max_len,
         norm_eps=float(_value(hf, "rms_norm_eps", 1e-6)),
         tie_embeddings=bool(_value(hf, "tie_word_embeddings", False)),
-        qkv_bias=family == "qwen2", param_dtype=param_dtype, **rope)
+        qkv_bias=family == "qwen2", param_dtype=param_dtype, sliding_window=window if every_layer else 0, **rope)
     # jaxlm's own limits too (e.g. an odd head_dim, which rotate-half RoPE cannot pair up)
     validate(Config(model=cfg, train=TrainConfig(seq_len=min(TrainConfig.seq_len, cfg.max_seq_len))))
     return cfg
@@ -189,9 +200,16 @@ def hf_config_from_model(cfg: ModelConfig, family: Optional[str] = None, base: O
     """
     if cfg.value_head:
         raise InteropError("model.value_head=true: Hugging Face causal-LM checkpoints have no value head")
-    family = family or (family_of(base) if base else ("qwen2" if cfg.qkv_bias else "llama"))
+    family = family or (family_of(base) if base else
+                        "qwen2" if cfg.qkv_bias else "mistral" if cfg.sliding_window else "llama")
     if family not in FAMILIES:
         raise InteropError(f"family {family!r} is not supported; supported: {', '.join(FAMILIES)}")
+    if cfg.attention_sinks:
+        raise InteropError(f"model.attention_sinks={cfg.attention_sinks}: Hugging Face's "
+                           f"{', '.join(FAMILIES.values())} have no attention sinks")
+    if cfg.sliding_window and family == "llama":
+        raise InteropError(f"model.sliding_window={cfg.sliding_window}: Hugging Face's Llama has no sliding "
+                           "window; export as mistral (or qwen2 for a model with q/k/v biases)")
     if cfg.qkv_bias != (family == "qwen2"):
         raise InteropError(f"model.qkv_bias={str(cfg.qkv_bias).lower()} does not fit {FAMILIES[family]} "
                            "(only Qwen2 has q/k/v biases)")
@@ -210,10 +228,15 @@ def hf_config_from_model(cfg: ModelConfig, family: Optional[str] = None, base: O
         max_position_embeddings=max_len, rope_theta=theta, rope_scaling=scaling, torch_dtype=dtype)
     if family == "llama":
         out.update(attention_bias=False, mlp_bias=False)
-    if family in ("qwen2", "mistral"):
-        out.setdefault("sliding_window", None)
-    if family == "qwen2":
-        out.setdefault("use_sliding_window", False)
+    if cfg.sliding_window and family == "qwen2":
+        out.update(use_sliding_window=True, max_window_layers=0, layer_types=["sliding_attention"] * cfg.n_layers)
+    if cfg.sliding_window:
+        out["sliding_window"] = cfg.sliding_window
+    else:  # a window on some layers only (imported with max_seq_len inside it) stays as it was
+        if family in ("qwen2", "mistral"):
+            out.setdefault("sliding_window", None)
+        if family == "qwen2":
+            out.setdefault("use_sliding_window", False)
     return out
 
 

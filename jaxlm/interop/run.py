@@ -53,9 +53,9 @@ def import_run(hf_dir: str | Path, run_dir: str | Path, *, param_dtype: str = "f
     notes = []
     family = family_of(hf)
     window = sliding_window(hf, family)
-    if window is not None and max_seq_len is None:
-        notes.append(f"the model attends within a sliding window of {window}; jaxlm has none, so "
-                     f"model.max_seq_len={model_cfg.max_seq_len} keeps every sequence inside it")
+    if window is not None and not model_cfg.sliding_window and max_seq_len is None:
+        notes.append(f"some layers attend within a sliding window of {window}; jaxlm's window is on every "
+                     f"layer or none, so model.max_seq_len={model_cfg.max_seq_len} keeps every sequence inside it")
     side = run_dir / "hf"
     main = jax.process_index() == 0
     if main:

@@ -153,47 +153,75 @@ def apply_rope(x_BTNH: jax.Array, sin_BTh: jax.Array, cos_BTh: jax.Array) -> jax
 
 
 class Mask(NamedTuple):
-    """What a query may see. `dense_BTS` is None for the plain causal mask (fast path).
+    """What a query may see.
 
-    `causal`: no query sees a later column (true unless a bidirectional prefix is open).
+    `dense_BTS` [B, T, S] bool, or None for the causal mask on columns (the fast path): key column s
+    is seen by query column t iff s <= t and s is in the band below. `causal`: no query sees a later
+    column (true unless a bidirectional prefix is open). The band, `window` and `sinks` (0: none):
+    every key that a query t sees has t - s < window or s < sinks. With `dense_BTS` it is a promise
+    about the dense mask that kernels use to skip key blocks; without, it is the rule itself.
     """
 
     dense_BTS: Optional[jax.Array]
     causal: bool = True
+    window: int = 0
+    sinks: int = 0
+
+
+def in_window(q_pos, k_pos, window: int, sinks: int = 0):
+    """The window's rule on positions (broadcast): |q - k| < window, or k is one of the first `sinks`
+    positions (attention sinks: StreamingLLM, Xiao et al. 2023; LM-Infinite's Lambda-shaped mask,
+    Han et al. 2023). `window` counts the query itself, as Mistral's sliding window (transformers:
+    kv > q - window). window 0: everything."""
+    if not window:
+        return jnp.ones(jnp.broadcast_shapes(jnp.shape(q_pos), jnp.shape(k_pos)), bool)
+    seen = jnp.abs(q_pos - k_pos) < window
+    return seen | (k_pos < sinks) if sinks else seen
 
 
 def make_mask(T: int, segment_ids_BT: Optional[jax.Array] = None,
               positions_BT: Optional[jax.Array] = None,
               prefix_len_B: Optional[jax.Array] = None,
-              prefix_mask_BT: Optional[jax.Array] = None) -> Mask:
-    """Causal mask, restricted to equal segments, opened up inside the prefix.
+              prefix_mask_BT: Optional[jax.Array] = None, *, window: int = 0, sinks: int = 0) -> Mask:
+    """Causal mask, restricted to equal segments, opened up inside the prefix, cut to a window.
 
     Query t sees key s iff they are in the same segment and either s <= t, or both lie in
     the bidirectional prefix. The prefix is `prefix_mask` [B, T] (True on every token of its
     segment's prefix: packed rows give each segment its own), or else `positions <
     prefix_len` [B] (one prefix length per row; positions restart in each segment).
+    `window` > 0: besides, `in_window` of their positions (a sliding window; with `sinks`, the
+    Lambda-shaped one). Positions (None: 0..T-1) count up by one within a segment, as packing
+    makes them: the kernels' band relies on it.
     """
-    if segment_ids_BT is None and prefix_len_B is None and prefix_mask_BT is None:
-        return Mask(None)
+    if segment_ids_BT is None and prefix_len_B is None and prefix_mask_BT is None and (
+            positions_BT is None or not window):  # positions matter to a window only
+        return Mask(None, window=window, sinks=sinks if window else 0)
     idx = jnp.arange(T)
     allowed = (idx[None, :] <= idx[:, None])[None]  # [1, T, S]
+    if positions_BT is None:
+        batch = next(a.shape[0] for a in (segment_ids_BT, prefix_len_B, prefix_mask_BT) if a is not None)
+        positions_BT = jnp.broadcast_to(idx, (batch, T))
     in_prefix_BT = prefix_mask_BT
     if in_prefix_BT is None and prefix_len_B is not None:
-        if positions_BT is None:
-            positions_BT = jnp.broadcast_to(idx, (prefix_len_B.shape[0], T))
         in_prefix_BT = positions_BT < prefix_len_B[:, None]
     if in_prefix_BT is not None:
         in_prefix_BT = in_prefix_BT.astype(bool)
         allowed = allowed | (in_prefix_BT[:, :, None] & in_prefix_BT[:, None, :])
     if segment_ids_BT is not None:
         allowed = allowed & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
-    return Mask(allowed, causal=in_prefix_BT is None)
+    if window:
+        allowed = allowed & in_window(positions_BT[:, :, None], positions_BT[:, None, :], window, sinks)
+    # The band in columns: a packed row's sinks lie at each segment's start, not in columns [0, sinks).
+    band = (0, 0) if sinks and segment_ids_BT is not None else (window, sinks if window else 0)
+    return Mask(allowed, causal=in_prefix_BT is None, window=band[0], sinks=band[1])
 
 
 def dense_mask(mask: Mask, B: int, T: int, S: Optional[int] = None) -> jax.Array:
     """The boolean [B, T, S] form of any mask (S = T unless keys come from a KV cache)."""
     if mask.dense_BTS is None:
-        return jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))
+        idx = jnp.arange(T)
+        causal = (idx[None, :] <= idx[:, None]) & in_window(idx[:, None], idx[None, :], mask.window, mask.sinks)
+        return jnp.broadcast_to(causal, (B, T, T))
     return jnp.broadcast_to(mask.dense_BTS, (B, T, T if S is None else S))
 
 
@@ -218,17 +246,18 @@ def attention_causal_blocks(q_BTNH, k_BSKH, v_BSKH, mask: Mask, block: int = BLO
     """`attention_reference` for a mask inside the causal triangle, by blocks of queries.
 
     Query block i sees keys [0, (i + 1) * block) only: with n = T / block blocks, the logits,
-    softmax and matmuls cover (n + 1) / 2n of the [T, T] square instead of all of it. As in
-    flash attention, the forward keeps only the output and each row's log-sum-exp, and the
-    backward recomputes each block's probabilities from them: no [T, S] tensor is saved, and
-    the softmax backward is one elementwise pass, P * (dP - rowsum(dO * O)).
+    softmax and matmuls cover (n + 1) / 2n of the [T, T] square instead of all of it; under a
+    window (`Mask.window`, `Mask.sinks`) only the key blocks that reach into the band, so the work
+    grows as T * window. As in flash attention, the forward keeps only the output and each row's
+    log-sum-exp, and the backward recomputes each block's probabilities from them: no [T, S]
+    tensor is saved, and the softmax backward is one elementwise pass, P * (dP - rowsum(dO * O)).
     Needs T == S, T a multiple of `block`, mask.causal.
     """
     T = q_BTNH.shape[1]
     if not mask.causal or k_BSKH.shape[1] != T or T % block:
         raise ValueError(f"causal blocks need a causal mask, T == S and T % {block} == 0; "
                          f"got T={T}, S={k_BSKH.shape[1]}, causal={mask.causal}")
-    return _causal_blocks(q_BTNH, k_BSKH, v_BSKH, mask.dense_BTS, block)
+    return _causal_blocks(q_BTNH, k_BSKH, v_BSKH, mask.dense_BTS, (block, mask.window, mask.sinks))
 
 
 # Layout inside the blocks: heads grouped by kv head, [B, K, G, T, H] and [B, K, S, H], so that
@@ -254,36 +283,55 @@ def _scaled_masked(logits_BKGTS, allowed_BTS, H: int):
     return jnp.where(allowed_BTS[:, None, None], logits_BKGTS * _scale(H), jnp.finfo(jnp.float32).min)
 
 
-def _block_logits(q_BKGbH, k_BKSH, allowed_BbS, i: int, block: int):
-    """Scaled, masked float32 logits [B, K, G, b, S] of query block i against keys [0, S)."""
-    S = k_BKSH.shape[2]
-    if allowed_BbS is None:  # plain causal: only the diagonal block masks anything
-        t, s = i * block + jnp.arange(block), jnp.arange(S)
-        allowed_BbS = (s[None, :] <= t[:, None])[None]
+def _key_ranges(i: int, block: int, window: int, sinks: int) -> list[tuple[int, int]]:
+    """The key columns query block i needs, as [start, stop) ranges in order: up to its last row,
+    from the block holding its first row's window start, plus the blocks holding the sinks."""
+    stop = (i + 1) * block
+    if not window:
+        return [(0, stop)]
+    start = max(0, i * block - window + 1) // block * block
+    sink_stop = -(-sinks // block) * block
+    return [(0, stop)] if sink_stop >= start else ([(0, sink_stop)] if sinks else []) + [(start, stop)]
+
+
+def _take(x, ranges, axis: int):
+    parts = [jax.lax.slice_in_dim(x, a, b, axis=axis) for a, b in ranges]
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=axis)
+
+
+def _block_logits(q_BKGbH, k_BKSH, allowed_BbS, i: int, block: int, ranges, window: int, sinks: int):
+    """Scaled, masked float32 logits [B, K, G, b, S] of query block i against its key columns."""
+    if allowed_BbS is None:  # the causal mask on columns, and its band
+        t = i * block + jnp.arange(block)
+        s = jnp.concatenate([jnp.arange(a, b) for a, b in ranges])
+        allowed_BbS = ((s[None, :] <= t[:, None]) & in_window(t[:, None], s[None, :], window, sinks))[None]
     logits = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGbH, k_BKSH, preferred_element_type=jnp.float32)
     return _scaled_masked(logits, allowed_BbS, q_BKGbH.shape[-1])
 
 
-def _blocks_of(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, block: int):
-    """Per query block i: (i, q [B, K, G, b, H], k and v [B, K, S_i, H], mask [B, b, S_i] or None)."""
+def _blocks_of(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, shape):
+    """Per query block i: (i, rows, key ranges, q [B, K, G, b, H], k and v [B, K, S_i, H], mask
+    [B, b, S_i] or None)."""
+    block, window, sinks = shape
     K = k_BSKH.shape[2]
     q_BKGTH = _grouped(q_BTNH, K)
     k_BKSH, v_BKSH = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
     for i in range(q_BTNH.shape[1] // block):
-        rows, S = slice(i * block, (i + 1) * block), (i + 1) * block
-        yield (i, rows, q_BKGTH[:, :, :, rows], k_BKSH[:, :, :S], v_BKSH[:, :, :S],
-               None if allowed_BTS is None else allowed_BTS[:, rows, :S])
+        rows, ranges = slice(i * block, (i + 1) * block), _key_ranges(i, block, window, sinks)
+        yield (i, rows, ranges, q_BKGTH[:, :, :, rows], _take(k_BKSH, ranges, 2), _take(v_BKSH, ranges, 2),
+               None if allowed_BTS is None else _take(allowed_BTS[:, rows], ranges, 2))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _causal_blocks(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, block: int):
-    return _causal_blocks_fwd(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, block)[0]
+def _causal_blocks(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, shape):
+    return _causal_blocks_fwd(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, shape)[0]
 
 
-def _causal_blocks_fwd(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, block: int):
+def _causal_blocks_fwd(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, shape):
+    block, window, sinks = shape
     outs, lses = [], []
-    for i, _, q, k, v, allowed in _blocks_of(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, block):
-        logits_BKGbS = _block_logits(q, k, allowed, i, block)
+    for i, _, ranges, q, k, v, allowed in _blocks_of(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, shape):
+        logits_BKGbS = _block_logits(q, k, allowed, i, block, ranges, window, sinks)
         max_BKGb1 = jnp.max(logits_BKGbS, axis=-1, keepdims=True)
         unnorm_BKGbS = jnp.exp(logits_BKGbS - max_BKGb1)
         sum_BKGb1 = jnp.sum(unnorm_BKGbS, axis=-1, keepdims=True)
@@ -295,7 +343,8 @@ def _causal_blocks_fwd(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, block: int):
     return out_BTNH, (q_BTNH, k_BSKH, v_BSKH, allowed_BTS, out_BTNH, lses)
 
 
-def _causal_blocks_bwd(block: int, res, dout_BTNH):
+def _causal_blocks_bwd(shape, res, dout_BTNH):
+    block, window, sinks = shape
     q_BTNH, k_BSKH, v_BSKH, allowed_BTS, out_BTNH, lses = res
     B, T, K, H = k_BSKH.shape
     # dLogits = P * (dP - D) with D = rowsum(P * dP) = rowsum(dO * O), one number per query row.
@@ -305,18 +354,20 @@ def _causal_blocks_bwd(block: int, res, dout_BTNH):
     dqs = []
     dk_BKHS = jnp.zeros((B, K, H, T), jnp.float32)
     dv_BKHS = jnp.zeros((B, K, H, T), jnp.float32)
-    for i, rows, q, k, v, allowed in _blocks_of(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, block):
-        S = k.shape[2]
-        probs_BKGbS = jnp.exp(_block_logits(q, k, allowed, i, block) - lses[i][..., None])
+    for i, rows, ranges, q, k, v, allowed in _blocks_of(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, shape):
+        probs_BKGbS = jnp.exp(_block_logits(q, k, allowed, i, block, ranges, window, sinks) - lses[i][..., None])
         dout = dout_BKGTH[:, :, :, rows]
         dprobs = jnp.einsum("BKGTH,BKSH->BKGTS", dout, v, preferred_element_type=jnp.float32)
         dlogits = (probs_BKGbS * (dprobs - D_BKGT[:, :, :, rows, None])).astype(q.dtype)
         dq = jnp.einsum("BKGTS,BKSH->BKGTH", dlogits, k, preferred_element_type=jnp.float32)
         dqs.append(dq * _scale(H))
-        dk_BKHS = dk_BKHS.at[..., :S].add(jnp.einsum("BKGTH,BKGTS->BKHS", q, dlogits,
-                                                     preferred_element_type=jnp.float32))
-        dv_BKHS = dv_BKHS.at[..., :S].add(jnp.einsum("BKGTH,BKGTS->BKHS", dout, probs_BKGbS.astype(v.dtype),
-                                                     preferred_element_type=jnp.float32))
+        dk = jnp.einsum("BKGTH,BKGTS->BKHS", q, dlogits, preferred_element_type=jnp.float32)
+        dv = jnp.einsum("BKGTH,BKGTS->BKHS", dout, probs_BKGbS.astype(v.dtype), preferred_element_type=jnp.float32)
+        offset = 0
+        for a, b in ranges:  # each range's share of the block's key columns
+            dk_BKHS = dk_BKHS.at[..., a:b].add(dk[..., offset:offset + b - a])
+            dv_BKHS = dv_BKHS.at[..., a:b].add(dv[..., offset:offset + b - a])
+            offset += b - a
     dq_BTNH = _ungrouped(jnp.concatenate(dqs, axis=3)).astype(q_BTNH.dtype)
     dk_BSKH = (dk_BKHS * _scale(H)).transpose(0, 3, 1, 2).astype(k_BSKH.dtype)
     return dq_BTNH, dk_BSKH, dv_BKHS.transpose(0, 3, 1, 2).astype(v_BSKH.dtype), None
@@ -334,8 +385,9 @@ def kernel(impl: str, mask: Mask, T: int, S: int, dtype, H: int, backend: Option
     attention through `jax.nn.dot_product_attention`, which with no `implementation` runs XLA
     even on GPU) for a plain causal mask in bfloat16 / float16 with a head dim that cuDNN takes,
     a multiple of 8 up to `cudnn_max_H` (0: no cuDNN); under "auto" on GPU, and under
-    "cudnn", which is an error where cuDNN cannot run it. Packed, padded and prefix masks on GPU
-    go to the XLA path with the explicit mask, so no kernel can drop a segment boundary.
+    "cudnn", which is an error where cuDNN cannot run it. Packed, padded, prefix and windowed masks
+    on GPU go to the XLA path with the explicit mask (a plain sliding window as its
+    local_window_size), so no kernel can drop a segment boundary.
     backend and cudnn_max_H default to this machine's (`jax.default_backend()`, `cudnn_head_dim()`).
     """
     backend = backend or jax.default_backend()
@@ -351,7 +403,7 @@ def kernel(impl: str, mask: Mask, T: int, S: int, dtype, H: int, backend: Option
         raise ValueError(f"model.attention=cudnn needs an Ampere or later CUDA GPU and bfloat16 or float16 "
                          f"compute with a head dim that is a multiple of 8 up to 128 (256 from "
                          f"Hopper); here: backend {backend!r}, dtype {jnp.dtype(dtype).name}, head dim {H}")
-    if mask.dense_BTS is None and cudnn_fits and impl in ("auto", "cudnn"):
+    if mask.dense_BTS is None and not mask.window and cudnn_fits and impl in ("auto", "cudnn"):
         return "cudnn"
     return "xla"
 
@@ -377,9 +429,11 @@ def attend(q_BTNH, k_BSKH, v_BSKH, mask: Mask, impl: str = "auto") -> jax.Array:
         return attention_reference(q_BTNH, k_BSKH, v_BSKH, mask)
     if name == "blocks":
         return attention_causal_blocks(q_BTNH, k_BSKH, v_BSKH, mask)
-    if mask.dense_BTS is None:
-        return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, is_causal=True, implementation=name)
-    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask.dense_BTS[:, None],
+    if mask.dense_BTS is None and not mask.sinks:
+        window = (mask.window - 1, 0) if mask.window else None
+        return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, is_causal=True, local_window_size=window,
+                                            implementation=name)
+    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=dense_mask(mask, B, T)[:, None],
                                         implementation="xla")
 
 
@@ -387,21 +441,48 @@ def attend(q_BTNH, k_BSKH, v_BSKH, mask: Mask, impl: str = "auto") -> jax.Array:
 
 
 class KVCache(NamedTuple):
-    """Keys and values of every layer for a batch of left-padded rows, filled up to `index`.
+    """Keys and values of every layer for a batch of left-padded rows, written up to column `index`.
 
     k_BKSH, v_BKSH: one [B, K, S, H] array per layer (tuples of L), in the compute dtype, heads
-    before columns: a decode step hands each layer's keys and values to `attention_cached`'s
+    before slots: a decode step hands each layer's keys and values to `attention_cached`'s
     matmuls as they lie, where slices of one stacked [L, ...] array, or a [B, S, K, H] layout,
-    cost a copy per layer and step (README, sampler speed). Column s of row b holds the token
-    at position s - start_B[b]; columns before start_B[b] are padding and never attended to.
-    Rows are left-padded so that every row writes the same column at each step (one
+    cost a copy per layer and step (README, sampler speed). Row b's token at column c has
+    position c - start_B[b]; columns before start_B[b] are padding and never attended to. Rows
+    are left-padded so that every row writes the same slot at each step (one
     `dynamic_update_slice`, no scatter). index: int32 [], the next column to write.
+
+    Which slot holds which column is `cache_columns`: without a window, slot s holds column s; with
+    one (`Layout`), a ring of slots holds the latest columns and, before it, `sinks` slots hold
+    each row's first tokens, so memory stays constant however long the generation.
     """
 
     k_BKSH: tuple
     v_BKSH: tuple
     index: jax.Array
     start_B: jax.Array
+
+
+class Layout(NamedTuple):
+    """How a cache's S slots hold columns. window 0: slot s holds column s. window > 0: slots
+    [0, sinks) hold each row's first `sinks` real columns (start_B + j), the other S - sinks
+    slots a ring where column c lands in slot sinks + c % (S - sinks)."""
+
+    window: int = 0
+    sinks: int = 0
+
+
+def cache_columns(start_B: jax.Array, index, S: int, layout: Layout) -> jax.Array:
+    """The column each slot holds [B, S] once the columns before `index` are written; negative
+    where a slot holds nothing yet."""
+    B = start_B.shape[0]
+    if not layout.window:
+        return jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+    n, R = layout.sinks, S - layout.sinks
+    r = jnp.arange(R, dtype=jnp.int32)
+    ring_R = index - 1 - jnp.mod(index - 1 - r, R)  # the latest column c < index with c % R == r
+    sinks_Bn = start_B[:, None] + jnp.arange(n, dtype=jnp.int32)[None, :]
+    sinks_Bn = jnp.where(sinks_Bn < index, sinks_Bn, -1)
+    return jnp.concatenate([sinks_Bn, jnp.broadcast_to(ring_R, (B, R))], axis=1)
 
 
 def attention_cached(q_BTNH, k_BKSH, v_BKSH, mask: Mask) -> jax.Array:
@@ -421,18 +502,25 @@ def attention_cached(q_BTNH, k_BKSH, v_BKSH, mask: Mask) -> jax.Array:
     return _ungrouped(out_BKGTH).astype(q_BTNH.dtype)
 
 
-def cache_mask(start_B: jax.Array, index, T: int, S: int, bidirectional: bool = False) -> Mask:
-    """What T new queries at columns index..index+T-1 see among S key columns [0, S).
+def cache_mask(start_B: jax.Array, index, T: int, S: int, bidirectional: bool = False, *, window: int = 0,
+               sinks: int = 0, layout: Layout = Layout()) -> Mask:
+    """What T new queries at columns index..index+T-1 see among S slots laid out as `layout`, the
+    new columns written (a prefill passes S = T and the plain layout: the chunk on its own).
 
-    Query column q sees key column s iff s holds a real token (s >= start_B) and s <= q; with
-    `bidirectional` (a prefix LM's prompt) it sees every real column before index + T. A
-    padding query sees itself only: its output is never used, and its softmax stays finite.
+    Query column q sees the key in a slot holding column c iff c holds a real token (c >=
+    start_B) and c <= q (with `bidirectional`, a prefix LM's prompt: every real column before
+    index + T), and `in_window` of their positions (window 0: any); ring slots leave a row's
+    first tokens to the layout's sink slots, so none is seen twice. A padding query sees itself
+    only: its output is never used, and its softmax stays finite.
     """
-    q_T = index + jnp.arange(T, dtype=jnp.int32)
-    s_S = jnp.arange(S, dtype=jnp.int32)
-    real_B1S = (s_S[None, :] >= start_B[:, None])[:, None, :]
-    if bidirectional:
-        seen_1TS = jnp.broadcast_to(s_S < index + T, (1, T, S))
-    else:
-        seen_1TS = (s_S[None, :] <= q_T[:, None])[None]
-    return Mask((real_B1S & seen_1TS) | (s_S[None, :] == q_T[:, None])[None], causal=not bidirectional)
+    q_1T1 = (index + jnp.arange(T, dtype=jnp.int32))[None, :, None]
+    cols_B1S = cache_columns(start_B, index + T, S, layout)[:, None, :]
+    start_B11 = start_B[:, None, None]
+    seen = (cols_B1S >= start_B11) & ((cols_B1S < index + T) if bidirectional else (cols_B1S <= q_1T1))
+    if window:
+        seen = seen & in_window(q_1T1 - start_B11, cols_B1S - start_B11, window, sinks)
+    if layout.window and layout.sinks:
+        in_ring = jnp.arange(S) >= layout.sinks
+        seen = seen & ~(in_ring & (cols_B1S - start_B11 < layout.sinks))
+    padding_self = (cols_B1S == q_1T1) & (q_1T1 < start_B11)
+    return Mask(seen | padding_self, causal=not bidirectional)

@@ -53,17 +53,14 @@ class Block(nnx.Module):
         x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
         return sharding.constrain(x_BTD, ("act_batch", "act_seq", "act_embed"))
 
-    def extend(self, x_BTD, sin, cos, mask, k_BKSH, v_BKSH, index, first: bool):
+    def extend(self, x_BTD, sin, cos, mask, k_BKSH, v_BKSH, index, start_B, first: bool,
+               layout: attn_lib.Layout):
         """The block on T new columns: writes their keys and values into this layer's cache at
-        column `index` (in place), attends over the cache (or, when `first`, over the chunk
-        alone: nothing precedes it). Returns (x, k cache, v cache)."""
+        column `index` (in place; `write_cache`), attends over the cache (or, when `first`, over
+        the chunk alone: nothing precedes it). Returns (x, k cache, v cache)."""
         q_BTNH, k_BTKH, v_BTKH = self.attn.project(self.attn_norm(x_BTD), sin, cos)
-
-        def write(cache_BKSH, x_BTKH):
-            x_BKTH = x_BTKH.transpose(0, 2, 1, 3).astype(cache_BKSH.dtype)
-            return jax.lax.dynamic_update_slice(cache_BKSH, x_BKTH, (0, 0, index, 0))
-
-        k_BKSH, v_BKSH = write(k_BKSH, k_BTKH), write(v_BKSH, v_BTKH)
+        k_BKSH = write_cache(k_BKSH, k_BTKH, index, start_B, first, layout)
+        v_BKSH = write_cache(v_BKSH, v_BTKH, index, start_B, first, layout)
         if first:
             out_BTNH = attn_lib.attend(q_BTNH, k_BTKH, v_BTKH, mask, impl=self.attn.attention)
         else:
@@ -74,12 +71,55 @@ class Block(nnx.Module):
         return sharding.constrain(x_BTD, ("act_batch", "act_seq", "act_embed")), k_BKSH, v_BKSH
 
 
+def write_cache(cache_BKSH, x_BTKH, index, start_B, first: bool, layout: attn_lib.Layout):
+    """The cache with T new columns index..index+T-1 written where `layout` puts them.
+
+    Plain layout: one `dynamic_update_slice` at slot `index`. Ring layout: a prefill (`first`,
+    index 0) writes its last R columns rolled into place (column c at slot sinks + c % R); a decode
+    step writes its one column at sinks + index % R; and each row's sink slot j takes column
+    start_B + j when it is among the new ones.
+    """
+    x_BKTH = x_BTKH.transpose(0, 2, 1, 3).astype(cache_BKSH.dtype)
+    T = x_BKTH.shape[2]
+    if not layout.window:
+        return jax.lax.dynamic_update_slice(cache_BKSH, x_BKTH, (0, 0, index, 0))
+    n = layout.sinks
+    R = cache_BKSH.shape[2] - n
+    if first:
+        m = min(T, R)
+        last = x_BKTH[:, :, T - m:]
+        ring = jnp.roll(last, T % R, axis=2) if m == R else last  # columns T-R..T-1 to slots c % R
+        cache_BKSH = jax.lax.dynamic_update_slice(cache_BKSH, ring, (0, 0, n, 0))
+    else:
+        if T != 1:
+            raise ValueError(f"a cache with a sliding window takes one new column per decode step; got {T}")
+        cache_BKSH = jax.lax.dynamic_update_slice(cache_BKSH, x_BKTH, (0, 0, n + index % R, 0))
+    if n:
+        rel_Bn = start_B[:, None] + jnp.arange(n) - index  # where each row's sink column is in the chunk
+        new_BKnH = jnp.take_along_axis(x_BKTH, jnp.clip(rel_Bn, 0, T - 1)[:, None, :, None], axis=2)
+        arrived = ((rel_Bn >= 0) & (rel_Bn < T))[:, None, :, None]
+        cache_BKSH = jax.lax.dynamic_update_slice(
+            cache_BKSH, jnp.where(arrived, new_BKnH, cache_BKSH[:, :, :n]), (0, 0, 0, 0))
+    return cache_BKSH
+
+
 CACHE_AXES = ("act_batch", "act_heads", "act_seq", "head_dim")
 
 
+def cache_layout(cfg: ModelConfig) -> attn_lib.Layout:
+    """The KV cache's layout: a ring (and sink slots) under a sliding window, plain otherwise."""
+    return attn_lib.Layout(cfg.sliding_window, cfg.attention_sinks if cfg.sliding_window else 0)
+
+
 def init_cache(cfg: ModelConfig, batch: int, length: int, start_B=None) -> attn_lib.KVCache:
-    """An empty cache of `length` columns for `batch` rows (start_B: first real column per row)."""
-    shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
+    """An empty cache for `length` columns of `batch` rows (start_B: first real column per row).
+
+    Under a sliding window W it has attention_sinks + min(length, W) slots, however long `length`:
+    generation past model.max_seq_len at constant memory.
+    """
+    layout = cache_layout(cfg)
+    slots = layout.sinks + min(length, layout.window) if layout.window else length
+    shape = (batch, cfg.n_kv_heads, slots, cfg.head_dim)
     zeros = (sharding.constrain(jnp.zeros(shape, jnp.dtype(cfg.compute_dtype)), CACHE_AXES),) * cfg.n_layers
     start_B = jnp.zeros((batch,), jnp.int32) if start_B is None else jnp.asarray(start_B, jnp.int32)
     return attn_lib.KVCache(zeros, zeros, jnp.zeros((), jnp.int32), start_B)
@@ -113,9 +153,10 @@ class Transformer(nnx.Module):
         """Final-norm hidden states [B, T, D] in the compute dtype."""
         cfg = self.cfg
         B, T = tokens_BT.shape
+        mask = attn_lib.make_mask(T, segment_ids_BT, positions_BT, prefix_len_B, prefix_mask_BT,
+                                  window=cfg.sliding_window, sinks=cfg.attention_sinks)
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        mask = attn_lib.make_mask(T, segment_ids_BT, positions_BT, prefix_len_B, prefix_mask_BT)
         sin, cos = _rope(cfg, positions_BT)
         x_BTD = sharding.constrain(self.embed(tokens_BT), ("act_batch", "act_seq", "act_embed"))
 
@@ -150,7 +191,10 @@ class Transformer(nnx.Module):
         L, S = len(cache.k_BKSH), cache.k_BKSH[0].shape[2]
         columns_T = cache.index + jnp.arange(T, dtype=jnp.int32)
         positions_BT = jnp.maximum(columns_T[None, :] - cache.start_B[:, None], 0)
-        mask = attn_lib.cache_mask(cache.start_B, cache.index, T, T if first else S, bidirectional)
+        layout = cache_layout(cfg)
+        mask = attn_lib.cache_mask(cache.start_B, cache.index, T, T if first else S, bidirectional,
+                                   window=layout.window, sinks=layout.sinks,
+                                   layout=attn_lib.Layout() if first else layout)
         sin, cos = _rope(cfg, positions_BT)
         x_BTD = sharding.constrain(self.embed(tokens_BT), ("act_batch", "act_seq", "act_embed"))
         layer_def, layer_state = nnx.split(self.layers)
@@ -158,7 +202,8 @@ class Transformer(nnx.Module):
         def body(x_BTD, xs):
             state, k_BKSH, v_BKSH = xs
             block = nnx.merge(layer_def, state)
-            x_BTD, k_BKSH, v_BKSH = block.extend(x_BTD, sin, cos, mask, k_BKSH, v_BKSH, cache.index, first)
+            x_BTD, k_BKSH, v_BKSH = block.extend(x_BTD, sin, cos, mask, k_BKSH, v_BKSH, cache.index,
+                                                 cache.start_B, first, layout)
             return x_BTD, (k_BKSH, v_BKSH)
 
         if layers is None and not cfg.scan_layers:

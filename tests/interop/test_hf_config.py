@@ -74,18 +74,25 @@ def test_jaxlm_limits_apply_too():
         model_config_from_hf({**LLAMA, "hidden_size": 35})
 
 
-def test_sliding_window_caps_the_sequence_or_stops():
+def test_sliding_window_on_every_layer_is_kept_on_some_layers_caps_the_sequence():
     mistral = {**LLAMA, "architectures": ["MistralForCausalLM"], "max_position_embeddings": 32768,
                "sliding_window": 4096}
-    assert model_config_from_hf(mistral).max_seq_len == 4096  # the window never binds: exact
-    assert model_config_from_hf(mistral, max_seq_len=1024).max_seq_len == 1024
-    assert "max_seq_len=8192 exceeds the sliding window 4096" in error(mistral, max_seq_len=8192)
-    assert model_config_from_hf({**mistral, "sliding_window": None}).max_seq_len == 32768
+    cfg = model_config_from_hf(mistral)
+    assert (cfg.sliding_window, cfg.max_seq_len) == (4096, 32768)  # the whole context, windowed
+    assert model_config_from_hf(mistral, max_seq_len=8192).max_seq_len == 8192
+    assert model_config_from_hf({**mistral, "sliding_window": None}).sliding_window == 0
+    assert model_config_from_hf({**LLAMA, "sliding_window": 64}).sliding_window == 0  # Llama ignores the key
     qwen = {**LLAMA, "architectures": ["Qwen2ForCausalLM"], "sliding_window": 64, "num_hidden_layers": 4}
-    assert model_config_from_hf({**qwen, "use_sliding_window": True, "max_window_layers": 2}).max_seq_len == 64
+    every = model_config_from_hf({**qwen, "use_sliding_window": True, "max_window_layers": 0})
+    assert (every.sliding_window, every.max_seq_len) == (64, 2048)
+    assert model_config_from_hf({**qwen, "max_window_layers": 0}).sliding_window == 0  # not use_sliding_window
+    # some layers only: jaxlm's window is on every layer or none, so sequences stay inside it
+    some = model_config_from_hf({**qwen, "use_sliding_window": True, "max_window_layers": 2})
+    assert (some.sliding_window, some.max_seq_len) == (0, 64)
     assert model_config_from_hf({**qwen, "use_sliding_window": True, "max_window_layers": 4}).max_seq_len == 2048
-    assert model_config_from_hf({**qwen, "layer_types": ["full_attention"] * 3 + ["sliding_attention"]}
-                                ).max_seq_len == 64
+    mixed = {**qwen, "use_sliding_window": True, "layer_types": ["full_attention"] * 3 + ["sliding_attention"]}
+    assert model_config_from_hf(mixed).max_seq_len == 64
+    assert "max_seq_len=128 exceeds the sliding window 64 that some layers" in error(mixed, max_seq_len=128)
 
 
 @pytest.mark.parametrize("cfg", [
@@ -154,15 +161,25 @@ def test_dynamic_exports_its_original_length_as_max_position_embeddings():
 
 
 def test_export_keeps_the_base_config_and_refuses_what_hf_cannot_hold():
-    base = {**LLAMA, "architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": 4096,
-            "max_position_embeddings": 32768, "bos_token_id": 1, "eos_token_id": 2}
+    base = {**LLAMA, "architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": None,
+            "max_position_embeddings": 32768, "bos_token_id": 1, "eos_token_id": 2, "attention_dropout": 0.0}
     cfg = model_config_from_hf(base)
     out = hf_config_from_model(cfg, base=base)
     assert out["architectures"] == ["MistralForCausalLM"]
-    assert (out["sliding_window"], out["max_position_embeddings"], out["eos_token_id"]) == (4096, 32768, 2)
+    assert (out["sliding_window"], out["max_position_embeddings"], out["eos_token_id"]) == (None, 32768, 2)
     as_llama = hf_config_from_model(cfg, family="llama", base=base)  # keeps token ids, not Mistral's keys
-    assert "sliding_window" not in as_llama and as_llama["max_position_embeddings"] == cfg.max_seq_len == 4096
+    assert "attention_dropout" not in as_llama and as_llama["max_position_embeddings"] == cfg.max_seq_len == 32768
     assert as_llama["bos_token_id"] == 1
+    windowed = dataclasses.replace(cfg, sliding_window=16)
+    assert hf_config_from_model(windowed)["architectures"] == ["MistralForCausalLM"]  # no base: Mistral
+    assert hf_config_from_model(windowed, base=base)["sliding_window"] == 16
+    qwen = hf_config_from_model(dataclasses.replace(windowed, qkv_bias=True))
+    assert (qwen["use_sliding_window"], qwen["max_window_layers"], qwen["sliding_window"]) == (True, 0, 16)
+    assert model_config_from_hf(qwen).sliding_window == 16
+    with pytest.raises(InteropError, match="Llama has no sliding window"):
+        hf_config_from_model(windowed, family="llama")
+    with pytest.raises(InteropError, match="no attention sinks"):
+        hf_config_from_model(dataclasses.replace(windowed, attention_sinks=4))
     with pytest.raises(InteropError, match="only Qwen2 has q/k/v biases"):
         hf_config_from_model(dataclasses.replace(cfg, qkv_bias=True), base=base)
     with pytest.raises(InteropError, match="no value head"):

@@ -41,6 +41,12 @@ CASES = {
                             rope_theta=1_000_000.0)),
     "mistral": ("mistral", dict(vocab_size=43, hidden_size=28, num_hidden_layers=2, num_attention_heads=7,
                                 num_key_value_heads=7, intermediate_size=17, sliding_window=None)),
+    # windows of 4 and 5 over 11 tokens: more than twice the window, so the window binds
+    "mistral_window": ("mistral", dict(vocab_size=43, hidden_size=28, num_hidden_layers=2, num_attention_heads=7,
+                                       num_key_value_heads=1, intermediate_size=17, sliding_window=4)),
+    "qwen2_window": ("qwen2", dict(vocab_size=41, hidden_size=36, num_hidden_layers=2, num_attention_heads=6,
+                                   num_key_value_heads=2, intermediate_size=22, use_sliding_window=True,
+                                   sliding_window=5, max_window_layers=0)),
 }
 CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
            "mistral": ("MistralConfig", "MistralForCausalLM")}
@@ -98,6 +104,10 @@ def test_imported_logits_match_transformers(case, built):
     if cfg.rope_scaling != "none":  # the test can see a wrong frequency
         plain = dataclasses.replace(cfg, rope_scaling="none")
         assert np.abs(np.asarray(apply(plain, params, jnp.asarray(tokens, jnp.int32)))[0] - want[0]).max() > 1e-2
+    if case.endswith("_window"):  # the window binds, and the whole context is kept
+        assert (cfg.sliding_window, cfg.max_seq_len) == (m.config.sliding_window, m.config.max_position_embeddings)
+        unwindowed = dataclasses.replace(cfg, sliding_window=0)
+        assert np.abs(np.asarray(apply(unwindowed, params, jnp.asarray(tokens, jnp.int32)))[0] - want[0]).max() > 1e-2
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -141,6 +151,20 @@ def test_greedy_generation_matches_transformers(built):
                           max_new_tokens=16, min_new_tokens=16, eos_token_id=None, pad_token_id=0).numpy()[:, 6:]
     cfg, params = load_hf(path, mesh=one_device())
     np.testing.assert_array_equal(np.asarray(generate(cfg, params, prompts, max_new_tokens=16).tokens), want)
+
+
+def test_greedy_generation_past_the_window_matches_transformers(built):
+    """Mistral with a window of 4: 24 new tokens after 6, so the rolling cache wraps six times."""
+    from jaxlm.generate import generate
+
+    path, m, _, _ = built("mistral_window")
+    prompts = np.random.default_rng(3).integers(0, 43, (2, 6))
+    with torch.no_grad():
+        want = m.generate(torch.tensor(prompts), attention_mask=torch.ones(2, 6, dtype=torch.long), do_sample=False,
+                          max_new_tokens=24, min_new_tokens=24, eos_token_id=None, pad_token_id=0).numpy()[:, 6:]
+    cfg, params = load_hf(path, mesh=one_device())
+    out = generate(cfg, params, prompts, max_new_tokens=24)
+    np.testing.assert_array_equal(np.asarray(out.tokens), want)
 
 
 # --- long context: yarn and dynamic past original_max_position_embeddings -------------------------------------
