@@ -170,3 +170,27 @@ def test_every_shipped_config_parses_and_validates(path):
 
 def test_there_are_shipped_configs():
     assert len(list(REPO.glob("configs/**/*.yaml"))) >= 7
+
+
+def test_the_config_reference_is_generated_from_the_schema_and_gives_every_key_a_meaning():
+    from jaxlm.config import reference
+
+    path = Path(__file__).parents[1] / "docs" / "config.md"
+    assert path.read_text() == reference.markdown(), \
+        "docs/config.md is stale: python -m jaxlm.config.reference > docs/config.md"
+    rows = [line for line in path.read_text().splitlines() if line.startswith("| `")]
+    keys = {row.split("`")[1] for row in rows}
+    assert {"model.sliding_window", "train.seq_len", "data.sources[].weight", "ppo.kl_coef"} <= keys
+    assert [row for row in rows if row.endswith("|  |")] == []  # every key says what it does
+    assert reference.field_notes(_Commented) == {"a": "", "b": "above b, two lines after b", "c": "after c's default"}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Commented:
+    a: int = 1
+
+    # above b,
+    # two lines
+    b: str = "#"  # after b
+    c: dict = dataclasses.field(default_factory=lambda: {
+        "x": 1})  # after c's default

@@ -12,8 +12,8 @@ from jaxlm.config.schema import check
 class MixSourceConfig:
     """One training source: a token-shard directory written by `jaxlm data tokenize`."""
 
-    name: str = ""
-    path: str = ""
+    name: str = ""  # how weights, curricula and metrics name the source
+    path: str = ""  # the shard directory (tokenize.out_dir)
     weight: float = 1.0  # mixture weight (normalised over the sources)
     heldout_path: str = ""  # token shards held out for this source (then all of `path` trains)
 
@@ -23,8 +23,8 @@ class StageConfig:
     """A curriculum stage: `weights` ({source: weight}) until `until` (in data.curriculum_unit);
     the last stage may leave `until` out and runs on to the end."""
 
-    until: Optional[int] = None
-    weights: dict = dataclasses.field(default_factory=dict)
+    until: Optional[int] = None  # the stage ends here (data.curriculum_unit); null: the last stage
+    weights: dict = dataclasses.field(default_factory=dict)  # source name -> mixture weight in this stage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,13 +42,13 @@ class DataConfig:
     # steps (train loss falls below held-out); the default covers 16.8M tokens at seq_len 256.
     shuffle_block: int = 65536
     fim_max_tokens: int = 0  # FIM: documents are cut into pieces this long, each FIM'd alone; 0: seq_len // 2
-    heldout_fraction: float = 0.02
+    heldout_fraction: float = 0.02  # of the documents (or tokens, heldout_split: tail) held out
     # of data.sources (stdlib: by a hash of each file's path): document: a hash of source name and
     # index | content: a hash of the document's tokens | tail: the last heldout_fraction of every
     # document (a source of one document: always tail)
     heldout_split: str = "document"
     max_documents: int = 0  # 0: all (per source)
-    seed: int = 0
+    seed: int = 0  # the data order's seed (batch k is a function of it and k)
 
 
 SPLITS = ("document", "paragraphs", "chunks")  # how `prepare` cuts a record's text into documents
@@ -58,10 +58,10 @@ SPLITS = ("document", "paragraphs", "chunks")  # how `prepare` cuts a record's t
 class SourceConfig:
     """One raw-document source for `jaxlm data prepare`."""
 
-    name: str = ""
+    name: str = ""  # names the output file (OUT_DIR/NAME.jsonl) and the report's rows
     paths: tuple[str, ...] = ()  # files or globs
     format: str = "auto"  # auto (by suffix; .gz .zst .bz2 .xz read decompressed) | jsonl | parquet | text
-    text_field: str = "text"
+    text_field: str = "text"  # the JSONL / Parquet field holding the text
     id_field: str = ""  # a field naming each document, kept in rejects.jsonl; "": none
     split: str = "document"  # document (a record is one) | paragraphs (blank-line separated) | chunks
     chunk_chars: int = 20_000  # split: chunks: pieces of at most this many characters, cut at breaks
@@ -73,20 +73,22 @@ class PrepareConfig:
     """`jaxlm data prepare`: filter, scrub and deduplicate raw documents, per source."""
 
     sources: tuple[SourceConfig, ...] = ()
+    # filter and scrub rules in order, name -> params (or true): html, language, gopher_quality,
+    # gopher_repetition, c4, fineweb, min_words, blocklist, pii, quality_classifier, perplexity
     rules: dict = dataclasses.field(default_factory=lambda: {
         "html": True, "gopher_quality": True, "gopher_repetition": True, "c4": True, "pii": True})
-    exact_dedup: bool = True
-    minhash_dedup: bool = True
-    minhash_ngram: int = 5
-    minhash_bands: int = 14
-    minhash_rows: int = 8
+    exact_dedup: bool = True  # drop documents whose normalized text hashes alike
+    minhash_dedup: bool = True  # drop near duplicates: MinHash LSH on word n-grams
+    minhash_ngram: int = 5  # words per n-gram
+    minhash_bands: int = 14  # LSH bands x rows = hashes per document
+    minhash_rows: int = 8  # hashes per band: a pair shares a band with probability s^rows (s: Jaccard)
     suffix_dedup: bool = False  # exact repeated spans (Lee et al. 2022), on UTF-8 bytes
-    suffix_min_len: int = 50
+    suffix_min_len: int = 50  # shortest repeated span removed, in bytes
     max_chars: int = 1_000_000  # longer documents are counted and skipped
     # a source whose records are unusable as read (malformed, no text field, empty, too long) in
     # more than this fraction stops the run, as does a source with no usable record or none kept
     max_unusable: float = 0.5
-    out_dir: str = "data/prepared"
+    out_dir: str = "data/prepared"  # OUT_DIR/NAME.jsonl per source, report.json, report.txt, rejects.jsonl
     workers: int = 0  # map processes; 0: one per CPU core
     executor: str = "local"  # local (a process pool) | ray (prepare.ray_address; work dir on a shared filesystem)
     ray_address: str = ""  # "": a Ray instance started for the run | auto | ray://HOST:PORT
@@ -99,11 +101,11 @@ class TokenizerConfig:
     """`jaxlm data tokenizer`: train SentencePiece with the special symbols reserved."""
 
     inputs: tuple[str, ...] = ()  # prepared JSONL (or text/Parquet) files or globs
-    text_field: str = "text"
+    text_field: str = "text"  # the JSONL / Parquet field holding the text
     out: str = "data/tokenizer"  # model prefix: writes OUT.model and OUT.vocab
-    vocab_size: int = 8192
+    vocab_size: int = 8192  # pieces, the reserved special symbols included
     model_type: str = "bpe"  # bpe | unigram
-    n_sentinels: int = 100
+    n_sentinels: int = 100  # span-corruption sentinels reserved
     max_documents: int = 0  # 0: all
 
 
@@ -111,13 +113,13 @@ class TokenizerConfig:
 class TokenizeConfig:
     """`jaxlm data tokenize`: tokenize documents in worker processes into ArrayRecord shards."""
 
-    inputs: tuple[str, ...] = ()
-    text_field: str = "text"
+    inputs: tuple[str, ...] = ()  # prepared JSONL (or text/Parquet) files or globs
+    text_field: str = "text"  # the JSONL / Parquet field holding the text
     tokenizer: str = "data/tokenizer.model"  # a SentencePiece .model, or "byte"
-    out_dir: str = "data/tokens"
+    out_dir: str = "data/tokens"  # ArrayRecord shards and index.json: a data.sources[].path
     workers: int = 0  # 0: one per CPU core
-    docs_per_shard: int = 8192
-    overwrite: bool = False
+    docs_per_shard: int = 8192  # documents per ArrayRecord shard
+    overwrite: bool = False  # replace an existing out_dir (else a finished one is refused, a partial one resumed)
 
 
 CHOICES = {

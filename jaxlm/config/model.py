@@ -8,14 +8,14 @@ from jaxlm.config.schema import ConfigError, check
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    vocab_size: int = 512
-    d_model: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 2
-    d_ff: int = 352
-    max_seq_len: int = 256
-    rope_theta: float = 10_000.0
+    vocab_size: int = 512  # token ids [0, vocab_size): the tokenizer's size
+    d_model: int = 128  # width of the residual stream
+    n_layers: int = 4  # decoder blocks
+    n_heads: int = 4  # query heads; head dim = d_model / n_heads
+    n_kv_heads: int = 2  # key/value heads (grouped-query attention; = n_heads: multi-head)
+    d_ff: int = 352  # SwiGLU hidden width
+    max_seq_len: int = 256  # the longest sequence the model is made for (train.seq_len <= it)
+    rope_theta: float = 10_000.0  # RoPE base: frequencies theta^(-2i/head_dim)
     # RoPE frequency scaling for long context (`jaxlm.model.attention.rope_inv_freq`):
     # none | linear (every frequency / factor: Position Interpolation) | llama3 (Llama 3.1: low
     # frequencies / factor, high ones kept, a smooth blend between, by wavelength relative to
@@ -24,26 +24,26 @@ class ModelConfig:
     # below) | yarn (YaRN: ramp between kept and / factor frequencies, sin and cos times an
     # attention factor).
     rope_scaling: str = "none"
-    rope_scaling_factor: float = 1.0
+    rope_scaling_factor: float = 1.0  # how many times longer the context becomes (rope_scaling)
     rope_low_freq_factor: float = 1.0  # llama3 only
     rope_high_freq_factor: float = 4.0  # llama3 only
     rope_original_max_len: int = 8192  # llama3, dynamic, yarn: the context length before scaling
     # yarn only: frequencies turning more than beta_fast times over rope_original_max_len are kept,
     # fewer than beta_slow times divided by factor; the ramp's bounds are rounded out (truncate)
     rope_beta_fast: float = 32.0
-    rope_beta_slow: float = 1.0
+    rope_beta_slow: float = 1.0  # yarn only: see rope_beta_fast
     rope_attention_factor: float = 0.0  # yarn only; 0: 0.1 * ln(factor) + 1
-    rope_truncate: bool = True
+    rope_truncate: bool = True  # yarn only: round the ramp's bounds out to whole pairs
     # Local attention (`jaxlm.model.attention.in_window`): each token sees the last sliding_window
     # positions, itself included (Mistral), and with attention_sinks > 0 also the first
     # attention_sinks positions of its sequence (the Lambda-shaped window of LM-Infinite and
     # StreamingLLM). The KV cache then holds attention_sinks + sliding_window columns, so
     # generation runs past max_seq_len at constant memory. 0: off.
     sliding_window: int = 0
-    attention_sinks: int = 0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = False
-    qkv_bias: bool = False
+    attention_sinks: int = 0  # first positions every token also sees; needs sliding_window
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    tie_embeddings: bool = False  # the output head is the embedding table's transpose
+    qkv_bias: bool = False  # biases on q, k and v (Qwen2)
     dtype: str = "auto"  # compute dtype; auto: bfloat16 on GPU/TPU, float32 on CPU
     param_dtype: str = "float32"
     remat: str = "none"  # none | dots | full
@@ -59,7 +59,7 @@ class ModelConfig:
     # allows) | cudnn (as auto on GPU; an error where cuDNN cannot run) | reference (plain
     # einsum). `jaxlm.model.attention.kernel` decides; `jaxlm bench` prints its choice.
     attention: str = "auto"
-    init_std: float = 0.02
+    init_std: float = 0.02  # standard deviation of the normal initialisation of the weights
     value_head: bool = False  # a scalar-per-token head (reward model, PPO critic)
 
     @property

@@ -44,7 +44,7 @@ class RewardConfig:
     margins: dict = dataclasses.field(default_factory=lambda: dict(LLAMA2_MARGINS))
     center_coef: float = 0.0  # + center_coef * mean((r_c + r_r)^2): keeps rewards near 0
     max_responses: int = 4  # K: responses of a ranking scored together (longer rankings: counted, skipped)
-    groups_per_row: int = 8
+    groups_per_row: int = 8  # groups packed into one row at most
     truncation: str = "trim_context"  # trim_context (cut the prompt from the left) | drop
     stats_groups: int = 1000  # training groups scored after training for the reward's mean and std
 
@@ -57,19 +57,19 @@ class DPOConfig:
     `sft.template`; a pair is packed into one row. Losses: `jaxlm.objectives.dpo`.
     """
 
-    train_files: tuple[str, ...] = ()
-    eval_files: tuple[str, ...] = ()
+    train_files: tuple[str, ...] = ()  # JSONL of pair or ranking records (globs allowed), as reward.*
+    eval_files: tuple[str, ...] = ()  # held-out records; empty: data.heldout_fraction of train_files
     tasks: tuple[str, ...] = ()  # built-in tasks: the right answer against a wrong one (task_rejected)
     task_pairs: int = 5000  # near_miss: pairs per task; sampled: problems per task
-    task_eval_pairs: int = 200
+    task_eval_pairs: int = 200  # held-out pairs per task: preference accuracy per task
     # near_miss: one or two small edits of the right answer; sampled: the init run's own wrong answers
     # (task_samples per problem at task_temperature, each distinct one against the right answer)
     task_rejected: str = "near_miss"
-    task_samples: int = 4
-    task_temperature: float = 1.0
-    truncation: str = "trim_context"
-    groups_per_row: int = 8
-    beta: float = 0.1
+    task_samples: int = 4  # sampled: answers drawn per problem
+    task_temperature: float = 1.0  # sampled: their temperature
+    truncation: str = "trim_context"  # trim_context (cut the prompt from the left) | drop
+    groups_per_row: int = 8  # pairs packed into one row at most
+    beta: float = 0.1  # the inverse temperature on the log-ratio margin (strength of the KL anchor)
     loss_type: str = "sigmoid"  # sigmoid (DPO; cDPO with label_smoothing) | ipo | hinge | robust | simpo
     label_smoothing: float = 0.0  # eps of conservative DPO and robust DPO, in [0, 0.5)
     gamma: float = 0.0  # simpo's target margin
@@ -94,14 +94,14 @@ class RSConfig:
     prompt_files: tuple[str, ...] = ()  # JSONL of {"prompt": text or chat messages}, optional "task"/"answer"
     tasks: tuple[str, ...] = ()  # built-in tasks: their train problems as prompts, checkable
     task_prompts: int = 500  # prompts per built-in task
-    samples_per_prompt: int = 8
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 16
+    samples_per_prompt: int = 8  # N of best-of-N
+    temperature: float = 1.0  # sampling temperature
+    top_p: float = 1.0  # nucleus sampling; 1: off
+    max_new_tokens: int = 16  # a response's length limit
     checker: bool = False  # score with the built-in tasks' check (prompts must carry "task" and "answer")
     reward_run: str = ""  # or: score with this reward-model run (`jaxlm reward`)
     min_score: float = 0.5  # keep a prompt's best response only if it scores at least this
-    rounds: int = 1
+    rounds: int = 1  # sample-score-fine-tune rounds, each from the last round's model
     prompts_per_batch: int = 32  # prompts sampled (x samples_per_prompt rows) and written per step
 
 
@@ -126,25 +126,25 @@ class PPOConfig:
     task_prompts: int = 500  # prompts per built-in task
     checker: bool = False  # score with the built-in tasks' check
     reward_run: str = ""  # or: score with this reward-model run (`jaxlm reward`)
-    prompts_per_iteration: int = 32
+    prompts_per_iteration: int = 32  # prompts sampled per iteration (x group_size responses)
     group_size: int = 1  # responses per prompt (grpo and rloo: >= 2)
-    max_new_tokens: int = 16
-    temperature: float = 1.0
+    max_new_tokens: int = 16  # a response's length limit
+    temperature: float = 1.0  # rollout sampling temperature
     missing_stop_penalty: float = 1.0  # subtracted from the score of a response that never stopped
     epochs: int = 2  # passes over an iteration's rollout
     minibatches: int = 2  # updates per pass
-    clip_eps: float = 0.2
-    value_clip: float = 0.2
-    vf_coef: float = 0.5
-    ent_coef: float = 0.0
-    gamma: float = 1.0
-    lam: float = 0.95
-    whiten_advantages: bool = True
-    kl_coef: float = 0.05
+    clip_eps: float = 0.2  # the policy ratio's clip range 1 +- clip_eps
+    value_clip: float = 0.2  # the critic's clip range around its old values
+    vf_coef: float = 0.5  # weight of the value loss
+    ent_coef: float = 0.0  # weight of the entropy bonus
+    gamma: float = 1.0  # GAE discount
+    lam: float = 0.95  # GAE lambda
+    whiten_advantages: bool = True  # normalise advantages to mean 0, std 1 over the rollout
+    kl_coef: float = 0.05  # KL penalty (or loss term) coefficient; the adaptive controller's start
     kl_kind: str = "k1"  # the reward penalty's estimator (the loss term is always k3)
-    kl_in_loss: bool = False
+    kl_in_loss: bool = False  # the KL as a loss term (GRPO) instead of a reward penalty
     kl_target: float = 0.0  # > 0: adapt kl_coef towards this mean KL per response
-    kl_horizon: float = 10_000.0
+    kl_horizon: float = 10_000.0  # the adaptive controller's horizon in responses (Ziegler et al.)
     value_from: str = ""  # the critic's start: a run (a reward run, or an LM run: head fresh); "": train.init_from
     value_lr: float = 0.0  # the critic's learning rate; 0: optim.lr
     frozen_dtype: str = "float32"  # the reference's and reward model's params: float32 | bfloat16

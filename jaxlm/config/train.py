@@ -8,48 +8,48 @@ from jaxlm.config.schema import check
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    data: int = 1
-    fsdp: int = -1  # -1: the rest of the devices
-    tensor: int = 1
-    rules: str = "fsdp"  # dp | fsdp | fsdp_tp
+    data: int = 1  # replicas: the batch is split over data x fsdp
+    fsdp: int = -1  # params, gradients and optimizer state sharded over it (ZeRO-3); -1: the rest of the devices
+    tensor: int = 1  # heads and the MLP's hidden units split over it (fsdp_tp rules)
+    rules: str = "fsdp"  # dp | fsdp | fsdp_tp: which logical axes map to which mesh axes (jaxlm.sharding.RULES)
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
     name: str = "adamw"  # adamw | adafactor
-    lr: float = 3e-4
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    warmup_steps: int = 100
+    lr: float = 3e-4  # peak learning rate
+    b1: float = 0.9  # Adam's first-moment decay
+    b2: float = 0.95  # Adam's second-moment decay
+    eps: float = 1e-8  # Adam's epsilon
+    weight_decay: float = 0.1  # decoupled (AdamW); norms and biases are not decayed
+    warmup_steps: int = 100  # linear warmup from 0 to lr
     decay: str = "cosine"  # cosine | linear | inverse_sqrt | constant
-    final_lr_fraction: float = 0.1
+    final_lr_fraction: float = 0.1  # the decay ends at this fraction of lr
     clip_norm: float = 1.0  # 0 disables clipping
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 1000
+    steps: int = 1000  # optimizer steps (ppo: iterations)
     batch_size: int = 16  # global sequences per optimizer step
-    seq_len: int = 256
-    grad_accum_steps: int = 1
+    seq_len: int = 256  # tokens per sequence (<= model.max_seq_len)
+    grad_accum_steps: int = 1  # micro-batches per step: batch_size / this at a time
     batch_ramp_start: int = 0  # 0: no ramp; else the global batch at step 0
     batch_ramp_tokens: int = 0  # tokens over which the batch grows linearly to batch_size
-    run_dir: str = "runs/default"
-    seed: int = 0
+    run_dir: str = "runs/default"  # config.yaml, checkpoints/, metrics.jsonl, TensorBoard events
+    seed: int = 0  # parameter initialisation and sampling
     init_from: str = ""  # another run's directory: start from its latest params
-    log_every: int = 10
-    eval_every: int = 100
-    eval_batches: int = 4
-    save_every: int = 100
-    keep_checkpoints: int = 3
-    async_checkpoint: bool = True
+    log_every: int = 10  # steps per metrics row (and progress-bar update)
+    eval_every: int = 100  # steps between held-out evaluations (and one at the end)
+    eval_batches: int = 4  # held-out batches per evaluation; 0: no held-out evaluation
+    save_every: int = 100  # steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 3  # the newest this many are kept
+    async_checkpoint: bool = True  # write checkpoints in the background while training goes on
     spike_factor: float = 0.0  # 0 disables; else restore when loss > factor * running mean
     max_bad_steps: int = 3  # consecutive non-finite or spiking steps before a restore
     max_restores_per_step: int = 2  # restores of one checkpoint before the run stops as diverged
     max_restores: int = 10  # restores in all (a run's every session) before the run stops
-    progress: bool = True
+    progress: bool = True  # a progress bar on the terminal
     peak_tflops: float = 0.0  # device peak for MFU; 0: measured with a large matmul
     # device memory bandwidth for the decode bound of `jaxlm bench`; 0: measured (jaxlm.perf)
     peak_bandwidth_gbs: float = 0.0
