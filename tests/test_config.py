@@ -32,7 +32,7 @@ BAD = {
     "str for int": (["train.steps=ten"], ["train.steps", "'ten'", "int"]),
     "bool for int": (["train.steps=true"], ["train.steps", "True", "int"]),
     "float for int": (["train.batch_size=2.5"], ["train.batch_size", "2.5", "int"]),
-    "int for bool": (["model.tie_embeddings=1"], ["model.tie_embeddings", "bool"]),
+    "int for bool": (["model.tie_embeddings=1"], ["model.tie_embeddings", "true or false"]),
     "str for float": (["optim.lr=fast"], ["optim.lr", "'fast'", "float"]),
     "heads vs d_model": (["model.d_model=100", "model.n_heads=3"], ["model.n_heads=3", "model.d_model=100"]),
     "kv heads vs heads": (["model.n_heads=4", "model.n_kv_heads=3"], ["model.n_kv_heads=3", "model.n_heads=4"]),
@@ -194,3 +194,16 @@ class _Commented:
     b: str = "#"  # after b
     c: dict = dataclasses.field(default_factory=lambda: {
         "x": 1})  # after c's default
+
+
+def test_yaml_1_2_booleans_yes_and_off_are_strings(tmp_path):
+    """PyYAML reads yes/no/on/off as booleans (YAML 1.1); a config means the word (YAML 1.2), so a
+    key that wants a bool names the word, and one that wants a string gets it."""
+    with pytest.raises(ConfigError, match="model.remat='yes' is not allowed; choose one of: none, dots, full"):
+        load_config(None, overrides=["model.remat=yes"])
+    with pytest.raises(ConfigError, match="train.async_checkpoint='off' has the wrong type; expected true or false"):
+        load_config(None, overrides=["train.async_checkpoint=off"])
+    path = tmp_path / "c.yaml"
+    path.write_text("train: {async_checkpoint: FALSE, run_dir: no}\nprepare: {sources: [{name: on, paths: [x]}]}\n")
+    cfg = load_config(path)
+    assert (cfg.train.async_checkpoint, cfg.train.run_dir, cfg.prepare.sources[0].name) == (False, "no", "on")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,24 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's booleans: only true and false (any case), so that `yes`,
+    `no`, `on` and `off` stay strings, as YAML 1.2 reads them, and a key that wants a string gets
+    one, a key that wants a bool names the bad value."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
+
+
+def load_yaml(text: str):
+    """A config file's or override's YAML, with YAML 1.2's booleans (`_Yaml12Loader`)."""
+    return yaml.load(text, Loader=_Yaml12Loader)
+
+
 def parse_overrides(overrides: list[str]) -> dict:
     """`["model.n_layers=2", "train.run_dir=/tmp/x"]` -> nested dict (values parsed as YAML)."""
     flat = {}
@@ -64,7 +83,7 @@ def parse_overrides(overrides: list[str]) -> dict:
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
         key, raw = item.split("=", 1)
         try:
-            flat[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+            flat[key.strip()] = load_yaml(raw) if raw.strip() else ""
         except yaml.YAMLError:
             raise ConfigError(f"override {item!r}: the value {raw!r} is not valid YAML (a number, true/false, "
                               "a string, [a, list] or {a: mapping}; quote strings with special characters)") from None
@@ -95,7 +114,7 @@ def read_tree(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}".splitlines()[0]) from None
     if not isinstance(loaded, dict):

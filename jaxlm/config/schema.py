@@ -34,6 +34,8 @@ def type_name(typ) -> str:
         return "a mapping"
     if origin in (typing.Union, types.UnionType):
         return " or ".join(type_name(a) for a in args if a is not type(None))
+    if typ is bool:
+        return "true or false"
     return getattr(typ, "__name__", str(typ))
 
 

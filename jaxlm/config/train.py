@@ -104,7 +104,9 @@ def validate_train(t: TrainConfig) -> None:
 def validate_optim(o: OptimConfig, steps: int) -> None:
     check(o.lr > 0, f"optim.lr={o.lr} must be positive")
     check(0 <= o.warmup_steps <= steps,
-          f"optim.warmup_steps={o.warmup_steps} must be in [0, train.steps={steps}]")
+          f"optim.warmup_steps={o.warmup_steps} must be in [0, train.steps={steps}]"
+          + (f"; for a shorter run set it too, e.g. optim.warmup_steps={steps // 10}"
+             if o.warmup_steps > steps else ""))
     check(0 <= o.final_lr_fraction <= 1, f"optim.final_lr_fraction={o.final_lr_fraction} must be in [0, 1]")
     check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"optim.b1={o.b1}, optim.b2={o.b2} must be in [0, 1)")
     check(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")

@@ -127,6 +127,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, dtype: Optional[str]
     _run_config(run_dir)
     if any(out_dir.glob("*.safetensors")) or (out_dir / "config.json").exists():
         raise InteropError(f"--out {str(out_dir)!r} already holds a checkpoint; choose a new directory")
+    if (out_dir / "checkpoints").exists() or (out_dir / "config.yaml").exists():
+        raise InteropError(f"--out {str(out_dir)!r} is a jaxlm run directory; write the Hugging Face files to a "
+                           "new directory (a run keeps the ones it was imported from in RUN_DIR/hf)")
     side = find_hf_side(run_dir)
     base = read_config(side) if side else None
     run = runs.load_run(run_dir, mesh=sharding.make_mesh(MeshConfig()))

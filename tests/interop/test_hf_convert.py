@@ -79,6 +79,8 @@ def test_errors(hf_dir, tmp_path, capsys):
     export_run(tmp_path / "run", tmp_path / "out")
     assert "already holds a checkpoint" in one_line_error(
         ["convert", "--to-hf", str(tmp_path / "run"), "--out", str(tmp_path / "out")], capsys)
+    assert "is a jaxlm run directory" in one_line_error(
+        ["convert", "--to-hf", str(tmp_path / "run"), "--out", str(tmp_path / "run")], capsys)
     other = tmp_path / "gpt2"
     shutil.copytree(src, other)
     (other / "config.json").write_text(json.dumps({**hf, "architectures": ["GPT2LMHeadModel"]}))
