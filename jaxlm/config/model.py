@@ -8,6 +8,11 @@ from jaxlm.config.schema import ConfigError, check
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
+    # decoder (causal; a prefix decoder is this with a bidirectional prefix) | encoder_decoder (T5's
+    # layout, jaxlm.model.encdec: a bidirectional encoder, and a decoder of n_layers blocks with
+    # cross-attention to it)
+    arch: str = "decoder"
+    n_encoder_layers: int = 0  # encoder_decoder: the encoder's blocks; 0: n_layers
     vocab_size: int = 512  # token ids [0, vocab_size): the tokenizer's size
     d_model: int = 128  # width of the residual stream
     n_layers: int = 4  # decoder blocks
@@ -100,6 +105,7 @@ def model_preset(name: str) -> ModelConfig:
 
 
 CHOICES = {
+    "model.arch": ("decoder", "encoder_decoder"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "dots", "full"),
@@ -118,6 +124,11 @@ def validate(m: ModelConfig) -> None:
           f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads}")
     check(m.head_dim % 2 == 0, f"model.d_model/n_heads={m.head_dim} must be even for RoPE")
     check(m.rope_theta > 0, f"model.rope_theta={m.rope_theta} must be positive")
+    check(m.n_encoder_layers >= 0, f"model.n_encoder_layers={m.n_encoder_layers} must be >= 0 (0: model.n_layers)")
+    if m.arch == "encoder_decoder":
+        for key in ("value_head", "sliding_window"):
+            check(not getattr(m, key), f"model.{key}={getattr(m, key)} is not supported with "
+                  f"model.arch=encoder_decoder yet; allowed: model.arch=decoder")
     check(m.sliding_window >= 0, f"model.sliding_window={m.sliding_window} must be >= 0 (0: off)")
     check(m.attention_sinks >= 0, f"model.attention_sinks={m.attention_sinks} must be >= 0 (0: none)")
     check(m.attention_sinks == 0 or m.sliding_window > 0,

@@ -1,5 +1,8 @@
 """The model as pure functions: `init(cfg, key) -> params`, `apply(cfg, params, tokens)`.
 
+`model.arch` picks the module: the decoder (`Transformer`) or the encoder-decoder
+(`jaxlm.model.encdec.EncoderDecoder`, whose `apply` takes the targets' side as `decoder_tokens=`).
+
 Params are a nested dict of arrays. Inside, the layers are Flax NNX modules: the module's
 structure (graphdef) is built once per config, and `apply` merges it with the params.
 """
@@ -15,20 +18,25 @@ from flax import nnx
 from jaxlm import sharding
 from jaxlm.config import ModelConfig
 from jaxlm.model.attention import KVCache
+from jaxlm.model.encdec import EncoderDecoder
 from jaxlm.model.transformer import Transformer, init_cache
 
 __all__ = ["init", "apply", "logical_axes", "abstract_params", "shardings", "init_sharded", "place", "param_count",
            "KVCache", "init_cache", "prefill", "decode", "layer_params", "compute_params"]
 
 
+def _module_class(cfg: ModelConfig):
+    return EncoderDecoder if cfg.arch == "encoder_decoder" else Transformer
+
+
 def init(cfg: ModelConfig, key: jax.Array) -> dict:
     """Fresh parameters: a nested dict of `param_dtype` arrays."""
-    return nnx.to_pure_dict(nnx.state(Transformer(cfg, rngs=nnx.Rngs(params=key))))
+    return nnx.to_pure_dict(nnx.state(_module_class(cfg)(cfg, rngs=nnx.Rngs(params=key))))
 
 
 @functools.lru_cache(maxsize=32)
 def _structure(cfg: ModelConfig):
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: _module_class(cfg)(cfg, rngs=nnx.Rngs(0))))
     return graphdef, state
 
 
@@ -58,13 +66,15 @@ def place(cfg: ModelConfig, params: dict, mesh, rules: str) -> dict:
 
 
 def logical_axes(cfg: ModelConfig) -> dict:
-    """Logical axis names per parameter (same tree as the params); stacked layers lead with 'layers'."""
+    """Logical axis names per parameter (same tree as the params); stacked layers lead with 'layers'
+    (the decoder's `layers`, the encoder-decoder's `encoder` and `decoder`)."""
     state = _structure(cfg)[1]
     axes = jax.tree.map(lambda v: tuple(v.get_metadata()["axes"]), state,
                         is_leaf=lambda x: isinstance(x, nnx.Variable))
     axes = nnx.to_pure_dict(axes) if not isinstance(axes, dict) else axes
-    axes["layers"] = jax.tree.map(lambda a: ("layers",) + a, axes["layers"],
-                                  is_leaf=lambda x: isinstance(x, tuple))
+    for stack in ("layers", "encoder", "decoder"):
+        if stack in axes:
+            axes[stack] = jax.tree.map(lambda a: ("layers",) + a, axes[stack], is_leaf=lambda x: isinstance(x, tuple))
     return axes
 
 
@@ -77,16 +87,30 @@ def _module(cfg: ModelConfig, params: dict) -> Transformer:
 
 
 def apply(cfg: ModelConfig, params: dict, tokens: jax.Array, segment_ids=None, positions=None,
-          prefix_len=None, *, prefix_mask=None, head: str = "lm") -> jax.Array:
-    """Run the decoder on tokens [B, T] int32.
+          prefix_len=None, *, prefix_mask=None, head: str = "lm", decoder_tokens=None,
+          decoder_segment_ids=None, decoder_positions=None) -> jax.Array:
+    """Run the model on tokens [B, T] int32.
 
     head="lm" returns float32 logits [B, T, V]; head="value" returns float32 values [B, T].
     segment_ids [B, T]: packed sequences (no attention across segments; pass positions that
     restart per segment). positions [B, T]: explicit RoPE positions. prefix_len [B]: number
     of leading positions that attend bidirectionally. prefix_mask [B, T] bool: the per-token
     form, True on each packed segment's own prefix (wins over prefix_len).
+
+    model.arch=encoder_decoder: `tokens` (with segment_ids, positions) are the encoder's inputs
+    [B, S] and `decoder_tokens` [B, T] (with decoder_segment_ids, decoder_positions; a packed
+    row numbers its examples alike on both sides) the decoder's; logits are the decoder's [B, T, V].
     """
     model = _module(cfg, params)
+    if cfg.arch == "encoder_decoder":
+        if decoder_tokens is None or prefix_len is not None or prefix_mask is not None or head != "lm":
+            raise ValueError("model.arch=encoder_decoder takes decoder_tokens=, no prefix_len or prefix_mask "
+                             "(the encoder is bidirectional), and head='lm'")
+        return model.logits(model.hidden(tokens, segment_ids, positions, decoder_tokens=decoder_tokens,
+                                         decoder_segment_ids=decoder_segment_ids,
+                                         decoder_positions=decoder_positions))
+    if decoder_tokens is not None:
+        raise ValueError("decoder_tokens= is for model.arch=encoder_decoder; this model is a decoder")
     x_BTD = model.hidden(tokens, segment_ids, positions, prefix_len, prefix_mask)
     if head == "lm":
         return model.logits(x_BTD)
@@ -97,7 +121,9 @@ def apply(cfg: ModelConfig, params: dict, tokens: jax.Array, segment_ids=None, p
 
 def hidden(cfg: ModelConfig, params: dict, tokens, segment_ids=None, positions=None, prefix_len=None,
            *, prefix_mask=None):
-    """Final-norm hidden states [B, T, D] (for losses that project in chunks)."""
+    """Final-norm hidden states [B, T, D] (for losses that project in chunks); the decoder's only."""
+    if cfg.arch != "decoder":
+        raise ValueError(f"model.hidden is the decoder's; model.arch={cfg.arch} (use model.apply)")
     return _module(cfg, params).hidden(tokens, segment_ids, positions, prefix_len, prefix_mask)
 
 
@@ -109,6 +135,8 @@ def prefill(cfg: ModelConfig, params: dict, tokens_BP, lengths_B, length: int, *
     <= P). `bidirectional`: the prompt is a prefix LM's prefix (as `apply(prefix_len=lengths)`).
     Returns (logits [B, V] float32 of the token after each prompt, cache with index P).
     """
+    if cfg.arch != "decoder":
+        raise ValueError(f"generation supports model.arch=decoder; model.arch={cfg.arch} has no sampler yet")
     B, P = tokens_BP.shape
     cache = init_cache(cfg, B, length, P - jnp.asarray(lengths_B, jnp.int32))
     module = _module(cfg, params)

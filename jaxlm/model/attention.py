@@ -433,7 +433,7 @@ def attend(q_BTNH, k_BSKH, v_BSKH, mask: Mask, impl: str = "auto") -> jax.Array:
         window = (mask.window - 1, 0) if mask.window else None
         return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, is_causal=True, local_window_size=window,
                                             implementation=name)
-    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=dense_mask(mask, B, T)[:, None],
+    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=dense_mask(mask, B, T, k_BSKH.shape[1])[:, None],
                                         implementation="xla")
 
 

@@ -1,0 +1,144 @@
+"""The encoder-decoder (`model.arch: encoder_decoder`): T5's layout on the decoder's parts.
+
+A bidirectional encoder (pre-norm blocks of self-attention and SwiGLU, as the decoder's) reads
+the inputs; a causal decoder whose blocks add cross-attention to the encoder's final-norm output
+writes the targets. One embedding table serves both sides (and the output head when tied), as
+in T5. Both stacks are scanned over their stacked layer params, as `Transformer`.
+
+Masks: an encoder token sees every token of its own segment; a decoder token sees the earlier
+tokens of its own segment and, through cross-attention, every encoder token of the segment with
+the same id, so packed rows (several examples per row, `encoder_segment_ids` and
+`decoder_segment_ids` numbering them alike) never mix. Segment id 0 is padding, on either side.
+Self-attention runs RoPE on each side's positions (restarting per segment); cross-attention has
+no positions, as in T5.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlm import sharding
+from jaxlm.config import ModelConfig
+from jaxlm.model import attention as attn_lib
+from jaxlm.model.layers import MLP, Attention, Embed, RMSNorm, _normal, dense
+from jaxlm.model.transformer import _REMAT_POLICIES, Block, _dtypes, _rope
+
+ACT = ("act_batch", "act_seq", "act_embed")
+
+
+class CrossAttention(Attention):
+    """Queries from the decoder, keys and values from the encoder's output; no RoPE."""
+
+    def __call__(self, x_BTD, enc_BSD, mask):
+        cast = lambda p: p[...].astype(self.dtype)
+        q_BTNH = dense(x_BTD, cast(self.q), w_axes=self.q.axes)
+        kv_BSCKH = dense(enc_BSD, cast(self.kv), w_axes=self.kv.axes)
+        if self.q_bias is not None:
+            q_BTNH = q_BTNH + cast(self.q_bias)
+            kv_BSCKH = kv_BSCKH + cast(self.kv_bias)
+        k_BSKH, v_BSKH = (a[:, :, 0] for a in jnp.split(kv_BSCKH, 2, axis=2))
+        return self.output(attn_lib.attend(q_BTNH, k_BSKH, v_BSKH, mask, impl=self.attention))
+
+
+class DecoderBlock(nnx.Module):
+    """x + self_attn(norm(x)), then x + cross_attn(norm(x), encoder output), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        dt = _dtypes(cfg)
+        args = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.qkv_bias, cfg.init_std, cfg.attention)
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype=dt["param_dtype"], rngs=rngs)
+        self.attn = Attention(*args, **dt, rngs=rngs)
+        self.cross_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype=dt["param_dtype"], rngs=rngs)
+        self.cross = CrossAttention(*args, **dt, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype=dt["param_dtype"], rngs=rngs)
+        self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.init_std, **dt, rngs=rngs)
+
+    def __call__(self, x_BTD, sin, cos, mask, enc_BSD, cross_mask):
+        x_BTD = sharding.constrain(x_BTD + self.attn(self.attn_norm(x_BTD), sin, cos, mask), ACT)
+        x_BTD = sharding.constrain(x_BTD + self.cross(self.cross_norm(x_BTD), enc_BSD, cross_mask), ACT)
+        return sharding.constrain(x_BTD + self.mlp(self.mlp_norm(x_BTD)), ACT)
+
+
+def _stack(block_cls, cfg: ModelConfig, n: int, rngs: nnx.Rngs):
+    """n blocks with their params stacked on a leading axis (one module, scanned at use)."""
+    block_def = nnx.graphdef(nnx.eval_shape(lambda: block_cls(cfg, rngs=nnx.Rngs(0))))
+    keys = jax.random.split(rngs.params(), n)
+    return nnx.merge(block_def, jax.vmap(lambda k: nnx.state(block_cls(cfg, rngs=nnx.Rngs(k))))(keys))
+
+
+def _run_stack(cfg: ModelConfig, layers, x_BTD, *args):
+    """x through the stacked blocks `layers` (each called as block(x, *args)), scanned or looped."""
+    layer_def, layer_state = nnx.split(layers)
+
+    def body(x_BTD, state):
+        return nnx.merge(layer_def, state)(x_BTD, *args), None
+
+    if cfg.remat != "none":
+        body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    n = jax.tree.leaves(layer_state)[0].shape[0]
+    if cfg.scan_layers:
+        return jax.lax.scan(body, x_BTD, layer_state, unroll=min(cfg.scan_unroll, n))[0]
+    for layer in range(n):
+        x_BTD, _ = body(x_BTD, jax.tree.map(lambda a: a[layer], layer_state))
+    return x_BTD
+
+
+def _positions(positions_BT, B: int, T: int):
+    if positions_BT is not None:
+        return positions_BT
+    return jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+
+
+def cross_mask(decoder_segment_ids_BT, encoder_segment_ids_BS, B: int, T: int, S: int) -> attn_lib.Mask:
+    """Decoder query t sees encoder key s iff their segment ids are equal (all of them without ids)."""
+    if decoder_segment_ids_BT is None and encoder_segment_ids_BS is None:
+        return attn_lib.Mask(jnp.ones((B, T, S), bool), causal=False)
+    dec = jnp.ones((B, T), jnp.int32) if decoder_segment_ids_BT is None else decoder_segment_ids_BT
+    enc = jnp.ones((B, S), jnp.int32) if encoder_segment_ids_BS is None else encoder_segment_ids_BS
+    return attn_lib.Mask(dec[:, :, None] == enc[:, None, :], causal=False)
+
+
+class EncoderDecoder(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        dt = _dtypes(cfg)
+        self.cfg = cfg
+        self.embed = Embed(cfg.vocab_size, cfg.d_model, cfg.init_std, **dt, rngs=rngs)
+        self.encoder = _stack(Block, cfg, cfg.n_encoder_layers or cfg.n_layers, rngs)
+        self.encoder_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype=dt["param_dtype"], rngs=rngs)
+        self.decoder = _stack(DecoderBlock, cfg, cfg.n_layers, rngs)
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype=dt["param_dtype"], rngs=rngs)
+        self.lm_head = None if cfg.tie_embeddings else nnx.Param(
+            _normal(rngs, (cfg.d_model, cfg.vocab_size), cfg.init_std, dt["param_dtype"]),
+            axes=("embed", "vocab"))
+
+    def encode(self, tokens_BS, segment_ids_BS=None, positions_BS=None):
+        """The encoder's final-norm output [B, S, D]: bidirectional within each segment."""
+        B, S = tokens_BS.shape
+        everywhere_BS = jnp.ones((B, S), bool)  # a prefix as long as the row: both ways
+        mask = attn_lib.make_mask(S, segment_ids_BS, positions_BS, prefix_mask_BT=everywhere_BS)
+        sin, cos = _rope(self.cfg, _positions(positions_BS, B, S))
+        x_BSD = sharding.constrain(self.embed(tokens_BS), ACT)
+        return self.encoder_norm(_run_stack(self.cfg, self.encoder, x_BSD, sin, cos, mask))
+
+    def decode(self, enc_BSD, tokens_BT, segment_ids_BT=None, positions_BT=None, encoder_segment_ids_BS=None):
+        """The decoder's final-norm hidden states [B, T, D] over the encoder output `enc_BSD`."""
+        B, T = tokens_BT.shape
+        mask = attn_lib.make_mask(T, segment_ids_BT, positions_BT)
+        xmask = cross_mask(segment_ids_BT, encoder_segment_ids_BS, B, T, enc_BSD.shape[1])
+        sin, cos = _rope(self.cfg, _positions(positions_BT, B, T))
+        x_BTD = sharding.constrain(self.embed(tokens_BT), ACT)
+        return self.final_norm(_run_stack(self.cfg, self.decoder, x_BTD, sin, cos, mask, enc_BSD, xmask))
+
+    def hidden(self, tokens_BS, segment_ids_BS=None, positions_BS=None, *, decoder_tokens, decoder_segment_ids=None,
+               decoder_positions=None):
+        enc_BSD = self.encode(tokens_BS, segment_ids_BS, positions_BS)
+        return self.decode(enc_BSD, decoder_tokens, decoder_segment_ids, decoder_positions, segment_ids_BS)
+
+    def logits(self, x_BTD):
+        """Vocabulary logits [B, T, V] in float32."""
+        if self.lm_head is None:
+            logits_BTV = self.embed.attend(x_BTD)
+        else:
+            logits_BTV = dense(x_BTD, self.lm_head[...].astype(x_BTD.dtype))
+        return sharding.constrain(logits_BTV, ("act_batch", "act_seq", "act_vocab")).astype(jnp.float32)
