@@ -95,3 +95,11 @@ def test_the_command_restarts_itself_once_with_huge_pages_unless_tunables_are_se
     records = [json.loads(line) for line in (tmp_path / "starts.jsonl").read_text().splitlines()]
     assert [tunables for _, tunables in records] == starts
     assert len({pid for pid, _ in records}) == 1  # exec: the same process, not a child
+
+
+def test_a_smoke_run_shorter_than_its_warmup_runs_and_says_so(config_file, capsys):
+    assert cli.main(["pretrain", str(config_file), "optim.warmup_steps=5", "train.progress=false",
+                     "data.max_documents=20", "train.seq_len=32", "train.batch_size=8"]) == 0
+    out = capsys.readouterr().out
+    assert "note: optim.warmup_steps=5 is more than the 2 optimizer steps of this run: the learning rate of " \
+           "policy rises to 40% of its peak and never decays" in out, out

@@ -169,7 +169,7 @@ def validate(cfg: Config) -> None:
     train.validate_train(cfg.train)
     t, m = cfg.train, cfg.model
     check(t.seq_len <= m.max_seq_len, f"train.seq_len={t.seq_len} must be <= model.max_seq_len={m.max_seq_len}")
-    train.validate_optim(cfg.optim, t.steps)
+    train.validate_optim(cfg.optim)
     data.validate_prepare(cfg.prepare)
     data.validate_tokenizer(cfg.tokenizer)
     data.validate_tokenize(cfg.tokenize)

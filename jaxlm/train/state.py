@@ -95,6 +95,11 @@ def compile_stage(cfg: Config, roles: Sequence[Role], objective: Objective, devi
     if not train_roles:
         raise ConfigError("a stage needs at least one trained role")
     optimizers = {r.name: make_optimizer(r.optim or cfg.optim, cfg.train.steps) for r in train_roles}
+    for r in train_roles:
+        warmup, steps = (r.optim or cfg.optim).warmup_steps, cfg.train.steps
+        if warmup > steps and jax.process_index() == 0:
+            print(f"note: optim.warmup_steps={warmup} is more than the {steps} optimizer steps of this run: "
+                  f"the learning rate of {r.name} rises to {steps / warmup:.0%} of its peak and never decays")
     abstract_params = {r.name: model.abstract_params(r.model) for r in train_roles}
     p_shard = {r.name: model.shardings(r.model, mesh, rules) for r in train_roles}
     new_state = lambda key: init_state({r.name: model.init(r.model, key) for r in train_roles}, optimizers)
