@@ -21,8 +21,8 @@ from flax import nnx
 from jaxlm import sharding
 from jaxlm.config import ModelConfig
 from jaxlm.model import attention as attn_lib
-from jaxlm.model.layers import MLP, Attention, Embed, RMSNorm, _normal, dense
-from jaxlm.model.transformer import _REMAT_POLICIES, Block, _dtypes, _rope
+from jaxlm.model.layers import MLP, Attention, Embed, RMSNorm, _normal
+from jaxlm.model.transformer import _REMAT_POLICIES, Block, Transformer, _dtypes, _rope
 
 ACT = ("act_batch", "act_seq", "act_embed")
 
@@ -31,14 +31,7 @@ class CrossAttention(Attention):
     """Queries from the decoder, keys and values from the encoder's output; no RoPE."""
 
     def __call__(self, x_BTD, enc_BSD, mask):
-        cast = lambda p: p[...].astype(self.dtype)
-        q_BTNH = dense(x_BTD, cast(self.q), w_axes=self.q.axes)
-        kv_BSCKH = dense(enc_BSD, cast(self.kv), w_axes=self.kv.axes)
-        if self.q_bias is not None:
-            q_BTNH = q_BTNH + cast(self.q_bias)
-            kv_BSCKH = kv_BSCKH + cast(self.kv_bias)
-        k_BSKH, v_BSKH = (a[:, :, 0] for a in jnp.split(kv_BSCKH, 2, axis=2))
-        return self.output(attn_lib.attend(q_BTNH, k_BSKH, v_BSKH, mask, impl=self.attention))
+        return self.output(attn_lib.attend(*self.qkv(x_BTD, enc_BSD), mask, impl=self.attention))
 
 
 class DecoderBlock(nnx.Module):
@@ -135,10 +128,4 @@ class EncoderDecoder(nnx.Module):
         enc_BSD = self.encode(tokens_BS, segment_ids_BS, positions_BS)
         return self.decode(enc_BSD, decoder_tokens, decoder_segment_ids, decoder_positions, segment_ids_BS)
 
-    def logits(self, x_BTD):
-        """Vocabulary logits [B, T, V] in float32."""
-        if self.lm_head is None:
-            logits_BTV = self.embed.attend(x_BTD)
-        else:
-            logits_BTV = dense(x_BTD, self.lm_head[...].astype(x_BTD.dtype))
-        return sharding.constrain(logits_BTV, ("act_batch", "act_seq", "act_vocab")).astype(jnp.float32)
+    logits = Transformer.logits  # the same embedding / head, the same projection

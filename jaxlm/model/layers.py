@@ -93,17 +93,23 @@ class Attention(nnx.Module):
 
     def project(self, x_BTD, sin_BTH, cos_BTH):
         """Queries [B, T, N, H], keys and values [B, T, K, H], RoPE applied to q and k."""
-        cast = lambda p: p[...].astype(self.dtype)
-        q_BTNH = dense(x_BTD, cast(self.q), w_axes=self.q.axes)
-        kv_BTCKH = dense(x_BTD, cast(self.kv), w_axes=self.kv.axes)
-        if self.q_bias is not None:
-            q_BTNH = q_BTNH + cast(self.q_bias)
-            kv_BTCKH = kv_BTCKH + cast(self.kv_bias)
-        # a split, not two slices: its gradient is one concatenate instead of two padded adds
-        k_BTKH, v_BTKH = (a[:, :, 0] for a in jnp.split(kv_BTCKH, 2, axis=2))
+        q_BTNH, k_BTKH, v_BTKH = self.qkv(x_BTD, x_BTD)
         q_BTNH = attn_lib.apply_rope(q_BTNH, sin_BTH, cos_BTH)
         k_BTKH = attn_lib.apply_rope(k_BTKH, sin_BTH, cos_BTH)
         return q_BTNH, k_BTKH, v_BTKH
+
+    def qkv(self, x_BTD, x_BSD):
+        """Queries [B, T, N, H] of x_BTD, keys and values [B, S, K, H] of x_BSD (the same x for
+        self-attention, the encoder's output for cross-attention); no positions."""
+        cast = lambda p: p[...].astype(self.dtype)
+        q_BTNH = dense(x_BTD, cast(self.q), w_axes=self.q.axes)
+        kv_BSCKH = dense(x_BSD, cast(self.kv), w_axes=self.kv.axes)
+        if self.q_bias is not None:
+            q_BTNH = q_BTNH + cast(self.q_bias)
+            kv_BSCKH = kv_BSCKH + cast(self.kv_bias)
+        # a split, not two slices: its gradient is one concatenate instead of two padded adds
+        k_BSKH, v_BSKH = (a[:, :, 0] for a in jnp.split(kv_BSCKH, 2, axis=2))
+        return q_BTNH, k_BSKH, v_BSKH
 
     def output(self, out_BTNH):
         return dense(out_BTNH, self.o[...].astype(self.dtype), n_in=2, w_axes=self.o.axes)

@@ -140,31 +140,21 @@ def test_llama3_frequencies_at_llama31_size():
     assert kept.sum() > 0 and divided.sum() > 0 and (~kept & ~divided).sum() > 0
 
 
-def test_greedy_generation_matches_transformers(built):
-    """Through jaxlm's KV-cache sampler (the decode path applies the llama3 RoPE scaling too)."""
+@pytest.mark.parametrize("case, new", [
+    ("llama3_rope", 16),  # the decode path applies the llama3 RoPE scaling too
+    ("mistral_window", 24),  # a window of 4: the rolling cache wraps six times
+])
+def test_greedy_generation_matches_transformers(built, case, new):
+    """6-token prompts through jaxlm's KV-cache sampler and through transformers' generate."""
     from jaxlm.generate import generate
 
-    path, m, _, _ = built("llama3_rope")
-    prompts = np.random.default_rng(3).integers(0, 37, (2, 6))
+    path, m, _, _ = built(case)
+    prompts = np.random.default_rng(3).integers(0, m.config.vocab_size, (2, 6))
     with torch.no_grad():
         want = m.generate(torch.tensor(prompts), attention_mask=torch.ones(2, 6, dtype=torch.long), do_sample=False,
-                          max_new_tokens=16, min_new_tokens=16, eos_token_id=None, pad_token_id=0).numpy()[:, 6:]
+                          max_new_tokens=new, min_new_tokens=new, eos_token_id=None, pad_token_id=0).numpy()[:, 6:]
     cfg, params = load_hf(path, mesh=one_device())
-    np.testing.assert_array_equal(np.asarray(generate(cfg, params, prompts, max_new_tokens=16).tokens), want)
-
-
-def test_greedy_generation_past_the_window_matches_transformers(built):
-    """Mistral with a window of 4: 24 new tokens after 6, so the rolling cache wraps six times."""
-    from jaxlm.generate import generate
-
-    path, m, _, _ = built("mistral_window")
-    prompts = np.random.default_rng(3).integers(0, 43, (2, 6))
-    with torch.no_grad():
-        want = m.generate(torch.tensor(prompts), attention_mask=torch.ones(2, 6, dtype=torch.long), do_sample=False,
-                          max_new_tokens=24, min_new_tokens=24, eos_token_id=None, pad_token_id=0).numpy()[:, 6:]
-    cfg, params = load_hf(path, mesh=one_device())
-    out = generate(cfg, params, prompts, max_new_tokens=24)
-    np.testing.assert_array_equal(np.asarray(out.tokens), want)
+    np.testing.assert_array_equal(np.asarray(generate(cfg, params, prompts, max_new_tokens=new).tokens), want)
 
 
 # --- long context: yarn and dynamic past original_max_position_embeddings -------------------------------------

@@ -15,13 +15,12 @@ import re
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
-import numpy as np
 import sentencepiece
 
+from jaxlm.data.tokenizers.base import SubwordTokenizer
 from jaxlm.data.tokenizers.specials import (
     DEFAULT_N_SENTINELS,
     SpecialIds,
-    encode_literally,
     find_special_ids,
     special_tokens,
     symbol_pattern,
@@ -128,7 +127,7 @@ def train_from_config(t, log=print) -> Path:
     return path
 
 
-class SentencePieceTokenizer:
+class SentencePieceTokenizer(SubwordTokenizer):
     """A SentencePiece model file as a jaxlm tokenizer; adds no bos/eos when encoding.
 
     Works with any SentencePiece model; ids of specials it lacks are None in `special_ids`
@@ -143,15 +142,10 @@ class SentencePieceTokenizer:
         self.name = str(path)
         self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
         self.vocab_size = self._sp.vocab_size()
-        self.special_ids = self._find_special_ids()
+        special_ids = self._find_special_ids()
         # jaxlm's user-defined symbols in this vocabulary: SentencePiece matches them in any text
-        self._symbols = symbol_pattern(s for s in user_symbols(len(self.special_ids.sentinels))
-                                       if self._piece_id(s) is not None)
-        self.pad_id = self.special_ids.pad
-        self.bos_id = self.special_ids.bos
-        self.eos_id = self.special_ids.eos
-        self._dropped = np.array([i for i in (self.pad_id, self.bos_id, self.eos_id) if i is not None],
-                                 dtype=np.int64)
+        self._set_specials(special_ids, symbol_pattern(s for s in user_symbols(len(special_ids.sentinels))
+                                                       if self._piece_id(s) is not None))
 
     def _piece_id(self, piece: str) -> Optional[int]:
         i = self._sp.piece_to_id(piece)
@@ -162,26 +156,14 @@ class SentencePieceTokenizer:
         return find_special_ids(self._piece_id, pad=control(self._sp.pad_id()), bos=control(self._sp.bos_id()),
                                 eos=control(self._sp.eos_id()), unk=control(self._sp.unk_id()))
 
-    def encode(self, text: str, specials: bool = False) -> np.ndarray:
-        """`text` -> int32 ids [n]; adds no bos/eos. A reserved symbol written in the text is encoded
-        as its characters; specials=True: as its id (`specials` module docstring)."""
-        if specials:
-            return np.asarray(self._sp.encode(text), dtype=np.int32)
-        return encode_literally(self._sp.encode, text, self._symbols)
+    def _encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
 
-    def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[np.ndarray]:
-        """`encode` of each text; SentencePiece spreads the batch over `num_threads` threads."""
-        texts = list(texts)
-        out = [np.asarray(ids, dtype=np.int32) for ids in self._sp.encode(texts, num_threads=num_threads)]
-        if self._symbols is not None:
-            out = [self.encode(t) if self._symbols.search(t) else ids for t, ids in zip(texts, out)]
-        return out
+    def _encode_many(self, texts: list[str], num_threads: int) -> list[list[int]]:
+        return self._sp.encode(texts, num_threads=num_threads)  # SentencePiece's threads
 
-    def decode(self, ids) -> str:
-        """ids -> text; drops pad/bos/eos and out-of-range ids; unk decodes to " ⁇ "."""
-        ids = np.asarray(ids, dtype=np.int64).ravel()
-        ids = ids[(ids >= 0) & (ids < self.vocab_size) & ~np.isin(ids, self._dropped)]
-        return self._sp.decode(ids.tolist())
+    def _decode(self, ids: list[int]) -> str:
+        return self._sp.decode(ids)  # unk decodes to " ⁇ "
 
     def id_to_piece(self, i: int) -> str:
         return self._sp.id_to_piece(int(i))
