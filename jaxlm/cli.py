@@ -21,7 +21,8 @@ COMMANDS = {
     "bench": "time the train step of a config; optionally side by side with reference steps",
     "plan": "bytes per device, compute and training time of a config on N devices, before running it",
     "generate": "sample text from a run's checkpoint: one prompt streamed, or a JSONL of prompts",
-    "eval": "perplexity and bits per byte on held-out text, exact match on question/answer files",
+    "eval": "perplexity and bits per byte on held-out text, exact match on question/answer files, "
+            "long-context loss by position and passkey retrieval",
     "convert": "Hugging Face checkpoints (Llama, Qwen2, Mistral) into a jaxlm run, and back",
     "pipeline": "the whole road in one command: data, pretrain, sft, reward, rs, dpo, ppo, eval; resumable",
     "report": "draw what a run or a pipeline did (report.html and PNG figures)",
@@ -177,8 +178,8 @@ def _run_parsers(sub):
     g.add_argument("--specials", action="store_true",
                    help="special symbols written in a prompt (<|fim_prefix|>, <|user|>, ...) become their ids")
     e = sub.add_parser("eval", help=COMMANDS["eval"], description=COMMANDS["eval"] +
-                       ". Without --text or --qa, scores the run's held-out documents. Prints a table; "
-                       "appends the numbers to RUN_DIR/metrics.jsonl.")
+                       ". Without --text, --qa, --tasks, --by-position or --passkey, scores the run's held-out "
+                       "documents. Prints a table; appends the numbers to RUN_DIR/metrics.jsonl.")
     _run_common(e)
     e.add_argument("--text", action="append", default=[], metavar="FILE",
                    help="text, JSONL or Parquet documents to score (repeatable; globs allowed)")
@@ -192,6 +193,19 @@ def _run_parsers(sub):
                    help="exact match per built-in task (add, reverse, sort, recall) on its test split, "
                    "prompted as `jaxlm sft` trains; no names: the run's sft.tasks (all if none); "
                    "sft.task_eval_examples problems per task unless --max-documents")
+    e.add_argument("--by-position", action="append", type=int, default=[], metavar="LEN",
+                   help="held-out loss by position in windows of LEN tokens (repeatable; LEN may exceed "
+                   "train.seq_len), only the windows the documents fill")
+    e.add_argument("--buckets", type=int, default=8, help="--by-position: position buckets of equal width")
+    e.add_argument("--passkey", action="store_true",
+                   help="passkey retrieval (a 5-digit key hidden in filler text; greedy) by depth of the key")
+    e.add_argument("--passkey-lengths", type=int, nargs="+", default=[], metavar="LEN",
+                   help="prompt lengths in tokens (default: 1/4, 1/2 and all of model.max_seq_len, less 7 "
+                   "for the answer; a longer one needs model.max_seq_len=... as an override)")
+    e.add_argument("--passkey-depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], metavar="D",
+                   help="shares of the filler before the key (default: 0 0.25 0.5 0.75 1)")
+    e.add_argument("--passkey-trials", type=int, default=10, help="keys per length and depth (default: 10)")
+    e.add_argument("--seed", type=int, default=0, help="--passkey: the seed of the keys")
 
 
 def _generate(cfg, args) -> int:
@@ -215,10 +229,19 @@ def _eval(cfg, args) -> int:
                              text_field=args.text_field, qa=args.qa, heldout=args.heldout or None,
                              seq_len=args.seq_len, batch_size=args.batch_size,
                              max_documents=args.max_documents, max_new_tokens=args.max_new_tokens,
-                             doc_start=not args.raw, tasks=args.tasks)
+                             doc_start=not args.raw, tasks=args.tasks, by_position=args.by_position,
+                             buckets=args.buckets, passkey_lengths=args.passkey_lengths if args.passkey else None,
+                             passkey_depths=args.passkey_depths, passkey_trials=args.passkey_trials, seed=args.seed)
     if _process_index() == 0:
         print(f"checkpoint step {step} of {args.run_dir}")
         print(evaluate.format_table(rows))
+        if args.by_position:
+            print(f"\nnats/token by position in the window (START-END: positions START to END-1; "
+                  f"train.seq_len={cfg.train.seq_len})")
+            print(evaluate.format_breakdown(rows, "by_position", "nats_per_token"))
+        if args.passkey:
+            print(f"\npasskey exact match by depth of the key ({args.passkey_trials} keys per cell)")
+            print(evaluate.format_breakdown(rows, "by_depth", "exact_match"))
     return 0
 
 

@@ -238,13 +238,15 @@ def check_not_moved(config_path, cfg: Config) -> None:
 
 
 def check_init_from(model_cfg, tokenizer: str, run_dir, what: str = "train.init_from") -> None:
-    """A run to start from must have this model (runtime keys and the value head may differ) and
-    this tokenizer (by content), else one line naming what differs."""
+    """A run to start from must have this model (runtime keys, the value head, and what sets the
+    positions it reads: max_seq_len, the RoPE keys and the attention window, may differ) and this
+    tokenizer (by content), else one line naming what differs."""
     theirs = yaml.safe_load(config_path(run_dir).read_text()) or {}
-    free = (*RUNTIME_MODEL_KEYS, "value_head")
+    # no parameter depends on the positions the model reads: context extension changes them
+    free = (*RUNTIME_MODEL_KEYS, "value_head", "max_seq_len", "sliding_window", "attention_sinks")
     for key, value in dataclasses.asdict(model_cfg).items():
         other = (theirs.get("model") or {}).get(key, value)
-        if key not in free and other != value:
+        if key not in free and not key.startswith("rope_") and other != value:
             raise ConfigError(f"model.{key}={value!r} differs from the {what} run {str(run_dir)!r} "
                               f"({other!r}); set it to the same value")
     copy = tokenizer_copy(run_dir)

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from jaxlm import cli, evaluate, model, runs, sharding
-from jaxlm.config import MeshConfig, ModelConfig, load_config
+from jaxlm.config import ConfigError, MeshConfig, ModelConfig, load_config
 from jaxlm.data.tokenizers import ByteTokenizer
 from jaxlm.runs import read_metrics
-from jaxlm.testing import ODD, random_params, write_run
+from jaxlm.testing import BYTE, ODD, random_params, write_run
 
 CFG = ODD
 EOS = 2
@@ -190,3 +190,162 @@ def test_command_mistakes_are_one_line_errors(run_dir, tmp_path, capsys, argv, f
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"jaxlm {argv[0]}: error: ") and fragment in err[0], err
+
+
+# --- long context: loss by position, passkey retrieval ------------------------------------------
+
+def _reference_nll(params, w):
+    """NLL [W, T] of every scored target of windows `w`, by one forward over all of them."""
+    logp_WTV = jax.nn.log_softmax(model.apply(ODD, params, w["tokens"]))
+    logp_WT = np.take_along_axis(np.asarray(logp_WTV), w["targets"][..., None], -1)[..., 0]
+    return -logp_WT * w["loss_mask"]
+
+
+def test_loss_by_position_is_the_per_position_mean_and_adds_up_to_perplexity(params):
+    docs = _docs([5, 40, 13, 33, 16])  # full and part-filled windows of 16
+    w = evaluate.document_windows(docs, 16, EOS)
+    nll_WT = _reference_nll(params, w)
+    edges = (0, 1, 5, 16)
+    r = evaluate.loss_by_position(ODD, params, docs, seq_len=16, eos_id=EOS, edges=edges, full_windows=False,
+                                  batch_size=3)
+    for i, (a, b) in enumerate(zip(edges, edges[1:])):
+        assert r["tokens"][i] == w["loss_mask"][:, a:b].sum()
+        np.testing.assert_allclose(r["nats_per_token"][i], nll_WT[:, a:b].sum() / w["loss_mask"][:, a:b].sum(),
+                                   rtol=1e-5)
+    # the buckets weighted by their tokens are the overall mean of the same windows
+    ppl = evaluate.perplexity(ODD, params, docs, n_bytes=1, seq_len=16, eos_id=EOS)
+    assert sum(r["tokens"]) == ppl["tokens"] == sum(len(d) + 1 for d in docs) and r["windows"] == len(w["tokens"])
+    weighted = np.dot(r["nats_per_token"], r["tokens"]) / sum(r["tokens"])
+    np.testing.assert_allclose([weighted, r["overall"]], ppl["nats_per_token"], rtol=1e-5)
+
+
+def test_full_windows_give_every_bucket_the_same_windows(params):
+    docs = _docs([5, 40, 13, 33, 16])
+    w = evaluate.document_windows(docs, 16, EOS)
+    full = w["loss_mask"].all(1)
+    assert 0 < full.sum() < len(full)
+    nll_WT = _reference_nll(params, w)[full]
+    r = evaluate.loss_by_position(ODD, params, docs, seq_len=16, eos_id=EOS, buckets=4)
+    assert r["edges"] == [0, 4, 8, 12, 16] and r["windows"] == full.sum()
+    assert r["tokens"] == [4 * full.sum()] * 4
+    np.testing.assert_allclose(r["nats_per_token"], nll_WT.reshape(-1, 4, 4).sum((0, 2)) / (4 * full.sum()),
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize("edges", [(0, 8), (1, 16), (0, 8, 8, 16), (0, 17)])
+def test_bad_bucket_edges_are_refused(params, edges):
+    with pytest.raises(ValueError, match=r"edges=.* must rise strictly from 0 to seq_len=16"):
+        evaluate.loss_by_position(ODD, params, _docs([20]), seq_len=16, eos_id=EOS, edges=edges)
+
+
+# --- passkey ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("length, depth", [(300, 0.0), (300, 0.3), (333, 1.0), (1000, 0.5)])
+def test_a_passkey_prompt_has_the_length_and_the_key_at_the_depth(length, depth):
+    tok = ByteTokenizer()  # one token per character: the layout can be measured on the text
+    ids = evaluate.passkey_prompt(tok, "12345", length, depth)
+    assert ids.dtype == np.int32 and len(ids) == length and ids[0] == tok.eos_id
+    text = tok.decode(ids)
+    head, line = evaluate.PASSKEY_TASK + "\n", "\n" + evaluate.passkey_line("12345") + "\n"
+    tail = "\n" + evaluate.PASSKEY_QUESTION
+    assert text.startswith(head) and text.endswith(tail) and text.count("12345") == 2
+    filler = length - 1 - len(head) - len(line) - len(tail)
+    assert text.index(line) == len(head) + round(depth * filler)
+    rest = text[len(head):-len(tail)].replace(line, "")  # the filler, repeated and cut at the end
+    assert len(rest) == filler and (evaluate.PASSKEY_FILLER * 20).startswith(rest)
+
+
+def test_passkey_prompt_mistakes():
+    tok = ByteTokenizer()
+    with pytest.raises(ValueError, match="length=100 is too short"):
+        evaluate.passkey_prompt(tok, "12345", 100, 0.5)
+    with pytest.raises(ValueError, match=r"depth=1.5 must be in \[0, 1\]"):
+        evaluate.passkey_prompt(tok, "12345", 400, 1.5)
+
+
+def test_passkey_keys_are_seeded_and_shared_across_cells():
+    cases = evaluate.passkey_cases([100, 200], [0.0, 1.0], trials=3, seed=5)
+    keys = [c["key"] for c in cases]
+    assert keys == keys[:3] * 4 and all(len(k) == 5 and k.isdigit() for k in keys)
+    assert cases == evaluate.passkey_cases([100, 200], [0.0, 1.0], trials=3, seed=5)
+    assert keys[:3] != [c["key"] for c in evaluate.passkey_cases([100], [0.0], trials=3, seed=6)]
+
+
+def test_passkey_accuracy_of_fixed_completions():
+    cases = evaluate.passkey_cases([100, 200], [0.0, 0.5, 1.0], trials=4, seed=0)
+
+    def complete(i, case):  # right at length 100; at 200 right only at depth 0, except trial 0
+        key = case["key"]
+        if case["length"] == 100:
+            return [f" {key}.", key, f" is {key} is", f"{key}\nx"][i % 4]
+        if case["depth"] == 0.0:
+            return "" if i % 4 == 0 else f" {key}"
+        return [f" {key}0", f" {key[:4]}", f" 1{key}", f" {key[:2]} {key}"][i % 4]
+
+    cells = evaluate.passkey_accuracy(cases, [complete(i, c) for i, c in enumerate(cases)])
+    got = [(c["length"], c["depth"], c["correct"], c["total"], c["accuracy"]) for c in cells]
+    assert got == [(100, 0.0, 4, 4, 1.0), (100, 0.5, 4, 4, 1.0), (100, 1.0, 4, 4, 1.0),
+                   (200, 0.0, 3, 4, 0.75), (200, 0.5, 0, 4, 0.0), (200, 1.0, 0, 4, 0.0)]
+
+
+def test_passkey_scores_the_models_greedy_digits():
+    # a context-extended configuration: YaRN over 128 original positions, prompts past them
+    cfg = dataclasses.replace(BYTE, max_seq_len=320, rope_scaling="yarn", rope_scaling_factor=2.5,
+                              rope_original_max_len=128)
+    p = random_params(cfg, 2, scale=0.1, norm_scale=0.1)
+    tok = ByteTokenizer()
+    res = evaluate.passkey(cfg, p, tok, [270], depths=(0.0, 1.0), trials=2, seed=1, batch_size=4)
+    assert len(res["completions"]) == 4
+    forward = jax.jit(lambda x: model.apply(cfg, p, x))
+    for case, completion in zip(res["cases"], res["completions"]):
+        seq = list(evaluate.passkey_prompt(tok, case["key"], 270, case["depth"]))
+        for _ in range(len(tok.encode(" " + case["key"])) + 1):  # argmax, no cache, to eos
+            buf = np.zeros((1, 280), np.int32)
+            buf[0, :len(seq)] = seq
+            nxt = int(np.argmax(forward(buf)[0, len(seq) - 1]))
+            if nxt == tok.eos_id:
+                break
+            seq.append(nxt)
+        assert completion == tok.decode(seq[270:])
+    assert res["cells"] == evaluate.passkey_accuracy(res["cases"], res["completions"])
+
+
+def test_eval_command_passkey_and_by_position(run_dir, capsys):
+    # past the run's model.max_seq_len by override, as for a model trained shorter
+    assert cli.main(["eval", str(run_dir), "model.max_seq_len=300", "--passkey", "--passkey-lengths", "270",
+                     "--passkey-depths", "0", "1", "--passkey-trials", "2", "--by-position", "64",
+                     "--buckets", "4", "--max-documents", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "passkey@270" in out and "heldout@64" in out and "0-16" in out and "48-64" in out
+    row = [r for r in read_metrics(run_dir) if "event" not in r][-1]
+    assert row["step"] == 7 and row["eval/passkey@270/total"] == 4
+    assert row["eval/passkey@270/by_depth/0/total"] == row["eval/passkey@270/by_depth/1/total"] == 2
+    spans = ["0-16", "16-32", "32-48", "48-64"]
+    tokens = [row[f"eval/heldout@64/by_position/{s}/tokens"] for s in spans]
+    nats = [row[f"eval/heldout@64/by_position/{s}/nats_per_token"] for s in spans]
+    assert len(set(tokens)) == 1 and row["eval/heldout@64/tokens"] == sum(tokens) > 0
+    np.testing.assert_allclose(np.dot(nats, tokens) / sum(tokens), row["eval/heldout@64/nats_per_token"], rtol=1e-6)
+    assert "eval/heldout/nats_per_token" not in row  # asked for other things: no plain held-out score
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--passkey", "--passkey-lengths", "50"], "--passkey-lengths 50 must be in ["),
+    (["--passkey", "--passkey-lengths", "270"], "model.max_seq_len=96"),
+    (["--passkey"], "--passkey-lengths (none fit)"),
+    (["--by-position", "64", "--buckets", "65"], "--buckets 65"),
+])
+def test_eval_option_mistakes_are_one_line_errors(run_dir, capsys, argv, fragment):
+    assert cli.main(["eval", str(run_dir), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("jaxlm eval: error: ") and fragment in err[0], err
+
+
+def test_check_passkey_accepts_the_default_lengths():
+    tok = ByteTokenizer()
+    m = dataclasses.replace(RUN_MODEL, max_seq_len=1024)
+    lengths = evaluate.default_passkey_lengths(m, tok)
+    assert lengths == [254, 508, 1017]
+    evaluate._check_passkey(m, tok, lengths, (0.0, 1.0), 1)
+    with pytest.raises(ConfigError, match="--passkey-trials 0"):
+        evaluate._check_passkey(m, tok, lengths, (0.0,), 0)

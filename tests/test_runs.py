@@ -107,6 +107,11 @@ def test_init_from_a_run_with_another_model_or_tokenizer_is_one_line(tiny_run, t
     with pytest.raises(ConfigError, match="differs from the tokenizer of the train.init_from run"):
         runs.check_init_from(cfg.model, str(spm), tiny_run)
     runs.check_init_from(dataclasses.replace(cfg.model, remat="full", value_head=True), "byte", tiny_run)
+    # context extension: a longer context with scaled RoPE starts from the shorter run's params
+    longer = dataclasses.replace(cfg.model, max_seq_len=4 * cfg.model.max_seq_len, rope_scaling="yarn",
+                                 rope_scaling_factor=4.0, rope_original_max_len=cfg.model.max_seq_len)
+    runs.check_init_from(longer, "byte", tiny_run)
+    runs.check_init_from(dataclasses.replace(cfg.model, sliding_window=16, attention_sinks=4), "byte", tiny_run)
 
 
 def _tfevents(path):
