@@ -214,8 +214,13 @@ def _curriculum(data_cfg: DataConfig, batch_size: int, batch_ramp: bool):
     return stages, unit
 
 
-def build_lm_data(data_cfg: DataConfig, seq_len: int, *, batch_size: int = 1, batch_ramp: bool = False):
+def build_lm_data(data_cfg: DataConfig, seq_len: int, *, batch_size: int = 1, batch_ramp: bool = False,
+                  arch: str = "decoder"):
     """(train, heldout, info): `Loader`s over the configured sources, and what they hold.
+
+    arch="encoder_decoder": rows in encoder-decoder form (`jaxlm.data.examples.encdec`: each example's
+    inputs to the encoder, its target to the decoder, packed first-fit on both sides), for objectives
+    with inputs only (span_corruption, ul2, prefix_lm).
 
     `heldout` is None when nothing is held out. `info` holds document and token counts and the
     unigram entropy of the first 256 training rows' targets, in bits and nats per token: the
@@ -228,6 +233,16 @@ def build_lm_data(data_cfg: DataConfig, seq_len: int, *, batch_size: int = 1, ba
                           f"{', '.join(SOURCES)}")
     tokenizer = load_tokenizer(data_cfg.tokenizer)
     packing = packing_for(data_cfg)
+    packer = None
+    if arch == "encoder_decoder":
+        from jaxlm.data.examples.encdec import pack_encoder_decoder
+
+        plain = sorted(set(data_cfg.objective) & {"clm", "fim"})
+        if plain or packing != "first_fit":
+            raise ConfigError(f"model.arch=encoder_decoder trains on objectives with inputs and targets "
+                              f"(span_corruption, ul2, prefix_lm) packed first_fit; data.objective has "
+                              f"{', '.join(plain) or 'none of them'}, data.packing={data_cfg.packing}")
+        packer = pack_encoder_decoder
     info = {"source": data_cfg.source, "tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size,
             "packing": packing, "objective": dict(data_cfg.objective)}
     build = _stdlib_sources if data_cfg.source == "stdlib" else _shard_sources
@@ -237,7 +252,7 @@ def build_lm_data(data_cfg: DataConfig, seq_len: int, *, batch_size: int = 1, ba
                   objective_weights=dict(data_cfg.objective),
                   specials=_specials(tokenizer, data_cfg.objective), lookahead=data_cfg.lookahead,
                   shuffle_block=data_cfg.shuffle_block,
-                  fim_piece=data_cfg.fim_max_tokens or max(seq_len // 2, 1))
+                  fim_piece=data_cfg.fim_max_tokens or max(seq_len // 2, 1), packer=packer)
     try:
         train = Loader(train_sources, seq_len, curriculum=curriculum, curriculum_unit=unit, **common)
         heldout = Loader(heldout_sources, seq_len, **common) if heldout_sources else None
