@@ -99,7 +99,7 @@ def _loop(cfg, params, prompt_BP, lengths_B, limits_B, stop_S, temperature, top_
         N = max_new
         params = model.compute_params(cfg, params)  # cast once, not at every decode step
         logits_BV, cache = model.prefill(cfg, params, prompt_BP, lengths_B, P + N - 1,
-                                         bidirectional=bidirectional)
+                                         bidirectional=bidirectional, start_id=pad_id)
         layers = model.layer_params(cfg, params) if unroll_layers and N > 1 else None  # once, not per step
 
         def choose(t, logits_BV, out):
@@ -202,7 +202,9 @@ def generate(cfg, params: dict, prompts, prompt_lengths=None, max_new_tokens=64,
     N = int(limits_B.max())
     if N < 1 or limits_B.min() < 0:
         raise ValueError(f"max_new_tokens={np.asarray(max_new_tokens).tolist()} must be >= 0, at least one >= 1")
-    if int(lengths_B.max()) + N > cfg.max_seq_len and not cfg.sliding_window:
+    # an encoder-decoder's prompt and answer lie on two sides, each within max_seq_len
+    longest = max(int(lengths_B.max()), N) if cfg.arch == "encoder_decoder" else int(lengths_B.max()) + N
+    if longest > cfg.max_seq_len and not cfg.sliding_window:
         raise ValueError(f"longest prompt ({int(lengths_B.max())}) + max_new_tokens ({N}) exceeds "
                          f"model.max_seq_len={cfg.max_seq_len}, the positions this model was made for; ask "
                          f"for fewer tokens, or extend the context (model.rope_scaling and a longer "

@@ -128,24 +128,33 @@ def hidden(cfg: ModelConfig, params: dict, tokens, segment_ids=None, positions=N
 
 
 def prefill(cfg: ModelConfig, params: dict, tokens_BP, lengths_B, length: int, *,
-            bidirectional: bool = False):
+            bidirectional: bool = False, start_id: int = 0):
     """Run left-padded prompts through the decoder into a fresh KV cache of `length` columns.
 
     tokens_BP [B, P] int32: row b's prompt fills its last lengths_B[b] columns (1 <= length
     <= P). `bidirectional`: the prompt is a prefix LM's prefix (as `apply(prefix_len=lengths)`).
     Returns (logits [B, V] float32 of the token after each prompt, cache with index P).
+
+    model.arch=encoder_decoder: the prompts are the encoder's inputs; the decoder starts from
+    `start_id` (the pad id, as training's rows) at column 0 of a cache of length - P + 1 columns.
     """
-    if cfg.arch != "decoder":
-        raise ValueError(f"generation supports model.arch=decoder; model.arch={cfg.arch} has no sampler yet")
     B, P = tokens_BP.shape
+    if cfg.arch == "encoder_decoder":
+        module = _module(cfg, params)
+        cache = module.start_decoding(tokens_BP, lengths_B, length - P + 1)
+        x_B1D, cache = module.step(jnp.full((B, 1), start_id, jnp.int32), cache)
+        return module.logits(x_B1D)[:, 0], cache
     cache = init_cache(cfg, B, length, P - jnp.asarray(lengths_B, jnp.int32))
     module = _module(cfg, params)
     x_BPD, cache = module.extend(tokens_BP, cache, first=True, bidirectional=bidirectional)
     return module.logits(x_BPD[:, -1:])[:, 0], cache
 
 
-def layer_params(cfg: ModelConfig, params: dict) -> list[dict]:
-    """The stacked layer params as one dict per layer (copies), for `decode(layers=...)`."""
+def layer_params(cfg: ModelConfig, params: dict) -> list[dict] | None:
+    """The stacked layer params as one dict per layer (copies), for `decode(layers=...)`; None for
+    the encoder-decoder, whose decoding scans its stack."""
+    if cfg.arch != "decoder":
+        return None
     return [jax.tree.map(lambda a, i=i: a[i], params["layers"]) for i in range(cfg.n_layers)]
 
 
@@ -179,7 +188,10 @@ def decode(cfg: ModelConfig, params: dict, tokens_BT, cache: KVCache, *, layers=
     weights).
     """
     module = _module(cfg, params)
-    x_BTD, cache = module.extend(tokens_BT, cache, layers=layers)
+    if cfg.arch == "encoder_decoder":
+        x_BTD, cache = module.step(tokens_BT, cache)
+    else:
+        x_BTD, cache = module.extend(tokens_BT, cache, layers=layers)
     return module.logits(x_BTD), cache
 
 

@@ -11,8 +11,14 @@ the same id, so packed rows (several examples per row, `encoder_segment_ids` and
 `decoder_segment_ids` numbering them alike) never mix. Segment id 0 is padding, on either side.
 Self-attention runs RoPE on each side's positions (restarting per segment); cross-attention has
 no positions, as in T5.
+
+Generation (`start_decoding`, `step`): the inputs are encoded once and every decoder layer's
+cross-attention keys and values computed once; the decoder then runs one token at a time from
+the start id (the pad id, as training's rows begin the decoder) over a KV cache of its own.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +28,7 @@ from jaxlm import sharding
 from jaxlm.config import ModelConfig
 from jaxlm.model import attention as attn_lib
 from jaxlm.model.layers import MLP, Attention, Embed, RMSNorm, _normal
-from jaxlm.model.transformer import _REMAT_POLICIES, Block, Transformer, _dtypes, _rope
+from jaxlm.model.transformer import _REMAT_POLICIES, CACHE_AXES, Block, Transformer, _dtypes, _rope, write_cache
 
 ACT = ("act_batch", "act_seq", "act_embed")
 
@@ -32,6 +38,16 @@ class CrossAttention(Attention):
 
     def __call__(self, x_BTD, enc_BSD, mask):
         return self.output(attn_lib.attend(*self.qkv(x_BTD, enc_BSD), mask, impl=self.attention))
+
+    def keys_values(self, enc_BSD):
+        """The encoder output's keys and values in the cache layout [B, K, S, H], for generation."""
+        _, k_BSKH, v_BSKH = self.qkv(enc_BSD[:, :1], enc_BSD)
+        return k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
+
+    def cached(self, x_BTD, k_BKSH, v_BKSH, mask):
+        """Cross-attention of new decoder columns over keys and values from `keys_values`."""
+        q_BTNH = self.qkv(x_BTD, x_BTD[:, :1])[0]
+        return self.output(attn_lib.attention_cached(q_BTNH, k_BKSH, v_BKSH, mask))
 
 
 class DecoderBlock(nnx.Module):
@@ -51,6 +67,17 @@ class DecoderBlock(nnx.Module):
         x_BTD = sharding.constrain(x_BTD + self.attn(self.attn_norm(x_BTD), sin, cos, mask), ACT)
         x_BTD = sharding.constrain(x_BTD + self.cross(self.cross_norm(x_BTD), enc_BSD, cross_mask), ACT)
         return sharding.constrain(x_BTD + self.mlp(self.mlp_norm(x_BTD)), ACT)
+
+    def step(self, x_BTD, sin, cos, mask, k_BKSH, v_BKSH, index, cross_k, cross_v, cross_mask):
+        """The block on new decoder columns at `index`, their keys and values written into this
+        layer's cache (in place). Returns (x, k cache, v cache)."""
+        q_BTNH, k_BTKH, v_BTKH = self.attn.project(self.attn_norm(x_BTD), sin, cos)
+        start_B = jnp.zeros(x_BTD.shape[:1], jnp.int32)
+        k_BKSH = write_cache(k_BKSH, k_BTKH, index, start_B, False, attn_lib.Layout())
+        v_BKSH = write_cache(v_BKSH, v_BTKH, index, start_B, False, attn_lib.Layout())
+        x_BTD = x_BTD + self.attn.output(attn_lib.attention_cached(q_BTNH, k_BKSH, v_BKSH, mask))
+        x_BTD = x_BTD + self.cross.cached(self.cross_norm(x_BTD), cross_k, cross_v, cross_mask)
+        return sharding.constrain(x_BTD + self.mlp(self.mlp_norm(x_BTD)), ACT), k_BKSH, v_BKSH
 
 
 def _stack(block_cls, cfg: ModelConfig, n: int, rngs: nnx.Rngs):
@@ -92,6 +119,16 @@ def cross_mask(decoder_segment_ids_BT, encoder_segment_ids_BS, B: int, T: int, S
     return attn_lib.Mask(dec[:, :, None] == enc[:, None, :], causal=False)
 
 
+class DecodingCache(NamedTuple):
+    """Generation state: the decoder's own KV cache (columns from 0, no padding), every layer's
+    cross-attention keys and values [B, K, S, H] (tuples of L), and which encoder columns are real."""
+
+    self_cache: attn_lib.KVCache
+    cross_k: tuple
+    cross_v: tuple
+    enc_real_BS: jax.Array
+
+
 class EncoderDecoder(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         dt = _dtypes(cfg)
@@ -129,3 +166,42 @@ class EncoderDecoder(nnx.Module):
         return self.decode(enc_BSD, decoder_tokens, decoder_segment_ids, decoder_positions, segment_ids_BS)
 
     logits = Transformer.logits  # the same embedding / head, the same projection
+
+    def start_decoding(self, tokens_BS, lengths_B, length: int) -> DecodingCache:
+        """Encode left-padded inputs [B, S] (row b's in its last lengths_B[b] columns) and prepare
+        `length` decoder columns: an empty self-attention cache and each layer's cross keys/values."""
+        cfg = self.cfg
+        B, S = tokens_BS.shape
+        cols_S = jnp.arange(S, dtype=jnp.int32)
+        first_B = S - jnp.asarray(lengths_B, jnp.int32)
+        real_BS = cols_S[None, :] >= first_B[:, None]
+        enc_BSD = self.encode(tokens_BS, real_BS.astype(jnp.int32), jnp.maximum(cols_S[None, :] - first_B[:, None], 0))
+        layer_def, layer_state = nnx.split(self.decoder)
+        _, (k_L, v_L) = jax.lax.scan(lambda _, s: (None, nnx.merge(layer_def, s).cross.keys_values(enc_BSD)),
+                                     None, layer_state)
+        shape = (B, cfg.n_kv_heads, length, cfg.head_dim)
+        zeros = (sharding.constrain(jnp.zeros(shape, jnp.dtype(cfg.compute_dtype)), CACHE_AXES),) * cfg.n_layers
+        own = attn_lib.KVCache(zeros, zeros, jnp.zeros((), jnp.int32), jnp.zeros((B,), jnp.int32))
+        return DecodingCache(own, tuple(jnp.unstack(k_L)), tuple(jnp.unstack(v_L)), real_BS)
+
+    def step(self, tokens_BT, cache: DecodingCache):
+        """Final-norm hidden states [B, T, D] of T new decoder tokens at columns cache index..
+        (position = column), and the cache holding their keys and values."""
+        own = cache.self_cache
+        B, T = tokens_BT.shape
+        N, S = own.k_BKSH[0].shape[2], cache.enc_real_BS.shape[1]
+        mask = attn_lib.cache_mask(own.start_B, own.index, T, N)
+        cross_mask = attn_lib.Mask(jnp.broadcast_to(cache.enc_real_BS[:, None, :], (B, T, S)), causal=False)
+        sin, cos = _rope(self.cfg, jnp.broadcast_to(own.index + jnp.arange(T, dtype=jnp.int32), (B, T)))
+        x_BTD = sharding.constrain(self.embed(tokens_BT), ACT)
+        layer_def, layer_state = nnx.split(self.decoder)
+
+        def body(x_BTD, xs):
+            state, k, v, ck, cv = xs
+            x_BTD, k, v = nnx.merge(layer_def, state).step(x_BTD, sin, cos, mask, k, v, own.index, ck, cv, cross_mask)
+            return x_BTD, (k, v)
+
+        stacked = (layer_state, *(jnp.stack(c) for c in (own.k_BKSH, own.v_BKSH, cache.cross_k, cache.cross_v)))
+        x_BTD, (k_L, v_L) = jax.lax.scan(body, x_BTD, stacked)
+        own = own._replace(k_BKSH=tuple(jnp.unstack(k_L)), v_BKSH=tuple(jnp.unstack(v_L)), index=own.index + T)
+        return self.final_norm(x_BTD), cache._replace(self_cache=own)

@@ -130,5 +130,41 @@ def test_decoder_and_encoder_decoder_arguments_do_not_mix(params):
     decoder = dataclasses.replace(CFG, arch="decoder")
     with pytest.raises(ValueError, match="model.arch=encoder_decoder"):
         model.apply(decoder, random_params(decoder, 0), _tokens((1, 4), 0), decoder_tokens=_tokens((1, 4), 0))
-    with pytest.raises(ValueError, match="no sampler yet"):
-        model.prefill(CFG, params, _tokens((1, 4), 0), jnp.array([4]), 8)
+
+
+def test_cached_decoding_equals_a_full_forward_at_every_step(params):
+    """Inputs of 3, 7 and 9 tokens left-padded into 12 columns, encoded once; the decoder fed 8
+    given tokens one at a time from the start id: the logits at every step equal a full forward of
+    the unpadded input and the decoder's tokens so far."""
+    lengths, N, start = np.array([3, 7, 9]), 8, 0
+    inputs = [np.asarray(_tokens((1, n), 10 + n))[0] for n in lengths]
+    left = np.stack([np.pad(x, (12 - len(x), 0)) for x in inputs])
+    given = np.asarray(_tokens((3, N), 20))
+
+    @jax.jit
+    def cached(left, given):
+        logits_BV, cache = model.prefill(CFG, params, left, jnp.asarray(lengths), 12 + N - 1, start_id=start)
+        out = [logits_BV]
+        for t in range(N - 1):
+            logits_B1V, cache = model.decode(CFG, params, given[:, t:t + 1], cache)
+            out.append(logits_B1V[:, 0])
+        return jnp.stack(out, 1)
+
+    got = cached(jnp.asarray(left), jnp.asarray(given))
+    for b, x in enumerate(inputs):
+        decoder = np.concatenate([[start], given[b, :N - 1]])[None]
+        want = apply(CFG, params, jnp.asarray(x[None]), decoder_tokens=jnp.asarray(decoder))[0]
+        np.testing.assert_allclose(got[b], want, rtol=1e-5, atol=2e-5)
+
+
+def test_greedy_generation_is_an_argmax_loop_of_full_forwards(params):
+    from jaxlm.generate import generate
+
+    prompts = np.asarray(_tokens((2, 5), 30))
+    out = generate(CFG, params, prompts, np.array([5, 2]), max_new_tokens=6)
+    for b, n in enumerate([5, 2]):
+        decoder = [0]
+        for _ in range(6):
+            logits = apply(CFG, params, jnp.asarray(prompts[b:b + 1, :n]), decoder_tokens=jnp.asarray([decoder]))
+            decoder.append(int(jnp.argmax(logits[0, -1])))
+        assert np.asarray(out.tokens)[b].tolist() == decoder[1:]
