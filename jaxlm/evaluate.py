@@ -412,6 +412,11 @@ def run_eval(run_dir, cfg, params, step: int, mesh, tokenizer, *, texts=(), text
                   rules=cfg.mesh.rules)
     rows = []
     asked = texts or qa or tasks is not None or by_position or passkey_lengths is not None
+    scores_text = heldout or texts or by_position or (heldout is None and not asked)
+    if cfg.model.arch != "decoder" and scores_text:
+        raise ConfigError(f"perplexity and loss by position score text with a decoder; a model.arch="
+                          f"{cfg.model.arch} run's held-out loss on its objective is eval_loss in its "
+                          "metrics.jsonl. --qa, --tasks and --passkey (generation) serve it")
     if heldout or (heldout is None and not asked):
         docs = heldout_documents(cfg, max_documents)
         n_bytes = sum(len(tokenizer.decode(d).encode("utf-8")) for d in docs)

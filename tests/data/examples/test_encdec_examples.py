@@ -68,5 +68,10 @@ def test_an_encoder_decoder_pretrains_on_span_corruption(tmp_path):
     assert summary["final_step"] == 30 and summary["skipped"] == 0
     first = next(r for r in read_metrics(tmp_path / "run") if r.get("step") == 1)
     assert first["loss"] > 5.5 and summary["eval_loss"] < first["loss"] - 1.5, (first, summary)  # ln 369 = 5.9
+    # the run serves jaxlm generate; jaxlm eval's perplexity, a decoder's measure, says what to read instead
+    from jaxlm import cli
+
+    assert cli.main(["generate", str(tmp_path / "run"), "--prompt", "def f(", "--max-new-tokens", "4"]) == 0
+    assert cli.main(["eval", str(tmp_path / "run")]) == 2
     with pytest.raises(Exception, match="span_corruption, ul2, prefix_lm"):
         pretrain.build(tiny_config(model=dict(arch="encoder_decoder"), train=dict(run_dir=str(tmp_path / "r2"))))
