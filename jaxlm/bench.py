@@ -91,10 +91,13 @@ def run(cfg: Config, steps: int, rounds: int = 1, compare=None, sampler: bool = 
 
 def report(cfg: Config, step_s: float, info: dict) -> dict:
     """The named numbers of one timing: tokens/s, TFLOP/s, MFU, memory, and the attention kernel
-    that the step's plain causal mask ran through (`jaxlm.model.attention.kernel`)."""
+    that the step's plain causal mask ran through (`jaxlm.model.attention.kernel`; "rows" under
+    context parallelism, mesh.sequence > 1: `attention_rows` in each sequence shard)."""
     from jaxlm.model import attention
 
     m, T = cfg.model, cfg.train.seq_len
+    kernel = "rows" if cfg.mesh.sequence > 1 else attention.kernel(
+        m.attention, attention.Mask(None), T, T, m.compute_dtype, m.head_dim)
     tokens = cfg.train.batch_size * T
     fpt = perf.flops_per_token(m, T)
     peak = cfg.train.peak_tflops * 1e12 or perf.measure_peak_flops()
@@ -104,7 +107,7 @@ def report(cfg: Config, step_s: float, info: dict) -> dict:
             "flops_per_token": fpt, "tflops": achieved / 1e12, "peak_tflops": peak / 1e12,
             "mfu": achieved / peak, "compile_s": info["compile_s"], "peak_bytes": info["peak_bytes"],
             "loss": info["loss"], "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "unset"),
-            "attention": attention.kernel(m.attention, attention.Mask(None), T, T, m.compute_dtype, m.head_dim)}
+            "attention": kernel}
 
 
 def reference_args(cfg: Config, steps: int) -> list[str]:

@@ -12,7 +12,10 @@ Per device, for the mesh the config names over `devices` devices:
   T x T scores are not kept: flash-style kernels recompute them; XLA's CPU path does keep
   them), dots ~ b*T*(4D + 2KH + 2F) (the matmul outputs and the layer input), full ~ b*T*D
   (the layer input), the last two plus one layer rebuilt during the backward pass; plus the
-  logits b*T*V in float32 unless `train.loss_chunk` (then b*chunk*V).
+  logits b*T*V in float32 unless `train.loss_chunk` (then b*chunk*V). Context parallelism
+  (`mesh.sequence` = s > 1) leaves each device T/s positions of every sequence: activations and
+  logits / s, plus the keys and values that attention all-gathers, 2*b*T*KH per layer (saved for
+  the backward pass in every layer under remat none, rebuilt one layer at a time otherwise).
 - compute C = 6 * N * D_tokens (N matmul parameters; attention adds 6*L*T*d per token,
   included in the FLOPs per token below), the Chinchilla-optimal token count ~20 N
   (Hoffmann et al. 2022), and the time to train `tokens` at a given MFU of `peak` FLOP/s.
@@ -28,7 +31,7 @@ _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def mesh_sizes(cfg: Config, devices: int) -> dict[str, int]:
-    sizes = {"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor}
+    sizes = {"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "sequence": cfg.mesh.sequence, "tensor": cfg.mesh.tensor}
     known = math.prod(v for v in sizes.values() if v != -1)
     for k, v in sizes.items():
         if v == -1:
@@ -76,10 +79,15 @@ def plan(cfg: Config, devices: int, mfu: float = 0.4, peak_tflops: float = 0.0,
     per_layer = {"none": 10 * D + 2 * KH + 4 * F, "dots": 4 * D + 2 * KH + 2 * F, "full": D}[m.remat]
     c_bytes = _DTYPE_BYTES["bfloat16" if m.dtype == "auto" else m.dtype]
     tensor = sizes["tensor"] if cfg.mesh.rules == "fsdp_tp" else 1
-    acts = b * T * per_layer * m.n_layers * c_bytes / tensor
+    seq = sizes["sequence"]  # every preset splits the activations' sequence over it
+    acts = b * T * per_layer * m.n_layers * c_bytes / tensor / seq
     if m.remat != "none":  # the backward pass rebuilds one layer's activations at a time
-        acts += b * T * (10 * D + 2 * KH + 4 * F) * c_bytes / tensor
-    logits = b * (min(t.loss_chunk, T) if t.loss_chunk else T) * m.vocab_size * 4 / tensor
+        acts += b * T * (10 * D + 2 * KH + 4 * F) * c_bytes / tensor / seq
+    kv_gathered = 0.0
+    if seq > 1:  # context parallelism: each layer's whole-sequence keys and values
+        kv_tensor = tensor if m.n_heads % tensor == 0 and m.n_kv_heads % tensor == 0 else 1
+        kv_gathered = 2 * b * T * KH * c_bytes / kv_tensor * (m.n_layers if m.remat == "none" else 1)
+    logits = b * (min(t.loss_chunk, T) if t.loss_chunk else T) * m.vocab_size * 4 / tensor / seq
     n_matmul = perf.matmul_params(m)
     fpt = perf.flops_per_token(m, T)
     tokens = tokens or 20.0 * n_matmul
@@ -87,8 +95,8 @@ def plan(cfg: Config, devices: int, mfu: float = 0.4, peak_tflops: float = 0.0,
     seconds = fpt * tokens / (mfu * peak * devices)
     return {"mesh": sizes, "params_total": model.param_count(m), "params_matmul": n_matmul,
             "local_batch": b, "bytes_params": params, "bytes_grads": grads, "bytes_optimizer": opt,
-            "bytes_activations": acts, "bytes_logits": logits,
-            "bytes_total": params + grads + opt + acts + logits,
+            "bytes_activations": acts, "bytes_kv_gathered": kv_gathered, "bytes_logits": logits,
+            "bytes_total": params + grads + opt + acts + kv_gathered + logits,
             "flops_per_token": fpt, "chinchilla_tokens": 20.0 * n_matmul, "tokens": tokens,
             "compute_flops": 6.0 * n_matmul * tokens, "train_flops": fpt * tokens,
             "peak_tflops_per_device": peak / 1e12, "mfu": mfu, "seconds": seconds}
@@ -113,6 +121,8 @@ def format_plan(p: dict) -> str:
         f"  gradients    {_gib(p['bytes_grads'])}",
         f"  optimizer    {_gib(p['bytes_optimizer'])}",
         f"  activations  {_gib(p['bytes_activations'])}  (estimate; see `jaxlm.plan`)",
+        *([f"  gathered K/V {_gib(p['bytes_kv_gathered'])}  (context parallelism: 2*b*T*K*H per saved layer)"]
+          if p["bytes_kv_gathered"] else []),
         f"  logits       {_gib(p['bytes_logits'])}",
         f"  total        {_gib(p['bytes_total'])}",
         f"compute C = 6 N D = {p['compute_flops']:.3g} FLOPs for D = {p['tokens']:.3g} tokens "

@@ -1,9 +1,10 @@
 """All sharding in one place: the mesh, the logical-axis table, param and batch shardings.
 
-Mesh axes are ("data", "fsdp", "tensor"). Parameters and activations carry logical axis
-names (weights: embed, vocab, q_heads, kv_heads, head_dim, mlp, ...; activations: act_*);
+Mesh axes are ("data", "fsdp", "sequence", "tensor"). Parameters and activations carry logical
+axis names (weights: embed, vocab, q_heads, kv_heads, head_dim, mlp, ...; activations: act_*);
 `RULES` maps them to mesh axes for each preset. A dimension that a mesh axis does not
-divide stays replicated rather than failing.
+divide stays replicated rather than failing. Every preset splits activations along the sequence
+over "sequence" (context parallelism, `jaxlm.model.context_parallel`; size 1: no split).
 """
 from __future__ import annotations
 
@@ -17,42 +18,44 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxlm.config import ConfigError, MeshConfig
 
-AXES = ("data", "fsdp", "tensor")
+AXES = ("data", "fsdp", "sequence", "tensor")
 BATCH = ("data", "fsdp")
+SEQUENCE = "sequence"
 
 # logical name -> mesh axis (or axes) under each preset; absent means replicated.
 RULES: dict[str, dict[str, object]] = {
-    "dp": {"act_batch": BATCH},
-    "fsdp": {"act_batch": BATCH, "embed": "fsdp"},
-    "fsdp_tp": {"act_batch": BATCH, "embed": "fsdp", "vocab": "tensor", "q_heads": "tensor",
+    "dp": {"act_batch": BATCH, "act_seq": SEQUENCE},
+    "fsdp": {"act_batch": BATCH, "act_seq": SEQUENCE, "embed": "fsdp"},
+    "fsdp_tp": {"act_batch": BATCH, "act_seq": SEQUENCE, "embed": "fsdp", "vocab": "tensor", "q_heads": "tensor",
                 "kv_heads": "tensor", "mlp": "tensor", "act_heads": "tensor", "act_mlp": "tensor",
                 "act_vocab": "tensor"},
 }
 
 
 def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over all devices; one size may be -1 (the rest)."""
+    """A (data, fsdp, sequence, tensor) mesh over all devices; one size may be -1 (the rest)."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+    sizes = [cfg.data, cfg.fsdp, cfg.sequence, cfg.tensor]
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if len(devices) % known:
             raise ConfigError(f"mesh sizes {dict(zip(AXES, sizes))} do not divide the {len(devices)} devices")
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
-        raise ConfigError(f"mesh.data*mesh.fsdp*mesh.tensor = {'*'.join(map(str, sizes))} = "
+        raise ConfigError(f"mesh.data*mesh.fsdp*mesh.sequence*mesh.tensor = {'*'.join(map(str, sizes))} = "
                           f"{math.prod(sizes)}, but there are {len(devices)} devices; "
                           "the product must equal the device count (or set one size to -1)")
     return Mesh(device_grid(sizes, devices), AXES)
 
 
 def device_grid(sizes: list[int], devices: list) -> np.ndarray:
-    """Devices laid out as the (data, fsdp, tensor) `sizes`.
+    """Devices laid out as the (data, fsdp, sequence, tensor) `sizes`.
 
     Across several hosts (GPU, CPU: each process a granule) or TPU slices (granules by
     `slice_index`) the mesh is hybrid: the granules split the data axis, or fsdp when data
     does not divide by their number, over the slow network (DCN), and each granule holds
-    the rest of the mesh on its fast one (ICI, NVLink). Within one TPU slice the layout
+    the rest of the mesh on its fast one (ICI, NVLink): sequence and tensor, whose collectives
+    run inside every layer, never cross it. Within one TPU slice the layout
     follows the torus (`mesh_utils.create_device_mesh`); otherwise devices go in order.
     """
     from jax.experimental import mesh_utils
@@ -72,7 +75,7 @@ def device_grid(sizes: list[int], devices: list) -> np.ndarray:
         raise ConfigError(f"the mesh {dict(zip(AXES, sizes))} spans {granules} "
                           f"{'slices' if by_slice else 'processes'}; mesh.data or mesh.fsdp must be a "
                           f"multiple of {granules} (set mesh.data={granules} for data parallelism across them)")
-    dcn = [1, 1, 1]
+    dcn = [1] * len(sizes)
     dcn[axis] = granules
     ici = [s // d for s, d in zip(sizes, dcn)]
     return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=not by_slice)
@@ -133,6 +136,16 @@ def activate(mesh: Mesh, rules: str):
         yield
     finally:
         _active = previous
+
+
+def sequence_mesh() -> tuple[Optional[Mesh], str]:
+    """(the active mesh, its rules) where the rules split the sequence (`act_seq`) over a "sequence"
+    axis of size > 1, else (None, ""): whether attention must run context-parallel."""
+    if _active is None:
+        return None, ""
+    mesh, rules = _active
+    split = SEQUENCE in _mesh_axes(rules, "act_seq") and mesh.shape.get(SEQUENCE, 1) > 1
+    return (mesh, rules) if split else (None, "")
 
 
 def splits(names) -> bool:

@@ -53,10 +53,11 @@ def test_negative_peaks_are_config_errors():
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU kernels")
-@pytest.mark.parametrize("seq_len, kernel", [(128, "blocks"), (32, "xla"), (128, "reference")])
+@pytest.mark.parametrize("seq_len, kernel", [(128, "blocks"), (32, "xla"), (128, "reference"), (128, "rows")])
 def test_report_names_the_attention_kernel_of_the_step(seq_len, kernel):
     attention = "reference" if kernel == "reference" else "auto"
     cfg = from_dict({"model": {**TREE["model"], "max_seq_len": 128, "attention": attention},
-                     "train": {**TREE["train"], "seq_len": seq_len, "peak_tflops": 1.0}})
+                     "train": {**TREE["train"], "seq_len": seq_len, "peak_tflops": 1.0},
+                     "mesh": {"sequence": 2 if kernel == "rows" else 1}})  # rows: context parallel
     r = bench.report(cfg, 1.0, {"params": 1, "compile_s": 0.0, "peak_bytes": 0, "loss": 0.0})
     assert r["attention"] == kernel

@@ -46,6 +46,8 @@ BAD = {
     "decay choice": (["optim.decay=step"], ["optim.decay='step'", "cosine, linear, inverse_sqrt, constant"]),
     "unknown preset": (["model.preset=3b"], ["model.preset='3b'", "tiny", "7b", "70b"]),
     "two -1 mesh": (["mesh.data=-1", "mesh.fsdp=-1"], ["mesh.data", "mesh.fsdp", "-1"]),
+    "sequence shards": (["train.seq_len=250", "mesh.sequence=4"], ["train.seq_len=250", "mesh.sequence=4"]),
+    "sequence -1": (["mesh.sequence=-1"], ["mesh.sequence=-1", ">= 1"]),
     "not key=value": (["train.steps"], ["'train.steps'", "key.sub=value"]),
     "value not YAML": (["train.steps=[1,"], ["'train.steps=[1,'", "'[1,'", "not valid YAML"]),
     "attention choice": (["model.attention=flash"], ["model.attention='flash'", "auto, blocks, cudnn, reference"]),
@@ -94,7 +96,7 @@ def test_mesh_product_must_equal_device_count():
         make_mesh(MeshConfig(data=3, fsdp=1, tensor=1))
     msg = str(info.value)
     assert "\n" not in msg
-    assert "mesh.data*mesh.fsdp*mesh.tensor" in msg and "3" in msg and "8 devices" in msg
+    assert "mesh.data*mesh.fsdp*mesh.sequence*mesh.tensor" in msg and "3" in msg and "8 devices" in msg
     with pytest.raises(ConfigError, match="do not divide the 8 devices"):
         make_mesh(MeshConfig(data=3, fsdp=-1, tensor=1))
 

@@ -6,7 +6,7 @@ import pytest
 
 from jaxlm import cli, model, sharding
 from jaxlm.config import ConfigError, from_dict
-from jaxlm.plan import plan
+from jaxlm.plan import format_plan, plan
 
 TREE = {"model": dict(vocab_size=96, d_model=48, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=80,
                       max_seq_len=64),
@@ -47,3 +47,15 @@ def test_plan_command_prints_the_table(capsys, tmp_path):
     assert cli.main(["plan", str(path), "--devices", "16"]) == 0
     out = capsys.readouterr().out
     assert "optimizer" in out and "Chinchilla" in out and "fsdp': 16" in out
+
+
+def test_sequence_shards_divide_activations_and_logits_and_add_the_gathered_keys_and_values():
+    one = plan(from_dict({**TREE, "mesh": dict(data=2, fsdp=1)}), devices=2)
+    four = plan(from_dict({**TREE, "mesh": dict(data=2, fsdp=1, sequence=4)}), devices=8)
+    assert four["mesh"]["sequence"] == 4 and four["local_batch"] == one["local_batch"] == 4
+    assert four["bytes_activations"] == one["bytes_activations"] / 4
+    assert four["bytes_logits"] == one["bytes_logits"] / 4
+    assert one["bytes_kv_gathered"] == 0
+    # k and v of all T = 64 positions, K * H = 2 * 12, bfloat16, in each of the 3 layers (remat none)
+    assert four["bytes_kv_gathered"] == 2 * 4 * 64 * 24 * 2 * 3
+    assert "gathered K/V" in format_plan(four) and "gathered K/V" not in format_plan(one)

@@ -10,8 +10,8 @@ from jaxlm.config import MeshConfig, ModelConfig
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
-def _mesh(data, fsdp, tensor, rules="fsdp"):
-    return sharding.make_mesh(MeshConfig(data=data, fsdp=fsdp, tensor=tensor, rules=rules))
+def _mesh(data, fsdp, tensor, rules="fsdp", sequence=1):
+    return sharding.make_mesh(MeshConfig(data=data, fsdp=fsdp, sequence=sequence, tensor=tensor, rules=rules))
 
 
 def _full(spec, ndim):
@@ -25,10 +25,13 @@ def test_make_mesh_fills_in_minus_one():
              (2, 4, 1): (2, 4, 1)}
     for sizes, expected in cases.items():
         mesh = _mesh(*sizes)
-        assert mesh.axis_names == ("data", "fsdp", "tensor")
-        assert tuple(mesh.shape[a] for a in sharding.AXES) == expected, sizes
+        assert mesh.axis_names == ("data", "fsdp", "sequence", "tensor")
+        assert tuple(mesh.shape[a] for a in ("data", "fsdp", "tensor")) == expected, sizes
+        assert mesh.shape["sequence"] == 1
         assert list(mesh.devices.flat) == jax.devices()
-    assert dict(sharding.make_mesh(MeshConfig()).shape) == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert dict(sharding.make_mesh(MeshConfig()).shape) == {"data": 1, "fsdp": 8, "sequence": 1, "tensor": 1}
+    mesh = _mesh(1, -1, 2, sequence=2)
+    assert tuple(mesh.shape[a] for a in sharding.AXES) == (1, 2, 2, 2)
 
 
 def test_spec_maps_logical_names_and_drops_what_does_not_divide():
@@ -46,6 +49,13 @@ def test_spec_maps_logical_names_and_drops_what_does_not_divide():
     assert _full(sharding.spec(mesh, "fsdp", (8, 24), ("act_batch", "embed")), 2) == (("data", "fsdp"), None)
     assert _full(sharding.spec(mesh, "fsdp", (12, 24), ("act_batch", "embed")), 2) == (None, "fsdp")
     assert _full(sharding.spec(_mesh(8, 1, 1), "dp", (16, 5), ("act_batch", None)), 2) == ("data", None)
+    # Every preset splits the activations' sequence over "sequence" (context parallelism), when it divides.
+    act = ("act_batch", "act_seq", "act_embed")
+    for rules in sharding.RULES:
+        mesh = _mesh(2, 1, 1, rules, sequence=4)
+        assert _full(sharding.spec(mesh, rules, (4, 32, 24), act), 3) == ("data", "sequence", None)
+        assert _full(sharding.spec(mesh, rules, (4, 30, 24), act), 3) == ("data", None, None)
+    assert _full(sharding.spec(_mesh(2, 4, 1), "fsdp", (8, 32, 24), act), 3) == (("data", "fsdp"), None, None)
 
 
 def test_fsdp_tp_params_are_really_sharded():

@@ -169,6 +169,8 @@ def validate(cfg: Config) -> None:
     train.validate_train(cfg.train)
     t, m = cfg.train, cfg.model
     check(t.seq_len <= m.max_seq_len, f"train.seq_len={t.seq_len} must be <= model.max_seq_len={m.max_seq_len}")
+    check(t.seq_len % cfg.mesh.sequence == 0, f"train.seq_len={t.seq_len} must be a multiple of "
+          f"mesh.sequence={cfg.mesh.sequence}: each of its devices holds an equal slice of every sequence")
     train.validate_optim(cfg.optim)
     data.validate_prepare(cfg.prepare)
     data.validate_tokenizer(cfg.tokenizer)

@@ -10,6 +10,9 @@ from jaxlm.config.schema import check
 class MeshConfig:
     data: int = 1  # replicas: the batch is split over data x fsdp
     fsdp: int = -1  # params, gradients and optimizer state sharded over it (ZeRO-3); -1: the rest of the devices
+    # context parallelism: activations split along the sequence over it, attention all-gathers the
+    # keys and values (jaxlm.model.context_parallel); must divide train.seq_len
+    sequence: int = 1
     tensor: int = 1  # heads and the MLP's hidden units split over it (fsdp_tp rules)
     rules: str = "fsdp"  # dp | fsdp | fsdp_tp: which logical axes map to which mesh axes (jaxlm.sharding.RULES)
 
@@ -83,6 +86,7 @@ def validate_mesh(mesh: MeshConfig) -> None:
         check(v == -1 or v >= 1, f"mesh.{key}={v} must be >= 1, or -1 for the rest of the devices")
     check([mesh.data, mesh.fsdp, mesh.tensor].count(-1) <= 1,
           "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+    check(mesh.sequence >= 1, f"mesh.sequence={mesh.sequence} must be >= 1 (1: the sequence is not split)")
 
 
 def validate_train(t: TrainConfig) -> None:

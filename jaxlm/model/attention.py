@@ -4,7 +4,9 @@
 packed, padded) go through `attention_causal_blocks`, which skips the key blocks above the
 diagonal; on a CUDA GPU a plain causal mask in bf16/fp16 goes to cuDNN flash attention; the
 rest (prefix masks; packed and padded ones on GPU) to `jax.nn.dot_product_attention`'s XLA
-path with an explicit mask.
+path with an explicit mask. Where the active mesh splits the sequence (`mesh.sequence` > 1),
+`attend` runs context-parallel instead (`jaxlm.model.context_parallel`), each shard's query rows
+through `attention_rows`.
 `attention_reference` is a plain einsum version the tests compare against.
 
 Shapes: B batch, T query positions, S key positions, N query heads, K kv heads,
@@ -19,6 +21,9 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxlm import sharding
+from jaxlm.model import context_parallel
 
 
 class RopeScaling(NamedTuple):
@@ -376,6 +381,110 @@ def _causal_blocks_bwd(shape, res, dout_BTNH):
 _causal_blocks.defvjp(_causal_blocks_fwd, _causal_blocks_bwd)
 
 
+def attention_rows(q_BTNH, k_BSKH, v_BSKH, mask: Mask, row0=0, block: int = BLOCK) -> jax.Array:
+    """`attention_reference` for T query rows that are rows row0..row0+T-1 of a larger mask, against
+    all S keys: a sequence shard's queries under context parallelism (`jaxlm.model.context_parallel`).
+
+    `mask.dense_BTS` holds just these rows [B, T, S]; without it, the causal mask on columns (and its
+    band) is taken at rows row0 + t. row0 may be traced (the shard's index), so no key block is
+    skipped: every query block sees all S keys. As in `attention_causal_blocks`, the forward keeps
+    only the output and each row's log-sum-exp and the backward recomputes each block's
+    probabilities; the blocks run one after another in a loop (`jax.lax.map`, `jax.lax.scan`), so
+    the working memory is one block's [block, S] logits per (B, N). Blocks of `block` rows where it
+    divides T, else one block.
+    """
+    T = q_BTNH.shape[1]
+    block = block if T % block == 0 else T
+    return _rows(q_BTNH, k_BSKH, v_BSKH, mask.dense_BTS, jnp.asarray(row0, jnp.int32),
+                 (block, mask.window, mask.sinks))
+
+
+def _row_logits(q_BKGbH, k_BKSH, allowed_BbS, rows_b, shape):
+    """Scaled, masked float32 logits [B, K, G, b, S] of the query rows `rows_b` (global) against all keys."""
+    _, window, sinks = shape
+    if allowed_BbS is None:
+        s = jnp.arange(k_BKSH.shape[2])
+        allowed_BbS = ((s[None, :] <= rows_b[:, None]) & in_window(rows_b[:, None], s[None, :], window, sinks))[None]
+    logits = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGbH, k_BKSH, preferred_element_type=jnp.float32)
+    return _scaled_masked(logits, allowed_BbS, q_BKGbH.shape[-1])
+
+
+def _by_block(x, axis: int, block: int):
+    """x with its `axis` of length n * block split into blocks, the block index leading: [n, ..., block, ...]."""
+    shape = x.shape[:axis] + (x.shape[axis] // block, block) + x.shape[axis + 1:]
+    return jnp.moveaxis(x.reshape(shape), axis, 0)
+
+
+def _unblocked(x, axis: int):
+    """`_by_block`'s inverse: [n, ..., block, ...] -> [..., n * block, ...]."""
+    x = jnp.moveaxis(x, 0, axis)
+    return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:])
+
+
+def _row_blocks(q_BTNH, K: int, allowed_BTS, row0, block: int):
+    """Per query block, stacked on a leading axis n: q [n, B, K, G, b, H], global rows [n, b], mask
+    rows [n, B, b, S] or None."""
+    T = q_BTNH.shape[1]
+    rows_nb = row0 + jnp.arange(T, dtype=jnp.int32).reshape(T // block, block)
+    allowed_nBbS = None if allowed_BTS is None else _by_block(allowed_BTS, 1, block)
+    return _by_block(_grouped(q_BTNH, K), 3, block), rows_nb, allowed_nBbS
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _rows(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, row0, shape):
+    return _rows_fwd(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, row0, shape)[0]
+
+
+def _rows_fwd(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, row0, shape):
+    K = k_BSKH.shape[2]
+    k_BKSH, v_BKSH = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
+
+    def one(xs):
+        q_BKGbH, rows_b, allowed_BbS = xs
+        logits_BKGbS = _row_logits(q_BKGbH, k_BKSH, allowed_BbS, rows_b, shape)
+        max_BKGb1 = jnp.max(logits_BKGbS, axis=-1, keepdims=True)
+        unnorm_BKGbS = jnp.exp(logits_BKGbS - max_BKGb1)
+        sum_BKGb1 = jnp.sum(unnorm_BKGbS, axis=-1, keepdims=True)
+        out = jnp.einsum("BKGTS,BKSH->BKGTH", unnorm_BKGbS.astype(v_BKSH.dtype), v_BKSH,
+                         preferred_element_type=jnp.float32) / sum_BKGb1
+        return out.astype(q_BTNH.dtype), (max_BKGb1 + jnp.log(sum_BKGb1))[..., 0]
+
+    out_nBKGbH, lse_nBKGb = jax.lax.map(one, _row_blocks(q_BTNH, K, allowed_BTS, row0, shape[0]))
+    out_BTNH = _ungrouped(_unblocked(out_nBKGbH, 3))
+    return out_BTNH, (q_BTNH, k_BSKH, v_BSKH, allowed_BTS, row0, out_BTNH, lse_nBKGb)
+
+
+def _rows_bwd(shape, res, dout_BTNH):
+    q_BTNH, k_BSKH, v_BSKH, allowed_BTS, row0, out_BTNH, lse_nBKGb = res
+    B, S, K, H = k_BSKH.shape
+    k_BKSH, v_BKSH = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
+    # dLogits = P * (dP - D) with D = rowsum(P * dP) = rowsum(dO * O), one number per query row.
+    D_BTN1 = jnp.sum(dout_BTNH.astype(jnp.float32) * out_BTNH.astype(jnp.float32), axis=-1, keepdims=True)
+    D_nBKGb = _by_block(_grouped(D_BTN1, K)[..., 0], 3, shape[0])
+    dout_nBKGbH = _by_block(_grouped(dout_BTNH, K), 3, shape[0])
+
+    def one(carry, xs):
+        dk_BKHS, dv_BKHS = carry
+        (q_BKGbH, rows_b, allowed_BbS), dout, D_BKGb, lse_BKGb = xs
+        probs = jnp.exp(_row_logits(q_BKGbH, k_BKSH, allowed_BbS, rows_b, shape) - lse_BKGb[..., None])
+        dprobs = jnp.einsum("BKGTH,BKSH->BKGTS", dout, v_BKSH, preferred_element_type=jnp.float32)
+        dlogits = (probs * (dprobs - D_BKGb[..., None])).astype(q_BKGbH.dtype)
+        dq = jnp.einsum("BKGTS,BKSH->BKGTH", dlogits, k_BKSH, preferred_element_type=jnp.float32) * _scale(H)
+        dk_BKHS += jnp.einsum("BKGTH,BKGTS->BKHS", q_BKGbH, dlogits, preferred_element_type=jnp.float32)
+        dv_BKHS += jnp.einsum("BKGTH,BKGTS->BKHS", dout, probs.astype(v_BSKH.dtype), preferred_element_type=jnp.float32)
+        return (dk_BKHS, dv_BKHS), dq.astype(q_BTNH.dtype)
+
+    zeros = jnp.zeros((B, K, H, S), jnp.float32)
+    xs = (_row_blocks(q_BTNH, K, allowed_BTS, row0, shape[0]), dout_nBKGbH, D_nBKGb, lse_nBKGb)
+    (dk_BKHS, dv_BKHS), dq_nBKGbH = jax.lax.scan(one, (zeros, zeros), xs)
+    dq_BTNH = _ungrouped(_unblocked(dq_nBKGbH, 3))
+    dk_BSKH = (dk_BKHS * _scale(H)).transpose(0, 3, 1, 2).astype(k_BSKH.dtype)
+    return dq_BTNH, dk_BSKH, dv_BKHS.transpose(0, 3, 1, 2).astype(v_BSKH.dtype), None, None
+
+
+_rows.defvjp(_rows_fwd, _rows_bwd)
+
+
 def kernel(impl: str, mask: Mask, T: int, S: int, dtype, H: int, backend: Optional[str] = None,
            cudnn_max_H: Optional[int] = None) -> str:
     """Which kernel `attend` runs: "reference", "blocks", "cudnn" or "xla".
@@ -422,8 +531,14 @@ def cudnn_head_dim() -> int:
 
 
 def attend(q_BTNH, k_BSKH, v_BSKH, mask: Mask, impl: str = "auto") -> jax.Array:
-    """Attention through the kernel that `kernel` picks for this mask, dtype and backend."""
+    """Attention through the kernel that `kernel` picks for this mask, dtype and backend; where the
+    active mesh splits the sequence (`mesh.sequence` > 1), context-parallel with `attention_rows` in
+    each shard (`jaxlm.model.context_parallel`)."""
     B, T, N, H = q_BTNH.shape
+    mesh, rules = sharding.sequence_mesh()
+    if context_parallel.splits(mesh, T, k_BSKH.shape[1]):
+        local = lambda q, k, v, dense, row0: attention_rows(q, k, v, mask._replace(dense_BTS=dense), row0)
+        return context_parallel.attend(mesh, rules, local, q_BTNH, k_BSKH, v_BSKH, mask.dense_BTS)
     name = kernel(impl, mask, T, k_BSKH.shape[1], q_BTNH.dtype, H)
     if name == "reference":
         return attention_reference(q_BTNH, k_BSKH, v_BSKH, mask)

@@ -41,11 +41,13 @@ def dense(x: jax.Array, w: jax.Array, n_in: int = 1, w_axes: tuple = ()) -> jax.
     contracts two axes, and where `out` has several axes the backward transposes the cotangent
     (a copy the size of the activations). On flattened rows both gradients are plain matmuls
     (README, Benchmarks). Merging weight axes that the mesh splits (tensor parallelism) would
-    reshard the weight, so where `w_axes` (w's logical names) says so the einsum stays.
+    reshard the weight, so where `w_axes` (w's logical names) says so the einsum stays; and so
+    where the sequence is split (context parallelism): rows split over batch and sequence do not
+    merge in place, and the partitioner would gather the whole sequence.
     """
     lead, ins, outs = x.shape[:-n_in], w.shape[:n_in], w.shape[n_in:]
     merged = (w_axes[:n_in] if n_in > 1 else ()) + (w_axes[n_in:] if len(outs) > 1 else ())
-    if sharding.splits(merged):
+    if sharding.splits(merged) or (len(lead) > 1 and sharding.splits(("act_seq",))):
         return jnp.tensordot(x, w, axes=n_in)
     y = x.reshape(math.prod(lead), math.prod(ins)) @ w.reshape(math.prod(ins), math.prod(outs))
     return y.reshape(*lead, *outs)

@@ -103,7 +103,9 @@ def write_cache(cache_BKSH, x_BTKH, index, start_B, first: bool, layout: attn_li
     return cache_BKSH
 
 
-CACHE_AXES = ("act_batch", "act_heads", "act_seq", "head_dim")
+# The cache's slots are never split over "sequence": a decode step writes and reads one column of every
+# row, which context parallelism (training on long sequences) would turn into collectives per step.
+CACHE_AXES = ("act_batch", "act_heads", None, "head_dim")
 
 
 def cache_layout(cfg: ModelConfig) -> attn_lib.Layout:

@@ -165,7 +165,7 @@ def test_two_processes_train_like_one(single, double):
     assert [r["step"] for r in rows] == list(range(1, 7))  # process 0 alone writes metrics
     start = next(r for r in read_metrics(run_dir) if r.get("event") == "start")
     assert start["processes"] == 2 and start["devices"] == 8
-    assert start["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert start["mesh"] == {"data": 2, "fsdp": 4, "sequence": 1, "tensor": 1}
     for key in ("loss", "grad_norm", "eval_loss"):
         got, want = losses(run_dir, key), losses(single, key)
         assert sorted(got) == sorted(want)
@@ -187,7 +187,8 @@ def test_processes_read_disjoint_rows_that_make_the_batch(base_env, tmp_path):
 
     stage = pretrain.build(load_config(config))
     outs = [json.loads((tmp_path / f"rows_{i}.json").read_text()) for i in range(2)]
-    assert [o["process"] for o in outs] == [0, 1] and outs[0]["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert [o["process"] for o in outs] == [0, 1]
+    assert outs[0]["mesh"] == {"data": 2, "fsdp": 4, "sequence": 1, "tensor": 1}
     for b0, b1 in zip(outs[0]["batches"], outs[1]["batches"]):
         reference = stage.train_data.batch(b0["cursor"], 8, 0, 1)["tokens"]  # one process reads it all
         # Process p reads stream rows [cursor + 4p, cursor + 4p + 4): disjoint, and together the batch.
@@ -351,15 +352,19 @@ class FakeDevice:
 def test_mesh_across_processes_puts_each_process_in_its_own_block():
     devices = [FakeDevice(i, i // 4) for i in range(8)]  # 2 processes x 4 devices
     process = np.vectorize(lambda d: d.process_index)
-    grid = sharding.device_grid([2, 4, 1], devices)  # data across the processes
-    np.testing.assert_array_equal(process(grid)[:, :, 0], [[0] * 4, [1] * 4])
-    grid = sharding.device_grid([1, 8, 1], devices)  # data=1: the processes split fsdp
-    np.testing.assert_array_equal(process(grid)[0, :, 0], [0] * 4 + [1] * 4)
-    grid = sharding.device_grid([4, 2, 1], devices)
-    np.testing.assert_array_equal(process(grid)[:, 0, 0], [0, 0, 1, 1])
+    grid = sharding.device_grid([2, 4, 1, 1], devices)  # data across the processes
+    np.testing.assert_array_equal(process(grid)[:, :, 0, 0], [[0] * 4, [1] * 4])
+    grid = sharding.device_grid([1, 8, 1, 1], devices)  # data=1: the processes split fsdp
+    np.testing.assert_array_equal(process(grid)[0, :, 0, 0], [0] * 4 + [1] * 4)
+    grid = sharding.device_grid([4, 2, 1, 1], devices)
+    np.testing.assert_array_equal(process(grid)[:, 0, 0, 0], [0, 0, 1, 1])
     assert sorted(d.id for d in grid.flat) == list(range(8))
+    grid = sharding.device_grid([2, 1, 2, 2], devices)  # sequence and tensor stay inside a process
+    np.testing.assert_array_equal(process(grid)[:, 0], [[[0, 0], [0, 0]], [[1, 1], [1, 1]]])
     with pytest.raises(ConfigError, match="mesh.data or mesh.fsdp must be a multiple of 2"):
-        sharding.device_grid([1, 1, 8], devices)  # tensor parallelism across hosts: refused
+        sharding.device_grid([1, 1, 1, 8], devices)  # tensor parallelism across hosts: refused
+    with pytest.raises(ConfigError, match="mesh.data or mesh.fsdp must be a multiple of 2"):
+        sharding.device_grid([1, 1, 8, 1], devices)  # and so is context parallelism
 
 
 def test_launch_scripts_parse_and_explain_themselves():

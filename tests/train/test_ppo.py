@@ -78,7 +78,8 @@ def test_the_update_step_sharded_equals_one_device_and_trains_both_roles():
     batch = {k: v[None] for k, v in _rollout_batch(rng, 8).items()}
     out = {}
     for name, devices, mesh in (("one", jax.devices()[:1], dict(fsdp=1, tensor=1)),
-                                ("eight", None, dict(fsdp=4, tensor=2))):
+                                ("eight", None, dict(fsdp=4, tensor=2)),
+                                ("sequence", None, dict(fsdp=2, sequence=2, tensor=2))):  # context parallel
         cfg = dataclasses.replace(CFG, mesh=dataclasses.replace(CFG.mesh, rules="fsdp_tp", **mesh))
         roles = trained(ppo.ppo_roles(cfg))
         assert [r.name for r in roles] == ["policy", "value"]
@@ -90,11 +91,12 @@ def test_the_update_step_sharded_equals_one_device_and_trains_both_roles():
         for role in ("policy", "value"):  # both trained roles moved
             assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before[role]),
                                                                 jax.tree.leaves(out[name][0][role])))
-    (p1, o1), (p8, o8) = out["one"], out["eight"]
-    for k in ("loss", "policy_loss", "value_loss", "entropy"):
-        np.testing.assert_allclose(o8["metrics"][k][0], o1["metrics"][k][0], rtol=1e-5, atol=1e-6)
-    for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1)):
-        np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-5)
+    p1, o1 = out["one"]
+    for p8, o8 in (out["eight"], out["sequence"]):
+        for k in ("loss", "policy_loss", "value_loss", "entropy"):
+            np.testing.assert_allclose(o8["metrics"][k][0], o1["metrics"][k][0], rtol=1e-5, atol=1e-6)
+        for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1)):
+            np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-5)
 
 
 def _rows(run_dir):
