@@ -56,6 +56,7 @@ def parser() -> argparse.ArgumentParser:
                          ". Resumes from RUN_DIR's latest checkpoint; writes RUN_DIR/config.yaml, "
                          "metrics.jsonl, tensorboard/ and checkpoints/.")
     _common(pre)
+    pre.add_argument("--json", action="store_true", help="end with the run's summary as one JSON line (for scripts)")
     sft = sub.add_parser("sft", help=COMMANDS["sft"], description=COMMANDS["sft"] +
                          ". Starts from train.init_from (a pretrained or converted run), resumes from "
                          "RUN_DIR's latest checkpoint; counts unusable records; with sft.tasks, reports "
@@ -335,12 +336,20 @@ def _pretrain(cfg, args) -> int:
     summary = pretrain.main(cfg)
     if _process_index() != 0:  # one summary per run, from process 0
         return 0
-    print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (list, dict))}))
+    if args.json:
+        print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (list, dict))}))
+        return 0
+    print(f"[jaxlm] done: step {summary['final_step']}, train loss {summary.get('loss') or float('nan'):.3f}, "
+          f"{summary.get('tokens_per_s', 0):.0f} tokens/s, MFU {summary.get('mfu', 0):.2f}, {summary['skipped']} "
+          f"steps skipped, {summary['restores']} restores")
     if "eval_loss" in summary:
         ln2 = math.log(2)
         print(f"held-out loss {summary['eval_loss']:.3f} nats/token ({summary['eval_loss'] / ln2:.3f} bits); "
               f"unigram entropy of the training data {summary['unigram_entropy_nats']:.3f} nats/token "
               f"({summary['unigram_entropy_nats'] / ln2:.3f} bits)")
+    run = cfg.train.run_dir
+    print(f"run directory: {run} (config.yaml, checkpoints/, metrics.jsonl; tensorboard --logdir {run}/tensorboard)")
+    print(f"next: jaxlm generate {run} --prompt 'def '   or   jaxlm eval {run}")
     return 0
 
 

@@ -187,9 +187,17 @@ def run(cfg: Config, stage: Stage, devices=None) -> dict:
         frozen_params[role.name], from_step = role_params(role, seed_key, mesh, cfg.mesh.rules)
         if role.init_from:
             log.event("init_from", role=role.name, run_dir=role.init_from, step=from_step)
-    log.event("start", stage=stage.name, step=step, params=model.param_count(stage.roles[0].model),
+    n_params = model.param_count(stage.roles[0].model)
+    log.event("start", stage=stage.name, step=step, params=n_params,
               roles={r.name: "trained" if r.trained else "frozen" for r in stage.roles},
               devices=jax.device_count(), processes=pcount, mesh=dict(mesh.shape), **stage.info)
+    if main:
+        mesh_text = " ".join(f"{k}={v}" for k, v in mesh.shape.items())
+        n_dev = jax.device_count()
+        print(f"[jaxlm] {stage.name}: {n_params / 1e6:.1f}M parameters; {n_dev} {jax.devices()[0].platform} "
+              f"device{'s' * (n_dev > 1)} (mesh {mesh_text}); {t.steps} steps of {t.batch_size} x "
+              f"{t.seq_len} tokens; run directory {run_dir}" + (f"; resuming at step {step}" if step else ""),
+              flush=True)
 
     flops_tok = _flops_per_token(stage.roles, t.seq_len)
     peak = t.peak_tflops * 1e12 or perf.measure_peak_flops()
@@ -224,6 +232,7 @@ def run(cfg: Config, stage: Stage, devices=None) -> dict:
     # One-step-late bookkeeping: `pending` is the last dispatched step's (step, cursor, out, rows).
     window = Window()
     progress = _progress(t.steps, step, enabled=main and t.progress)
+    plain_every = max(t.steps // 10, t.log_every)  # without the bar: a line per tenth of the run
     summary: dict = {}
 
     def handle(done_step, start_cursor, out, seqs) -> bool:
@@ -251,6 +260,9 @@ def run(cfg: Config, stage: Stage, devices=None) -> dict:
             log.scalars(row)
             if row.get("loss") is not None:
                 progress.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tok_s:.0f}")
+            if progress.disable and main and t.progress and (done_step % plain_every == 0 or done_step == t.steps):
+                print(f"[jaxlm] step {done_step}/{t.steps}: loss {row.get('loss') or float('nan'):.3f}, "
+                      f"{tok_s:.0f} tokens/s", flush=True)  # the bar's plain form, where it would flood a log
             summary.update(row)
             window.reset()
         for hook in step_hooks:
@@ -348,6 +360,9 @@ def run(cfg: Config, stage: Stage, devices=None) -> dict:
                 if ev:
                     log.scalars({"step": step, **ev})
                     summary.update(ev)
+                    if main:
+                        _say(progress, f"[jaxlm] step {step}: held-out " + ", ".join(
+                            f"{k[5:]} {v:.4g}" for k, v in ev.items() if isinstance(v, float)))
         if stop:
             log.event("interrupted", step=step, signal=signal.Signals(stop[0]).name)
             if pending is not None:
@@ -381,6 +396,18 @@ def run(cfg: Config, stage: Stage, devices=None) -> dict:
 
 
 def _progress(total: int, initial: int, enabled: bool):
+    """A progress bar on a terminal; none (disabled) where stderr is a file, which it would flood."""
+    import sys
+
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, disable=not (enabled and sys.stderr.isatty()), unit="step",
+                dynamic_ncols=True)
+
+
+def _say(progress, text: str) -> None:
+    """A line above the progress bar (or plain, without one)."""
+    if progress.disable:
+        print(text, flush=True)
+    else:
+        progress.write(text)

@@ -170,7 +170,7 @@ def test_two_processes_train_like_one(single, double):
         got, want = losses(run_dir, key), losses(single, key)
         assert sorted(got) == sorted(want)
         np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=RTOL)
-    assert sum(line.startswith("{") for line in stdout.splitlines()) == 1  # one summary, process 0's
+    assert sum(line.startswith("[jaxlm] done:") for line in stdout.splitlines()) == 1  # one summary, process 0's
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["3", "6"]
 
 
