@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from jaxlm import perf, sharding
-from jaxlm.config import Config
+from jaxlm.config import Config, ConfigError
 from jaxlm.train.pretrain import lm_objective, policy_role
 from jaxlm.train.state import compile_stage
 
@@ -68,6 +68,9 @@ def run(cfg: Config, steps: int, rounds: int = 1, compare=None, sampler: bool = 
     (reference step time over jaxlm's: > 1 is jaxlm faster), and `sampler_report` unless off."""
     import statistics
 
+    if cfg.model.arch != "decoder":
+        raise ConfigError(f"jaxlm bench times the decoder's train step; model.arch={cfg.model.arch} is not "
+                          "benchmarked yet (its throughput: tokens_per_s in a run's metrics.jsonl)")
     time_steps, info = train_step_timer(cfg)
     ratios: dict[str, list[float]] = {}
     step_times = []

@@ -52,6 +52,14 @@ def test_negative_peaks_are_config_errors():
             from_dict({**TREE, "train": {**TREE["train"], key: -1.0}})
 
 
+def test_an_encoder_decoder_is_one_line_not_a_traceback():
+    from jaxlm import bench
+
+    cfg = from_dict({**TREE, "model": {**TREE.get("model", {}), "arch": "encoder_decoder"}})
+    with pytest.raises(ConfigError, match="model.arch=encoder_decoder is not benchmarked yet"):
+        bench.run(cfg, steps=1)
+
+
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU kernels")
 @pytest.mark.parametrize("seq_len, kernel", [(128, "blocks"), (32, "xla"), (128, "reference"), (128, "rows")])
 def test_report_names_the_attention_kernel_of_the_step(seq_len, kernel):
