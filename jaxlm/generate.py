@@ -6,7 +6,7 @@ token's log-probability under the sampling distribution and under the unmodified
 
 How it runs: prompts are re-laid left-padded into a bucket of width P' (the next power of
 two >= 16 that holds the longest prompt), so every row writes the same cache column at each
-step (`jaxlm.model.attention.KVCache`). One jitted function does the prefill (one forward
+step (`jaxlm.model.kv_cache.KVCache`). One jitted function does the prefill (one forward
 over [B, P'], or bidirectional over the prompt for a prefix LM), samples the first token,
 then runs `lax.while_loop` over one-token decode steps until every row has stopped (a stop
 token, or its own length limit) or the budget is spent. Decode steps run the layers unrolled

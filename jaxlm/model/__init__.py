@@ -17,7 +17,7 @@ from flax import nnx
 
 from jaxlm import sharding
 from jaxlm.config import ModelConfig
-from jaxlm.model.attention import KVCache
+from jaxlm.model.kv_cache import KVCache
 from jaxlm.model.encdec import EncoderDecoder
 from jaxlm.model.transformer import Transformer, init_cache
 

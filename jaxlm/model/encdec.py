@@ -27,6 +27,7 @@ from flax import nnx
 from jaxlm import sharding
 from jaxlm.config import ModelConfig
 from jaxlm.model import attention as attn_lib
+from jaxlm.model import kv_cache
 from jaxlm.model.layers import MLP, Attention, Embed, RMSNorm, _normal
 from jaxlm.model.transformer import _REMAT_POLICIES, CACHE_AXES, Block, Transformer, _dtypes, _rope, write_cache
 
@@ -47,7 +48,7 @@ class CrossAttention(Attention):
     def cached(self, x_BTD, k_BKSH, v_BKSH, mask):
         """Cross-attention of new decoder columns over keys and values from `keys_values`."""
         q_BTNH = self.qkv(x_BTD, x_BTD[:, :1])[0]
-        return self.output(attn_lib.attention_cached(q_BTNH, k_BKSH, v_BKSH, mask))
+        return self.output(kv_cache.attention_cached(q_BTNH, k_BKSH, v_BKSH, mask))
 
 
 class DecoderBlock(nnx.Module):
@@ -73,9 +74,9 @@ class DecoderBlock(nnx.Module):
         layer's cache (in place). Returns (x, k cache, v cache)."""
         q_BTNH, k_BTKH, v_BTKH = self.attn.project(self.attn_norm(x_BTD), sin, cos)
         start_B = jnp.zeros(x_BTD.shape[:1], jnp.int32)
-        k_BKSH = write_cache(k_BKSH, k_BTKH, index, start_B, False, attn_lib.Layout())
-        v_BKSH = write_cache(v_BKSH, v_BTKH, index, start_B, False, attn_lib.Layout())
-        x_BTD = x_BTD + self.attn.output(attn_lib.attention_cached(q_BTNH, k_BKSH, v_BKSH, mask))
+        k_BKSH = write_cache(k_BKSH, k_BTKH, index, start_B, False, kv_cache.Layout())
+        v_BKSH = write_cache(v_BKSH, v_BTKH, index, start_B, False, kv_cache.Layout())
+        x_BTD = x_BTD + self.attn.output(kv_cache.attention_cached(q_BTNH, k_BKSH, v_BKSH, mask))
         x_BTD = x_BTD + self.cross.cached(self.cross_norm(x_BTD), cross_k, cross_v, cross_mask)
         return sharding.constrain(x_BTD + self.mlp(self.mlp_norm(x_BTD)), ACT), k_BKSH, v_BKSH
 
@@ -123,7 +124,7 @@ class DecodingCache(NamedTuple):
     """Generation state: the decoder's own KV cache (columns from 0, no padding), every layer's
     cross-attention keys and values [B, K, S, H] (tuples of L), and which encoder columns are real."""
 
-    self_cache: attn_lib.KVCache
+    self_cache: kv_cache.KVCache
     cross_k: tuple
     cross_v: tuple
     enc_real_BS: jax.Array
@@ -181,7 +182,7 @@ class EncoderDecoder(nnx.Module):
                                      None, layer_state)
         shape = (B, cfg.n_kv_heads, length, cfg.head_dim)
         zeros = (sharding.constrain(jnp.zeros(shape, jnp.dtype(cfg.compute_dtype)), CACHE_AXES),) * cfg.n_layers
-        own = attn_lib.KVCache(zeros, zeros, jnp.zeros((), jnp.int32), jnp.zeros((B,), jnp.int32))
+        own = kv_cache.KVCache(zeros, zeros, jnp.zeros((), jnp.int32), jnp.zeros((B,), jnp.int32))
         return DecodingCache(own, tuple(jnp.unstack(k_L)), tuple(jnp.unstack(v_L)), real_BS)
 
     def step(self, tokens_BT, cache: DecodingCache):
@@ -190,7 +191,7 @@ class EncoderDecoder(nnx.Module):
         own = cache.self_cache
         B, T = tokens_BT.shape
         N, S = own.k_BKSH[0].shape[2], cache.enc_real_BS.shape[1]
-        mask = attn_lib.cache_mask(own.start_B, own.index, T, N)
+        mask = kv_cache.cache_mask(own.start_B, own.index, T, N)
         cross_mask = attn_lib.Mask(jnp.broadcast_to(cache.enc_real_BS[:, None, :], (B, T, S)), causal=False)
         sin, cos = _rope(self.cfg, jnp.broadcast_to(own.index + jnp.arange(T, dtype=jnp.int32), (B, T)))
         x_BTD = sharding.constrain(self.embed(tokens_BT), ACT)

@@ -12,6 +12,7 @@ from flax import nnx
 from jaxlm import sharding
 from jaxlm.config import ModelConfig
 from jaxlm.model import attention as attn_lib
+from jaxlm.model import kv_cache
 from jaxlm.model.layers import MLP, Attention, Embed, RMSNorm, _normal, dense
 
 _REMAT_POLICIES = {
@@ -54,7 +55,7 @@ class Block(nnx.Module):
         return sharding.constrain(x_BTD, ("act_batch", "act_seq", "act_embed"))
 
     def extend(self, x_BTD, sin, cos, mask, k_BKSH, v_BKSH, index, start_B, first: bool,
-               layout: attn_lib.Layout):
+               layout: kv_cache.Layout):
         """The block on T new columns: writes their keys and values into this layer's cache at
         column `index` (in place; `write_cache`), attends over the cache (or, when `first`, over
         the chunk alone: nothing precedes it). Returns (x, k cache, v cache)."""
@@ -64,14 +65,14 @@ class Block(nnx.Module):
         if first:
             out_BTNH = attn_lib.attend(q_BTNH, k_BTKH, v_BTKH, mask, impl=self.attn.attention)
         else:
-            out_BTNH = attn_lib.attention_cached(q_BTNH, k_BKSH, v_BKSH, mask)
+            out_BTNH = kv_cache.attention_cached(q_BTNH, k_BKSH, v_BKSH, mask)
         x_BTD = x_BTD + self.attn.output(out_BTNH)
         x_BTD = sharding.constrain(x_BTD, ("act_batch", "act_seq", "act_embed"))
         x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
         return sharding.constrain(x_BTD, ("act_batch", "act_seq", "act_embed")), k_BKSH, v_BKSH
 
 
-def write_cache(cache_BKSH, x_BTKH, index, start_B, first: bool, layout: attn_lib.Layout):
+def write_cache(cache_BKSH, x_BTKH, index, start_B, first: bool, layout: kv_cache.Layout):
     """The cache with T new columns index..index+T-1 written where `layout` puts them.
 
     Plain layout: one `dynamic_update_slice` at slot `index`. Ring layout: a prefill (`first`,
@@ -108,12 +109,12 @@ def write_cache(cache_BKSH, x_BTKH, index, start_B, first: bool, layout: attn_li
 CACHE_AXES = ("act_batch", "act_heads", None, "head_dim")
 
 
-def cache_layout(cfg: ModelConfig) -> attn_lib.Layout:
+def cache_layout(cfg: ModelConfig) -> kv_cache.Layout:
     """The KV cache's layout: a ring (and sink slots) under a sliding window, plain otherwise."""
-    return attn_lib.Layout(cfg.sliding_window, cfg.attention_sinks if cfg.sliding_window else 0)
+    return kv_cache.Layout(cfg.sliding_window, cfg.attention_sinks if cfg.sliding_window else 0)
 
 
-def init_cache(cfg: ModelConfig, batch: int, length: int, start_B=None) -> attn_lib.KVCache:
+def init_cache(cfg: ModelConfig, batch: int, length: int, start_B=None) -> kv_cache.KVCache:
     """An empty cache for `length` columns of `batch` rows (start_B: first real column per row).
 
     Under a sliding window W it has attention_sinks + min(length, W) slots, however long `length`:
@@ -124,7 +125,7 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, start_B=None) -> attn_
     shape = (batch, cfg.n_kv_heads, slots, cfg.head_dim)
     zeros = (sharding.constrain(jnp.zeros(shape, jnp.dtype(cfg.compute_dtype)), CACHE_AXES),) * cfg.n_layers
     start_B = jnp.zeros((batch,), jnp.int32) if start_B is None else jnp.asarray(start_B, jnp.int32)
-    return attn_lib.KVCache(zeros, zeros, jnp.zeros((), jnp.int32), start_B)
+    return kv_cache.KVCache(zeros, zeros, jnp.zeros((), jnp.int32), start_B)
 
 
 def value_head_init(cfg: ModelConfig, key: jax.Array) -> jax.Array:
@@ -176,7 +177,7 @@ class Transformer(nnx.Module):
                 x_BTD, _ = body(x_BTD, jax.tree.map(lambda a: a[layer], layer_state))
         return self.final_norm(x_BTD)
 
-    def extend(self, tokens_BT, cache: attn_lib.KVCache, *, first: bool = False,
+    def extend(self, tokens_BT, cache: kv_cache.KVCache, *, first: bool = False,
                bidirectional: bool = False, layers=None):
         """Final-norm hidden states [B, T, D] of T new tokens per row at columns cache.index..,
         and the cache holding their keys and values (index advanced by T).
@@ -194,9 +195,9 @@ class Transformer(nnx.Module):
         columns_T = cache.index + jnp.arange(T, dtype=jnp.int32)
         positions_BT = jnp.maximum(columns_T[None, :] - cache.start_B[:, None], 0)
         layout = cache_layout(cfg)
-        mask = attn_lib.cache_mask(cache.start_B, cache.index, T, T if first else S, bidirectional,
+        mask = kv_cache.cache_mask(cache.start_B, cache.index, T, T if first else S, bidirectional,
                                    window=layout.window, sinks=layout.sinks,
-                                   layout=attn_lib.Layout() if first else layout)
+                                   layout=kv_cache.Layout() if first else layout)
         sin, cos = _rope(cfg, positions_BT)
         x_BTD = sharding.constrain(self.embed(tokens_BT), ("act_batch", "act_seq", "act_embed"))
         layer_def, layer_state = nnx.split(self.layers)

@@ -14,7 +14,7 @@ import pytest
 
 from jaxlm import model, sharding
 from jaxlm.config import PRESET_NAMES, MeshConfig, ModelConfig, model_preset
-from jaxlm.model import attention, layers
+from jaxlm.model import attention, kv_cache, layers
 
 ODD = ModelConfig(vocab_size=37, d_model=24, n_layers=3, n_heads=6, n_kv_heads=2, d_ff=40,
                   max_seq_len=64, rope_theta=100.0)
@@ -307,14 +307,14 @@ def test_cached_attention_matches_reference_over_the_cache_layout(bidirectional,
     B, N, K, H, S = 2, 6, 2, 4, 12
     q = jnp.asarray(np.random.default_rng(0).standard_normal((B, 2, N, H)), dtype)
     k, v = (jnp.asarray(np.random.default_rng(i).standard_normal((B, S, K, H)), dtype) for i in (1, 2))
-    mask = attention.cache_mask(jnp.asarray([0, 4]), 9, 2, S, bidirectional)
-    got = attention.attention_cached(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
+    mask = kv_cache.cache_mask(jnp.asarray([0, 4]), 9, 2, S, bidirectional)
+    got = kv_cache.attention_cached(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
     want = attention.attention_reference(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), mask)
     assert got.dtype == dtype
     np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=tol, atol=tol)
     # The mask matters: row 1 would differ if its padding columns were attended to.
     unpadded = attention.attention_reference(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
-                                             attention.cache_mask(jnp.asarray([0, 0]), 9, 2, S, bidirectional))
+                                             kv_cache.cache_mask(jnp.asarray([0, 0]), 9, 2, S, bidirectional))
     assert float(jnp.abs(want[1] - unpadded[1]).max()) > 1e-2
 
 
