@@ -29,7 +29,8 @@ from jaxlm.config import ModelConfig
 from jaxlm.model import attention as attn_lib
 from jaxlm.model import kv_cache
 from jaxlm.model.layers import MLP, Attention, Embed, RMSNorm, _normal
-from jaxlm.model.transformer import _REMAT_POLICIES, CACHE_AXES, Block, Transformer, _dtypes, _rope, write_cache
+from jaxlm.model.transformer import (Block, Transformer, _dtypes, _rope, init_cache, run_stack, stacked_blocks,
+                                     write_cache)
 
 ACT = ("act_batch", "act_seq", "act_embed")
 
@@ -81,30 +82,6 @@ class DecoderBlock(nnx.Module):
         return sharding.constrain(x_BTD + self.mlp(self.mlp_norm(x_BTD)), ACT), k_BKSH, v_BKSH
 
 
-def _stack(block_cls, cfg: ModelConfig, n: int, rngs: nnx.Rngs):
-    """n blocks with their params stacked on a leading axis (one module, scanned at use)."""
-    block_def = nnx.graphdef(nnx.eval_shape(lambda: block_cls(cfg, rngs=nnx.Rngs(0))))
-    keys = jax.random.split(rngs.params(), n)
-    return nnx.merge(block_def, jax.vmap(lambda k: nnx.state(block_cls(cfg, rngs=nnx.Rngs(k))))(keys))
-
-
-def _run_stack(cfg: ModelConfig, layers, x_BTD, *args):
-    """x through the stacked blocks `layers` (each called as block(x, *args)), scanned or looped."""
-    layer_def, layer_state = nnx.split(layers)
-
-    def body(x_BTD, state):
-        return nnx.merge(layer_def, state)(x_BTD, *args), None
-
-    if cfg.remat != "none":
-        body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
-    n = jax.tree.leaves(layer_state)[0].shape[0]
-    if cfg.scan_layers:
-        return jax.lax.scan(body, x_BTD, layer_state, unroll=min(cfg.scan_unroll, n))[0]
-    for layer in range(n):
-        x_BTD, _ = body(x_BTD, jax.tree.map(lambda a: a[layer], layer_state))
-    return x_BTD
-
-
 def _positions(positions_BT, B: int, T: int):
     if positions_BT is not None:
         return positions_BT
@@ -135,9 +112,9 @@ class EncoderDecoder(nnx.Module):
         dt = _dtypes(cfg)
         self.cfg = cfg
         self.embed = Embed(cfg.vocab_size, cfg.d_model, cfg.init_std, **dt, rngs=rngs)
-        self.encoder = _stack(Block, cfg, cfg.n_encoder_layers or cfg.n_layers, rngs)
+        self.encoder = stacked_blocks(Block, cfg, cfg.n_encoder_layers or cfg.n_layers, rngs)
         self.encoder_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype=dt["param_dtype"], rngs=rngs)
-        self.decoder = _stack(DecoderBlock, cfg, cfg.n_layers, rngs)
+        self.decoder = stacked_blocks(DecoderBlock, cfg, cfg.n_layers, rngs)
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype=dt["param_dtype"], rngs=rngs)
         self.lm_head = None if cfg.tie_embeddings else nnx.Param(
             _normal(rngs, (cfg.d_model, cfg.vocab_size), cfg.init_std, dt["param_dtype"]),
@@ -150,7 +127,7 @@ class EncoderDecoder(nnx.Module):
         mask = attn_lib.make_mask(S, segment_ids_BS, positions_BS, prefix_mask_BT=everywhere_BS)
         sin, cos = _rope(self.cfg, _positions(positions_BS, B, S))
         x_BSD = sharding.constrain(self.embed(tokens_BS), ACT)
-        return self.encoder_norm(_run_stack(self.cfg, self.encoder, x_BSD, sin, cos, mask))
+        return self.encoder_norm(run_stack(self.cfg, self.encoder, x_BSD, sin, cos, mask))
 
     def decode(self, enc_BSD, tokens_BT, segment_ids_BT=None, positions_BT=None, encoder_segment_ids_BS=None):
         """The decoder's final-norm hidden states [B, T, D] over the encoder output `enc_BSD`."""
@@ -159,7 +136,7 @@ class EncoderDecoder(nnx.Module):
         xmask = cross_mask(segment_ids_BT, encoder_segment_ids_BS, B, T, enc_BSD.shape[1])
         sin, cos = _rope(self.cfg, _positions(positions_BT, B, T))
         x_BTD = sharding.constrain(self.embed(tokens_BT), ACT)
-        return self.final_norm(_run_stack(self.cfg, self.decoder, x_BTD, sin, cos, mask, enc_BSD, xmask))
+        return self.final_norm(run_stack(self.cfg, self.decoder, x_BTD, sin, cos, mask, enc_BSD, xmask))
 
     def hidden(self, tokens_BS, segment_ids_BS=None, positions_BS=None, *, decoder_tokens, decoder_segment_ids=None,
                decoder_positions=None):
@@ -180,9 +157,7 @@ class EncoderDecoder(nnx.Module):
         layer_def, layer_state = nnx.split(self.decoder)
         _, (k_L, v_L) = jax.lax.scan(lambda _, s: (None, nnx.merge(layer_def, s).cross.keys_values(enc_BSD)),
                                      None, layer_state)
-        shape = (B, cfg.n_kv_heads, length, cfg.head_dim)
-        zeros = (sharding.constrain(jnp.zeros(shape, jnp.dtype(cfg.compute_dtype)), CACHE_AXES),) * cfg.n_layers
-        own = kv_cache.KVCache(zeros, zeros, jnp.zeros((), jnp.int32), jnp.zeros((B,), jnp.int32))
+        own = init_cache(cfg, B, length)  # the decoder's columns start at 0: no padding
         return DecodingCache(own, tuple(jnp.unstack(k_L)), tuple(jnp.unstack(v_L)), real_BS)
 
     def step(self, tokens_BT, cache: DecodingCache):
@@ -192,14 +167,14 @@ class EncoderDecoder(nnx.Module):
         B, T = tokens_BT.shape
         N, S = own.k_BKSH[0].shape[2], cache.enc_real_BS.shape[1]
         mask = kv_cache.cache_mask(own.start_B, own.index, T, N)
-        cross_mask = attn_lib.Mask(jnp.broadcast_to(cache.enc_real_BS[:, None, :], (B, T, S)), causal=False)
+        xmask = cross_mask(None, cache.enc_real_BS.astype(jnp.int32), B, T, S)  # every real input token
         sin, cos = _rope(self.cfg, jnp.broadcast_to(own.index + jnp.arange(T, dtype=jnp.int32), (B, T)))
         x_BTD = sharding.constrain(self.embed(tokens_BT), ACT)
         layer_def, layer_state = nnx.split(self.decoder)
 
         def body(x_BTD, xs):
             state, k, v, ck, cv = xs
-            x_BTD, k, v = nnx.merge(layer_def, state).step(x_BTD, sin, cos, mask, k, v, own.index, ck, cv, cross_mask)
+            x_BTD, k, v = nnx.merge(layer_def, state).step(x_BTD, sin, cos, mask, k, v, own.index, ck, cv, xmask)
             return x_BTD, (k, v)
 
         stacked = (layer_state, *(jnp.stack(c) for c in (own.k_BKSH, own.v_BKSH, cache.cross_k, cache.cross_v)))

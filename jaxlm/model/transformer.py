@@ -135,15 +135,37 @@ def value_head_init(cfg: ModelConfig, key: jax.Array) -> jax.Array:
     return (std * jax.random.normal(key, (cfg.d_model,), jnp.float32)).astype(jnp.dtype(cfg.param_dtype))
 
 
+def stacked_blocks(block_cls, cfg: ModelConfig, n: int, rngs: nnx.Rngs):
+    """n blocks with their params stacked on a leading axis (one module, scanned at use)."""
+    block_def = nnx.graphdef(nnx.eval_shape(lambda: block_cls(cfg, rngs=nnx.Rngs(0))))
+    keys = jax.random.split(rngs.params(), n)
+    return nnx.merge(block_def, jax.vmap(lambda k: nnx.state(block_cls(cfg, rngs=nnx.Rngs(k))))(keys))
+
+
+def run_stack(cfg: ModelConfig, layers, x_BTD, *args):
+    """x through the stacked blocks `layers` (each called as block(x, *args)): one `lax.scan`, or a
+    Python loop over per-layer slices (model.scan_layers: false), rematerialized per model.remat."""
+    layer_def, layer_state = nnx.split(layers)
+
+    def body(x_BTD, state):
+        return nnx.merge(layer_def, state)(x_BTD, *args), None
+
+    if cfg.remat != "none":
+        body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    n = jax.tree.leaves(layer_state)[0].shape[0]
+    if cfg.scan_layers:
+        return jax.lax.scan(body, x_BTD, layer_state, unroll=min(cfg.scan_unroll, n))[0]
+    for layer in range(n):
+        x_BTD, _ = body(x_BTD, jax.tree.map(lambda a: a[layer], layer_state))
+    return x_BTD
+
+
 class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         dt = _dtypes(cfg)
         self.cfg = cfg
         self.embed = Embed(cfg.vocab_size, cfg.d_model, cfg.init_std, **dt, rngs=rngs)
-        block_def = nnx.graphdef(nnx.eval_shape(lambda: Block(cfg, rngs=nnx.Rngs(0))))
-        keys = jax.random.split(rngs.params(), cfg.n_layers)
-        stacked = jax.vmap(lambda k: nnx.state(Block(cfg, rngs=nnx.Rngs(k))))(keys)
-        self.layers = nnx.merge(block_def, stacked)
+        self.layers = stacked_blocks(Block, cfg, cfg.n_layers, rngs)
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype=dt["param_dtype"], rngs=rngs)
         self.lm_head = None if cfg.tie_embeddings else nnx.Param(
             _normal(rngs, (cfg.d_model, cfg.vocab_size), cfg.init_std, dt["param_dtype"]),
@@ -162,20 +184,7 @@ class Transformer(nnx.Module):
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         sin, cos = _rope(cfg, positions_BT)
         x_BTD = sharding.constrain(self.embed(tokens_BT), ("act_batch", "act_seq", "act_embed"))
-
-        layer_def, layer_state = nnx.split(self.layers)
-
-        def body(x_BTD, state):
-            return nnx.merge(layer_def, state)(x_BTD, sin, cos, mask), None
-
-        if cfg.remat != "none":
-            body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        if cfg.scan_layers:
-            x_BTD, _ = jax.lax.scan(body, x_BTD, layer_state, unroll=min(cfg.scan_unroll, cfg.n_layers))
-        else:
-            for layer in range(cfg.n_layers):
-                x_BTD, _ = body(x_BTD, jax.tree.map(lambda a: a[layer], layer_state))
-        return self.final_norm(x_BTD)
+        return self.final_norm(run_stack(cfg, self.layers, x_BTD, sin, cos, mask))
 
     def extend(self, tokens_BT, cache: kv_cache.KVCache, *, first: bool = False,
                bidirectional: bool = False, layers=None):

@@ -2,12 +2,14 @@
 literal, batches, and decoding without the control ids."""
 from __future__ import annotations
 
+import abc
+
 import numpy as np
 
 from jaxlm.data.tokenizers.specials import SpecialIds, encode_literally
 
 
-class SubwordTokenizer:
+class SubwordTokenizer(abc.ABC):
     """encode / encode_batch / decode over a library's three calls, `_encode(text) -> ids`,
     `_encode_many(texts, num_threads) -> [ids]` and `_decode(ids) -> text`; adds no bos/eos.
 
@@ -22,14 +24,17 @@ class SubwordTokenizer:
         self.pad_id, self.bos_id, self.eos_id = special_ids.pad, special_ids.bos, special_ids.eos
         self._dropped = np.array([i for i in (self.pad_id, self.bos_id, self.eos_id) if i is not None], np.int64)
 
+    @abc.abstractmethod
     def _encode(self, text: str) -> list[int]:
-        raise NotImplementedError
+        """The library's ids of `text`, its special symbols matched as it matches them."""
 
+    @abc.abstractmethod
     def _encode_many(self, texts: list[str], num_threads: int) -> list[list[int]]:
-        raise NotImplementedError
+        """`_encode` of each text, batched by the library."""
 
+    @abc.abstractmethod
     def _decode(self, ids: list[int]) -> str:
-        raise NotImplementedError
+        """The library's text of ids (control ids already dropped)."""
 
     def encode(self, text: str, specials: bool = False) -> np.ndarray:
         """`text` -> int32 ids [n]; adds no bos/eos. A special symbol written in the text is encoded
