@@ -18,8 +18,18 @@ class ModelConfig:
     n_layers: int = 4  # decoder blocks
     n_heads: int = 4  # query heads; head dim = d_model / n_heads
     n_kv_heads: int = 2  # key/value heads (grouped-query attention; = n_heads: multi-head)
-    d_ff: int = 352  # SwiGLU hidden width
+    d_ff: int = 352  # the gated feed-forward's hidden width
+    # the gated feed-forward's gate, down(act(gate(x)) * up(x)): silu (SwiGLU, LLaMA) | gelu_tanh
+    # (GeGLU with the tanh-approximate GELU: T5 v1.1's and UL2's gated-gelu)
+    activation: str = "silu"
     max_seq_len: int = 256  # the longest sequence the model is made for (train.seq_len <= it)
+    # rope (rotary embeddings on queries and keys) | t5_relative (T5's learned bias per head on the
+    # attention logits, by bucket of relative distance: one bucket per distance up to a quarter of
+    # relative_buckets (encoder, both ways) or half (decoder), then logarithmic up to
+    # relative_max_distance; one table per stack; model.arch=encoder_decoder only)
+    position: str = "rope"
+    relative_buckets: int = 32  # t5_relative: buckets of relative distance (half each way in the encoder)
+    relative_max_distance: int = 128  # t5_relative: distances from here on share the last bucket
     rope_theta: float = 10_000.0  # RoPE base: frequencies theta^(-2i/head_dim)
     # RoPE frequency scaling for long context (`jaxlm.model.attention.rope_inv_freq`):
     # none | linear (every frequency / factor: Position Interpolation) | llama3 (Llama 3.1: low
@@ -106,6 +116,8 @@ def model_preset(name: str) -> ModelConfig:
 
 CHOICES = {
     "model.arch": ("decoder", "encoder_decoder"),
+    "model.position": ("rope", "t5_relative"),
+    "model.activation": ("silu", "gelu_tanh"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "dots", "full"),
@@ -129,6 +141,17 @@ def validate(m: ModelConfig) -> None:
         for key in ("value_head", "sliding_window"):
             check(not getattr(m, key), f"model.{key}={getattr(m, key)} is not supported with "
                   f"model.arch=encoder_decoder yet; allowed: model.arch=decoder")
+    if m.position == "t5_relative":
+        check(m.arch == "encoder_decoder", "model.position=t5_relative is for model.arch=encoder_decoder; "
+              "allowed with model.arch=decoder: model.position=rope")
+        check(m.rope_scaling == "none", f"model.rope_scaling={m.rope_scaling} scales RoPE, which "
+              "model.position=t5_relative does not use; allowed: none")
+        check(m.attention in ("auto", "reference"), f"model.attention={m.attention} has no attention bias "
+              "(model.position=t5_relative); allowed: auto, reference")
+        check(m.relative_buckets >= 4, f"model.relative_buckets={m.relative_buckets} must be >= 4")
+        check(m.relative_max_distance > m.relative_buckets // 2,
+              f"model.relative_max_distance={m.relative_max_distance} must exceed model.relative_buckets / 2 "
+              f"= {m.relative_buckets // 2} (the decoder's distances that keep a bucket each)")
     check(m.sliding_window >= 0, f"model.sliding_window={m.sliding_window} must be >= 0 (0: off)")
     check(m.attention_sinks >= 0, f"model.attention_sinks={m.attention_sinks} must be >= 0 (0: none)")
     check(m.attention_sinks == 0 or m.sliding_window > 0,

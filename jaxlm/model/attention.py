@@ -167,12 +167,42 @@ class Mask(NamedTuple):
     column (true unless a bidirectional prefix is open). The band, `window` and `sinks` (0: none):
     every key that a query t sees has t - s < window or s < sinks. With `dense_BTS` it is a promise
     about the dense mask that kernels use to skip key blocks; without, it is the rule itself.
+    `bias` [B or 1, N, T, S] float32: added to the scaled logits (T5's relative positions,
+    `relative_bias`); only the reference and XLA paths take one.
     """
 
     dense_BTS: Optional[jax.Array]
     causal: bool = True
     window: int = 0
     sinks: int = 0
+    bias: Optional[jax.Array] = None
+
+
+def relative_bucket(relative, bidirectional: bool, buckets: int, max_distance: int):
+    """T5's bucket of each relative position (key - query), Raffel et al. 2020 (Mesh TensorFlow's
+    `_relative_position_bucket`, as transformers): bidirectional, half the buckets for keys after
+    the query; of each half (all of them one way), the first half holds one distance each and the
+    rest cover distances up to `max_distance` on a log scale, farther ones the last bucket. One way,
+    keys after the query share bucket 0 (the causal mask hides them)."""
+    relative = jnp.asarray(relative, jnp.int32)
+    offset = 0
+    if bidirectional:
+        buckets //= 2
+        offset = jnp.where(relative > 0, buckets, 0)
+        distance = jnp.abs(relative)
+    else:
+        distance = jnp.maximum(-relative, 0)
+    exact = buckets // 2
+    log_ratio = jnp.log(jnp.maximum(distance, exact).astype(jnp.float32) / exact) / np.log(max_distance / exact)
+    far = jnp.minimum(exact + (log_ratio * (buckets - exact)).astype(jnp.int32), buckets - 1)
+    return offset + jnp.where(distance < exact, distance, far)
+
+
+def relative_bias(table_RN, q_pos_BT, k_pos_BS, bidirectional: bool, max_distance: int) -> jax.Array:
+    """The attention bias [B, N, T, S] float32 of T5's relative positions: table_RN[bucket] per head."""
+    bucket_BTS = relative_bucket(k_pos_BS[:, None, :] - q_pos_BT[:, :, None], bidirectional, table_RN.shape[0],
+                                 max_distance)
+    return jnp.take(table_RN.astype(jnp.float32), bucket_BTS, axis=0).transpose(0, 3, 1, 2)
 
 
 def in_window(q_pos, k_pos, window: int, sinks: int = 0):
@@ -238,7 +268,7 @@ def attention_reference(q_BTNH, k_BSKH, v_BSKH, mask: Mask) -> jax.Array:
     K = k_BSKH.shape[2]
     q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
     logits_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH).astype(jnp.float32)
-    logits_BKGTS = logits_BKGTS / jnp.sqrt(jnp.float32(H))
+    logits_BKGTS = _biased(logits_BKGTS / jnp.sqrt(jnp.float32(H)), mask.bias)
     allowed_BTS = dense_mask(mask, B, T, k_BSKH.shape[1])
     logits_BKGTS = jnp.where(allowed_BTS[:, None, None], logits_BKGTS, jnp.finfo(jnp.float32).min)
     probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKH.dtype)
@@ -285,9 +315,18 @@ def _scale(H: int) -> np.float32:
     return np.float32(1 / np.sqrt(H))
 
 
-def _scaled_masked(logits_BKGTS, allowed_BTS, H: int):
-    """float32 logits / sqrt(H), and float32's lowest where `allowed` [B, T, S] is false."""
-    return jnp.where(allowed_BTS[:, None, None], logits_BKGTS * _scale(H), jnp.finfo(jnp.float32).min)
+def _biased(logits_BKGTS, bias):
+    """logits + `Mask.bias` [B or 1, N, T, S], its heads grouped as the logits' [K, G]."""
+    if bias is None:
+        return logits_BKGTS
+    _, K, G, T, S = logits_BKGTS.shape
+    return logits_BKGTS + bias.reshape(bias.shape[0], K, G, T, S).astype(jnp.float32)
+
+
+def _scaled_masked(logits_BKGTS, allowed_BTS, H: int, bias=None):
+    """float32 logits / sqrt(H) (+ `bias`), and float32's lowest where `allowed` [B, T, S] is false."""
+    logits_BKGTS = _biased(logits_BKGTS * _scale(H), bias)
+    return jnp.where(allowed_BTS[:, None, None], logits_BKGTS, jnp.finfo(jnp.float32).min)
 
 
 def _key_ranges(i: int, block: int, window: int, sinks: int) -> list[tuple[int, int]]:
@@ -505,6 +544,8 @@ def kernel(impl: str, mask: Mask, T: int, S: int, dtype, H: int, backend: Option
     cudnn_max_H = cudnn_head_dim() if cudnn_max_H is None else cudnn_max_H
     if impl == "reference":
         return "reference"
+    if mask.bias is not None:
+        return "xla"
     blocks_fit = mask.causal and S == T and T % BLOCK == 0 and T > BLOCK
     if blocks_fit and (impl == "blocks" or (impl == "auto" and backend == "cpu")):
         return "blocks"
@@ -539,6 +580,9 @@ def attend(q_BTNH, k_BSKH, v_BSKH, mask: Mask, impl: str = "auto") -> jax.Array:
     B, T, N, H = q_BTNH.shape
     mesh, rules = sharding.sequence_mesh()
     if context_parallel.splits(mesh, T, k_BSKH.shape[1]):
+        if mask.bias is not None:
+            raise ValueError("mesh.sequence > 1 (context parallelism) does not take an attention bias yet "
+                             "(model.position=t5_relative); allowed: mesh.sequence=1")
         local = lambda q, k, v, dense, row0: attention_rows(q, k, v, mask._replace(dense_BTS=dense), row0)
         return context_parallel.attend(mesh, rules, local, q_BTNH, k_BSKH, v_BSKH, mask.dense_BTS)
     name = kernel(impl, mask, T, k_BSKH.shape[1], q_BTNH.dtype, H)
@@ -546,9 +590,10 @@ def attend(q_BTNH, k_BSKH, v_BSKH, mask: Mask, impl: str = "auto") -> jax.Array:
         return attention_reference(q_BTNH, k_BSKH, v_BSKH, mask)
     if name == "blocks":
         return attention_causal_blocks(q_BTNH, k_BSKH, v_BSKH, mask)
-    if mask.dense_BTS is None and not mask.sinks:
+    if mask.dense_BTS is None and not mask.sinks and mask.bias is None:
         window = (mask.window - 1, 0) if mask.window else None
         return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, is_causal=True, local_window_size=window,
                                             implementation=name)
-    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=dense_mask(mask, B, T, k_BSKH.shape[1])[:, None],
+    bias = None if mask.bias is None else mask.bias.astype(q_BTNH.dtype)
+    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, bias, dense_mask(mask, B, T, k_BSKH.shape[1])[:, None],
                                         implementation="xla")

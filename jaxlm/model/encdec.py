@@ -9,8 +9,10 @@ Masks: an encoder token sees every token of its own segment; a decoder token see
 tokens of its own segment and, through cross-attention, every encoder token of the segment with
 the same id, so packed rows (several examples per row, `encoder_segment_ids` and
 `decoder_segment_ids` numbering them alike) never mix. Segment id 0 is padding, on either side.
-Self-attention runs RoPE on each side's positions (restarting per segment); cross-attention has
-no positions, as in T5.
+Self-attention runs RoPE on each side's positions (restarting per segment), or with
+`model.position: t5_relative` T5's learned bias per head by bucket of relative position (one table
+per stack: bidirectional buckets in the encoder, one-way in the decoder); cross-attention has no
+positions, as in T5.
 
 Generation (`start_decoding`, `step`): the inputs are encoded once and every decoder layer's
 cross-attention keys and values computed once; the decoder then runs one token at a time from
@@ -63,7 +65,7 @@ class DecoderBlock(nnx.Module):
         self.cross_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype=dt["param_dtype"], rngs=rngs)
         self.cross = CrossAttention(*args, **dt, rngs=rngs)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype=dt["param_dtype"], rngs=rngs)
-        self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.init_std, **dt, rngs=rngs)
+        self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.init_std, cfg.activation, **dt, rngs=rngs)
 
     def __call__(self, x_BTD, sin, cos, mask, enc_BSD, cross_mask):
         x_BTD = sharding.constrain(x_BTD + self.attn(self.attn_norm(x_BTD), sin, cos, mask), ACT)
@@ -119,13 +121,28 @@ class EncoderDecoder(nnx.Module):
         self.lm_head = None if cfg.tie_embeddings else nnx.Param(
             _normal(rngs, (cfg.d_model, cfg.vocab_size), cfg.init_std, dt["param_dtype"]),
             axes=("embed", "vocab"))
+        # model.position=t5_relative: a bias [buckets, heads] per stack, shared by its layers
+        table = lambda: nnx.Param(_normal(rngs, (cfg.relative_buckets, cfg.n_heads), cfg.init_std,
+                                          dt["param_dtype"]), axes=("buckets", "q_heads"))
+        relative = cfg.position == "t5_relative"
+        self.encoder_relative = table() if relative else None
+        self.decoder_relative = table() if relative else None
+
+    def _positional(self, table, mask, q_pos_BT, k_pos_BS, bidirectional: bool):
+        """(sin, cos, mask) for self-attention: RoPE's tables of the query positions, or with a
+        relative `table` (model.position=t5_relative) none and `mask` carrying its bias."""
+        if table is None:
+            return (*_rope(self.cfg, q_pos_BT), mask)
+        bias = attn_lib.relative_bias(table[...], q_pos_BT, k_pos_BS, bidirectional, self.cfg.relative_max_distance)
+        return None, None, mask._replace(bias=bias)
 
     def encode(self, tokens_BS, segment_ids_BS=None, positions_BS=None):
         """The encoder's final-norm output [B, S, D]: bidirectional within each segment."""
         B, S = tokens_BS.shape
         everywhere_BS = jnp.ones((B, S), bool)  # a prefix as long as the row: both ways
         mask = attn_lib.make_mask(S, segment_ids_BS, positions_BS, prefix_mask_BT=everywhere_BS)
-        sin, cos = _rope(self.cfg, _positions(positions_BS, B, S))
+        positions_BS = _positions(positions_BS, B, S)
+        sin, cos, mask = self._positional(self.encoder_relative, mask, positions_BS, positions_BS, True)
         x_BSD = sharding.constrain(self.embed(tokens_BS), ACT)
         return self.encoder_norm(run_stack(self.cfg, self.encoder, x_BSD, sin, cos, mask))
 
@@ -134,7 +151,8 @@ class EncoderDecoder(nnx.Module):
         B, T = tokens_BT.shape
         mask = attn_lib.make_mask(T, segment_ids_BT, positions_BT)
         xmask = cross_mask(segment_ids_BT, encoder_segment_ids_BS, B, T, enc_BSD.shape[1])
-        sin, cos = _rope(self.cfg, _positions(positions_BT, B, T))
+        positions_BT = _positions(positions_BT, B, T)
+        sin, cos, mask = self._positional(self.decoder_relative, mask, positions_BT, positions_BT, False)
         x_BTD = sharding.constrain(self.embed(tokens_BT), ACT)
         return self.final_norm(run_stack(self.cfg, self.decoder, x_BTD, sin, cos, mask, enc_BSD, xmask))
 
@@ -168,7 +186,9 @@ class EncoderDecoder(nnx.Module):
         N, S = own.k_BKSH[0].shape[2], cache.enc_real_BS.shape[1]
         mask = kv_cache.cache_mask(own.start_B, own.index, T, N)
         xmask = cross_mask(None, cache.enc_real_BS.astype(jnp.int32), B, T, S)  # every real input token
-        sin, cos = _rope(self.cfg, jnp.broadcast_to(own.index + jnp.arange(T, dtype=jnp.int32), (B, T)))
+        q_pos_BT = jnp.broadcast_to(own.index + jnp.arange(T, dtype=jnp.int32), (B, T))
+        k_pos_BN = jnp.broadcast_to(jnp.arange(N, dtype=jnp.int32), (B, N))  # column = position
+        sin, cos, mask = self._positional(self.decoder_relative, mask, q_pos_BT, k_pos_BN, False)
         x_BTD = sharding.constrain(self.embed(tokens_BT), ACT)
         layer_def, layer_state = nnx.split(self.decoder)
 

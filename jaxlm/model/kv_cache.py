@@ -70,7 +70,7 @@ def attention_cached(q_BTNH, k_BKSH, v_BKSH, mask: Mask) -> jax.Array:
     K, S = k_BKSH.shape[1:3]
     q_BKGTH = _grouped(q_BTNH, K)
     logits_BKGTS = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH, k_BKSH, preferred_element_type=jnp.float32)
-    logits_BKGTS = _scaled_masked(logits_BKGTS, dense_mask(mask, B, T, S), H)
+    logits_BKGTS = _scaled_masked(logits_BKGTS, dense_mask(mask, B, T, S), H, mask.bias)
     probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BKSH.dtype)
     out_BKGTH = jnp.einsum("BKGTS,BKSH->BKGTH", probs_BKGTS, v_BKSH, preferred_element_type=jnp.float32)
     return _ungrouped(out_BKGTH).astype(q_BTNH.dtype)

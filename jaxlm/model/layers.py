@@ -6,6 +6,7 @@ the compute `dtype` at use.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -94,8 +95,11 @@ class Attention(nnx.Module):
         return self.output(attn_lib.attend(q_BTNH, k_BTKH, v_BTKH, mask, impl=self.attention))
 
     def project(self, x_BTD, sin_BTH, cos_BTH):
-        """Queries [B, T, N, H], keys and values [B, T, K, H], RoPE applied to q and k."""
+        """Queries [B, T, N, H], keys and values [B, T, K, H], RoPE applied to q and k (none where the
+        tables are None: positions enter as an attention bias instead)."""
         q_BTNH, k_BTKH, v_BTKH = self.qkv(x_BTD, x_BTD)
+        if sin_BTH is None:
+            return q_BTNH, k_BTKH, v_BTKH
         q_BTNH = attn_lib.apply_rope(q_BTNH, sin_BTH, cos_BTH)
         k_BTKH = attn_lib.apply_rope(k_BTKH, sin_BTH, cos_BTH)
         return q_BTNH, k_BTKH, v_BTKH
@@ -117,11 +121,16 @@ class Attention(nnx.Module):
         return dense(out_BTNH, self.o[...].astype(self.dtype), n_in=2, w_axes=self.o.axes)
 
 
-class MLP(nnx.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)); gate and up share one kernel [D, 2, F]."""
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}
 
-    def __init__(self, dim: int, hidden: int, std: float, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.dtype = dtype
+
+class MLP(nnx.Module):
+    """Gated feed-forward, down(act(gate(x)) * up(x)): SwiGLU (act silu) or GeGLU (gelu_tanh); gate
+    and up share one kernel [D, 2, F]."""
+
+    def __init__(self, dim: int, hidden: int, std: float, activation: str = "silu", *, dtype, param_dtype,
+                 rngs: nnx.Rngs):
+        self.dtype, self.activation = dtype, activation
         self.gate_up = nnx.Param(_normal(rngs, (dim, 2, hidden), std, param_dtype),
                                  axes=("embed", "gate", "mlp"))
         self.down = nnx.Param(_normal(rngs, (hidden, dim), std, param_dtype), axes=("mlp", "embed"))
@@ -129,4 +138,4 @@ class MLP(nnx.Module):
     def __call__(self, x_BTD):
         h_BTCF = dense(x_BTD, self.gate_up[...].astype(self.dtype), w_axes=self.gate_up.axes)
         gate_BTF, up_BTF = (a[:, :, 0] for a in jnp.split(h_BTCF, 2, axis=2))
-        return dense(jax.nn.silu(gate_BTF) * up_BTF, self.down[...].astype(self.dtype))
+        return dense(ACTIVATIONS[self.activation](gate_BTF) * up_BTF, self.down[...].astype(self.dtype))

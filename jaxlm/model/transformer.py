@@ -46,7 +46,7 @@ class Block(nnx.Module):
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.qkv_bias, cfg.init_std,
                               cfg.attention, **dt, rngs=rngs)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype=dt["param_dtype"], rngs=rngs)
-        self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.init_std, **dt, rngs=rngs)
+        self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.init_std, cfg.activation, **dt, rngs=rngs)
 
     def __call__(self, x_BTD, sin, cos, mask):
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), sin, cos, mask)

@@ -17,9 +17,20 @@ CFG = ModelConfig(arch="encoder_decoder", vocab_size=37, d_model=48, n_layers=2,
                   n_kv_heads=4, d_ff=56, max_seq_len=64, rope_theta=100.0, dtype="float32")
 
 
+# T5's relative position buckets instead of RoPE, few enough that these short rows reach the log-spaced
+# ones; and T5 v1.1's gated GELU
+T5 = dataclasses.replace(CFG, position="t5_relative", activation="gelu_tanh", relative_buckets=8,
+                         relative_max_distance=12)
+
+
+@pytest.fixture(scope="module", params=[CFG, T5], ids=["rope", "t5_relative"])
+def cfg(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def params():
-    return random_params(CFG, 0)
+def params(cfg):
+    return random_params(cfg, 0)
 
 
 apply = jax.jit(model.apply, static_argnums=0)
@@ -39,19 +50,19 @@ def test_params_and_axes():
     assert all(jax.tree.leaves(shapes))
 
 
-def test_encoder_sees_both_ways_decoder_only_back(params):
+def test_encoder_sees_both_ways_decoder_only_back(cfg, params):
     enc, dec = _tokens((1, 9), 1), _tokens((1, 7), 2)
-    base = apply(CFG, params, enc, decoder_tokens=dec)
+    base = apply(cfg, params, enc, decoder_tokens=dec)
     # the encoder's last token reaches every decoder position (bidirectional encoder, cross-attention)
-    moved = apply(CFG, params, enc.at[0, -1].set(3 if enc[0, -1] != 3 else 4), decoder_tokens=dec)
+    moved = apply(cfg, params, enc.at[0, -1].set(3 if enc[0, -1] != 3 else 4), decoder_tokens=dec)
     assert bool((jnp.abs(moved - base).max(-1) > 1e-4).all())
     # a decoder token reaches only the positions from it on
-    moved = apply(CFG, params, enc, decoder_tokens=dec.at[0, 4].set(3 if dec[0, 4] != 3 else 4))
+    moved = apply(cfg, params, enc, decoder_tokens=dec.at[0, 4].set(3 if dec[0, 4] != 3 else 4))
     change_T = np.asarray(jnp.abs(moved - base).max(-1))[0]
     assert (change_T[:4] == 0).all() and (change_T[4:] > 1e-4).all()
 
 
-def test_packed_rows_equal_each_example_alone(params):
+def test_packed_rows_equal_each_example_alone(cfg, params):
     """Two examples in one row (encoder 5 + 3 tokens and 2 padding, decoder 4 + 4 and 1 padding)
     give each example's own logits: no attention, self or cross, crosses a segment."""
     enc_a, enc_b, dec_a, dec_b = _tokens((1, 5), 3), _tokens((1, 3), 4), _tokens((1, 4), 5), _tokens((1, 4), 6)
@@ -60,25 +71,25 @@ def test_packed_rows_equal_each_example_alone(params):
     seg = lambda *n: jnp.asarray(np.concatenate([np.full(k, i) for i, k in enumerate(n, 1)])[None], jnp.int32)
     pos = lambda *n: jnp.asarray(np.concatenate([np.arange(k) for k in n])[None], jnp.int32)
     pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n)))  # segment id 0: padding
-    packed = apply(CFG, params, enc, pad(seg(5, 3), 2), pad(pos(5, 3), 2),
+    packed = apply(cfg, params, enc, pad(seg(5, 3), 2), pad(pos(5, 3), 2),
                    decoder_tokens=dec, decoder_segment_ids=pad(seg(4, 4), 1), decoder_positions=pad(pos(4, 4), 1))
-    alone_a = apply(CFG, params, enc_a, decoder_tokens=dec_a)
-    alone_b = apply(CFG, params, enc_b, decoder_tokens=dec_b)
+    alone_a = apply(cfg, params, enc_a, decoder_tokens=dec_a)
+    alone_b = apply(cfg, params, enc_b, decoder_tokens=dec_b)
     np.testing.assert_allclose(packed[:, :4], alone_a, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(packed[:, 4:8], alone_b, rtol=1e-5, atol=1e-5)
 
 
-def test_sharded_equals_unsharded(params):
+def test_sharded_equals_unsharded(cfg, params):
     enc, dec = _tokens((2, 9), 7), _tokens((2, 6), 8)
-    want = apply(CFG, params, enc, decoder_tokens=dec)
+    want = apply(cfg, params, enc, decoder_tokens=dec)
     mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=1, tensor=4, rules="fsdp_tp"))
-    placed = model.place(CFG, params, mesh, "fsdp_tp")
+    placed = model.place(cfg, params, mesh, "fsdp_tp")
     assert len(placed["decoder"]["cross"]["q"].sharding.device_set) == 8
 
     @jax.jit
     def run(p, enc, dec):
         with sharding.activate(mesh, "fsdp_tp"):
-            return model.apply(CFG, p, enc, decoder_tokens=dec)
+            return model.apply(cfg, p, enc, decoder_tokens=dec)
 
     np.testing.assert_allclose(run(placed, enc, dec), want, rtol=1e-4, atol=5e-5)  # sums split 4 ways
 
@@ -115,6 +126,8 @@ def test_a_tiny_encoder_decoder_learns_to_reverse():
     (dict(arch="t5"), "model.arch='t5'"),
     (dict(arch="encoder_decoder", value_head=True), "model.value_head=True is not supported"),
     (dict(n_encoder_layers=-1), "model.n_encoder_layers=-1"),
+    (dict(position="t5_relative"), "model.position=t5_relative is for model.arch=encoder_decoder"),
+    (dict(arch="encoder_decoder", position="t5_relative", attention="blocks"), "model.attention=blocks has no"),
 ])
 def test_bad_arch_settings_are_one_line_errors(fields, fragment):
     from jaxlm.config import Config
@@ -124,15 +137,15 @@ def test_bad_arch_settings_are_one_line_errors(fields, fragment):
         validate_all(Config(model=dataclasses.replace(ModelConfig(), **fields)))
 
 
-def test_decoder_and_encoder_decoder_arguments_do_not_mix(params):
+def test_decoder_and_encoder_decoder_arguments_do_not_mix():
     with pytest.raises(ValueError, match="decoder_tokens"):
-        model.apply(CFG, params, _tokens((1, 4), 0))
+        model.apply(CFG, random_params(CFG, 0), _tokens((1, 4), 0))
     decoder = dataclasses.replace(CFG, arch="decoder")
     with pytest.raises(ValueError, match="model.arch=encoder_decoder"):
         model.apply(decoder, random_params(decoder, 0), _tokens((1, 4), 0), decoder_tokens=_tokens((1, 4), 0))
 
 
-def test_cached_decoding_equals_a_full_forward_at_every_step(params):
+def test_cached_decoding_equals_a_full_forward_at_every_step(cfg, params):
     """Inputs of 3, 7 and 9 tokens left-padded into 12 columns, encoded once; the decoder fed 8
     given tokens one at a time from the start id: the logits at every step equal a full forward of
     the unpadded input and the decoder's tokens so far."""
@@ -143,28 +156,40 @@ def test_cached_decoding_equals_a_full_forward_at_every_step(params):
 
     @jax.jit
     def cached(left, given):
-        logits_BV, cache = model.prefill(CFG, params, left, jnp.asarray(lengths), 12 + N - 1, start_id=start)
+        logits_BV, cache = model.prefill(cfg, params, left, jnp.asarray(lengths), 12 + N - 1, start_id=start)
         out = [logits_BV]
         for t in range(N - 1):
-            logits_B1V, cache = model.decode(CFG, params, given[:, t:t + 1], cache)
+            logits_B1V, cache = model.decode(cfg, params, given[:, t:t + 1], cache)
             out.append(logits_B1V[:, 0])
         return jnp.stack(out, 1)
 
     got = cached(jnp.asarray(left), jnp.asarray(given))
     for b, x in enumerate(inputs):
         decoder = np.concatenate([[start], given[b, :N - 1]])[None]
-        want = apply(CFG, params, jnp.asarray(x[None]), decoder_tokens=jnp.asarray(decoder))[0]
+        want = apply(cfg, params, jnp.asarray(x[None]), decoder_tokens=jnp.asarray(decoder))[0]
         np.testing.assert_allclose(got[b], want, rtol=1e-5, atol=2e-5)
 
 
-def test_greedy_generation_is_an_argmax_loop_of_full_forwards(params):
+def test_greedy_generation_is_an_argmax_loop_of_full_forwards(cfg, params):
     from jaxlm.generate import generate
 
     prompts = np.asarray(_tokens((2, 5), 30))
-    out = generate(CFG, params, prompts, np.array([5, 2]), max_new_tokens=6)
+    out = generate(cfg, params, prompts, np.array([5, 2]), max_new_tokens=6)
     for b, n in enumerate([5, 2]):
         decoder = [0]
         for _ in range(6):
-            logits = apply(CFG, params, jnp.asarray(prompts[b:b + 1, :n]), decoder_tokens=jnp.asarray([decoder]))
+            logits = apply(cfg, params, jnp.asarray(prompts[b:b + 1, :n]), decoder_tokens=jnp.asarray([decoder]))
             decoder.append(int(jnp.argmax(logits[0, -1])))
         assert np.asarray(out.tokens)[b].tolist() == decoder[1:]
+
+
+def test_relative_buckets_as_t5():
+    """Buckets worked out by hand from T5's formula: 32 buckets up to distance 128; both ways, 16 a
+    side, exact below 8, then 8 + floor(8 ln(d / 8) / ln 16); one way, exact below 16, then 16 +
+    floor(16 ln(d / 16) / ln 8), keys after the query in bucket 0."""
+    from jaxlm.model.attention import relative_bucket
+
+    rel = np.array([0, -1, 1, -7, -9, -20, -127, 20, -1000, 1000])
+    assert relative_bucket(rel, True, 32, 128).tolist() == [0, 1, 17, 7, 8, 10, 15, 26, 15, 31]
+    rel = np.array([0, 5, -5, -15, -20, -127, -1000])
+    assert relative_bucket(rel, False, 32, 128).tolist() == [0, 0, 5, 15, 17, 31, 31]
