@@ -31,3 +31,14 @@ for case in par.LONG_CASES:  # 80 positions over 64 original ones
     plain = np.asarray(par.apply(dataclasses.replace(cfg, rope_scaling="none"), params, jnp.asarray(tokens, jnp.int32)))
     print(f"{case}: max |jaxlm - HF| {np.abs(out - want).max():.3g}; max |logit| {np.abs(want).max():.3g} "
           f"unscaled-rope diff {np.abs(plain - want).max():.3g}")
+spec = importlib.util.spec_from_file_location("t5", "tests/interop/test_hf_t5.py")
+t5 = importlib.util.module_from_spec(spec); spec.loader.exec_module(t5)
+get_t5 = t5.built.__wrapped__(F())
+for case in t5.CASES:  # encoder inputs right-padded, whole decoder rows
+    path, m, inputs, decoder, want = get_t5(case)
+    cfg, params = load_hf(path, mesh=t5.one_device())
+    out = t5.our_logits(cfg, params, inputs, decoder)
+    rope = t5.our_logits(dataclasses.replace(cfg, position="rope"),
+                         {k: v for k, v in params.items() if not k.endswith("_relative")}, inputs, decoder)
+    print(f"t5 {case}: max |jaxlm - HF| {np.abs(out - want).max():.3g}; max |logit| {np.abs(want).max():.3g} "
+          f"rope-instead diff {np.abs(rope - want).max():.3g}")

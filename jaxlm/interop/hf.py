@@ -1,4 +1,4 @@
-"""`load_hf` and `save_hf`: Hugging Face Llama, Qwen2 and Mistral checkpoints <-> jaxlm params.
+"""`load_hf` and `save_hf`: Hugging Face Llama, Qwen2, Mistral and T5 checkpoints <-> jaxlm params.
 
 Import streams: each parameter is built with `jax.make_array_from_callback` on its target
 sharding (`jaxlm.model.shardings`), and each device's block is read from the
@@ -8,6 +8,7 @@ safetensors file at a time (5 GiB by default), gathering one layer's tensor at a
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Optional
@@ -18,7 +19,7 @@ import numpy as np
 from jaxlm import model, sharding
 from jaxlm.config import MeshConfig, ModelConfig
 from jaxlm.interop import weights
-from jaxlm.interop.hf_config import InteropError, hf_config_from_model, model_config_from_hf
+from jaxlm.interop.hf_config import InteropError, hf_config_from_model, model_config_from_hf, t5_output_scaled
 from jaxlm.interop.safetensors_io import SafetensorsDir, write_dir
 
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
@@ -48,9 +49,14 @@ def load_hf(path: str | Path, *, mesh=None, rules: str = "fsdp", param_dtype: st
     """
     if rules not in sharding.RULES:
         raise InteropError(f"rules={rules!r} is not allowed; choose one of: {', '.join(sharding.RULES)}")
-    cfg = model_config_from_hf(read_config(path), param_dtype=param_dtype, max_seq_len=max_seq_len)
+    hf = read_config(path)
+    cfg = model_config_from_hf(hf, param_dtype=param_dtype, max_seq_len=max_seq_len)
     reader = SafetensorsDir(path)
-    table = weights.specs(cfg)
+    scaled_output = None
+    if cfg.arch == "encoder_decoder":  # transformers 5 writes tie_word_embeddings=true for every T5
+        cfg = dataclasses.replace(cfg, tie_embeddings="lm_head.weight" not in reader.names())
+        scaled_output = t5_output_scaled(hf)
+    table = weights.specs(cfg, scaled_output=scaled_output)
     weights.check(reader, cfg, table)
     mesh = sharding.make_mesh(MeshConfig()) if mesh is None else mesh
     abstract = model.abstract_params(cfg)
@@ -84,10 +90,11 @@ def save_hf(model_config: ModelConfig, params: dict, path: str | Path, *, family
             max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
     """Write `params` as a Hugging Face checkpoint: config.json and safetensors; returns the file names.
 
-    `family` llama | qwen2 | mistral (default: that of `base_config`, the config.json the model
-    came from, whose other keys are kept; else qwen2 for a model with q/k/v biases, llama
-    otherwise). `dtype` float32 | bfloat16 | float16 (default: the params'). Every process
-    must call it (multi-host params are gathered); process 0 writes.
+    `family` llama | qwen2 | mistral | t5 (default: that of `base_config`, the config.json the
+    model came from, whose other keys are kept; else t5 for an encoder-decoder, qwen2 for a model
+    with q/k/v biases, mistral for one with a sliding window, llama otherwise). `dtype` float32 |
+    bfloat16 | float16 (default: the params'). Every process must call it (multi-host params are
+    gathered); process 0 writes.
     """
     cfg = model_config
     hf_config_from_model(cfg, family, base_config)  # a model HF cannot hold fails before anything else

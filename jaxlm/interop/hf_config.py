@@ -1,4 +1,5 @@
-"""Hugging Face `config.json` <-> jaxlm `ModelConfig` for the Llama, Qwen2 and Mistral families.
+"""Hugging Face `config.json` <-> jaxlm `ModelConfig` for the Llama, Qwen2 and Mistral families, and
+T5 (v1.1 and UL2's gated feed-forward) as `model.arch: encoder_decoder`.
 
 Pure functions of dicts. Both spellings of RoPE settings are read: `rope_theta` and
 `rope_scaling` (transformers 4) and `rope_parameters` (transformers 5); the legacy spelling
@@ -12,7 +13,8 @@ from typing import Optional
 from jaxlm.config import Config, ConfigError, ModelConfig, TrainConfig, validate
 from jaxlm.model.attention import ntk_theta, yarn_mscale
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral",
+                 "T5ForConditionalGeneration": "t5"}
 FAMILIES = {family: arch for arch, family in ARCHITECTURES.items()}
 # transformers' defaults for keys a config.json may leave out
 _DEFAULT_MAX_LEN = {"llama": 2048, "qwen2": 32768, "mistral": 131072}
@@ -149,6 +151,8 @@ def model_config_from_hf(hf: dict, *, param_dtype: str = "float32",
     family = family_of(hf)
     if hf.get("quantization_config"):
         raise InteropError("quantized checkpoints (quantization_config) are not supported")
+    if family == "t5":
+        return t5_model_config(hf, param_dtype=param_dtype, max_seq_len=max_seq_len)
     D, N = _required(hf, "hidden_size"), _required(hf, "num_attention_heads")
     if D % N:
         raise InteropError(f"hidden_size={D} is not a multiple of num_attention_heads={N}")
@@ -186,6 +190,79 @@ def model_config_from_hf(hf: dict, *, param_dtype: str = "float32",
     return cfg
 
 
+# T5's gated feed-forward activations (transformers' names, "gated-gelu" meaning gelu_new) -> jaxlm's
+_T5_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "silu": "silu", "swish": "silu"}
+
+
+def t5_output_scaled(hf: dict) -> bool:
+    """Whether a T5 checkpoint scales the decoder's output by d_model^-0.5 before the head:
+    transformers 5's `scale_decoder_outputs`, else (transformers 4) whether the head is tied."""
+    if hf.get("scale_decoder_outputs") is not None:
+        return bool(hf["scale_decoder_outputs"])
+    return hf.get("tie_word_embeddings") is not False
+
+
+def t5_model_config(hf: dict, *, param_dtype: str = "float32", max_seq_len: Optional[int] = None) -> ModelConfig:
+    """The jaxlm encoder-decoder of a T5 config.json (`model_config_from_hf` calls it).
+
+    T5 has no positions limit: `max_seq_len` defaults to 512, the length it was pretrained at. The
+    head is tied as `tie_word_embeddings` says; transformers 5 writes true for every T5, so
+    `load_hf` decides by whether the checkpoint holds an `lm_head.weight`.
+    """
+    D, N = _required(hf, "d_model"), _required(hf, "num_heads")
+    d_kv = int(_value(hf, "d_kv", 64))
+    if d_kv * N != D:
+        raise InteropError(f"d_kv={d_kv} x num_heads={N} = {d_kv * N} differs from d_model={D}; jaxlm derives "
+                           "head_dim = d_model / n_heads")
+    proj = _value(hf, "feed_forward_proj", "relu")
+    gated, act = proj.startswith("gated-"), proj.split("-")[-1]
+    act = "gelu_new" if proj == "gated-gelu" else act
+    if not gated or act not in _T5_ACTIVATIONS:
+        raise InteropError(f"feed_forward_proj={proj!r} is not supported; supported: gated-gelu (T5 v1.1, UL2), "
+                           "gated-silu (jaxlm's feed-forward is gated)")
+    pad, start = _value(hf, "pad_token_id", 0), _value(hf, "decoder_start_token_id", 0)
+    if start != pad:
+        raise InteropError(f"decoder_start_token_id={start} differs from pad_token_id={pad}; jaxlm's "
+                           "encoder-decoder starts decoding from the pad id")
+    n_encoder = int(_required(hf, "num_layers"))
+    tied = hf.get("tie_word_embeddings") is not False
+    cfg = ModelConfig(
+        arch="encoder_decoder", position="t5_relative", vocab_size=_required(hf, "vocab_size"), d_model=D,
+        n_layers=int(_value(hf, "num_decoder_layers", n_encoder)), n_encoder_layers=n_encoder, n_heads=N,
+        n_kv_heads=N, d_ff=_required(hf, "d_ff"), max_seq_len=max_seq_len or 512,
+        norm_eps=float(_value(hf, "layer_norm_epsilon", 1e-6)), tie_embeddings=tied,
+        activation=_T5_ACTIVATIONS[act], relative_buckets=int(_value(hf, "relative_attention_num_buckets", 32)),
+        relative_max_distance=int(_value(hf, "relative_attention_max_distance", 128)), param_dtype=param_dtype)
+    validate(Config(model=cfg, train=TrainConfig(seq_len=min(TrainConfig.seq_len, cfg.max_seq_len))))
+    return cfg
+
+
+def t5_hf_config(cfg: ModelConfig, base: Optional[dict] = None, dtype: str = "float32") -> dict:
+    """The T5 config.json of a jaxlm encoder-decoder (`hf_config_from_model` calls it); `base`, a T5
+    config.json it came from, supplies the keys jaxlm does not model."""
+    if cfg.position != "t5_relative":
+        raise InteropError(f"model.position={cfg.position}: Hugging Face's T5 has relative position buckets; "
+                           "export needs model.position=t5_relative")
+    if cfg.n_kv_heads != cfg.n_heads:
+        raise InteropError(f"model.n_kv_heads={cfg.n_kv_heads}: T5 has as many key/value heads as query heads "
+                           f"(model.n_heads={cfg.n_heads})")
+    if cfg.qkv_bias:
+        raise InteropError("model.qkv_bias=true: T5 has no biases")
+    out = {k: v for k, v in (base or {}).items() if k not in _REPLACED + ("dense_act_fn", "is_gated_act")}
+    if out.get("model_type") != "t5":
+        out = {k: v for k, v in out.items() if k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    out.update(
+        architectures=["T5ForConditionalGeneration"], model_type="t5", is_encoder_decoder=True,
+        vocab_size=cfg.vocab_size, d_model=cfg.d_model, d_kv=cfg.head_dim, d_ff=cfg.d_ff, num_heads=cfg.n_heads,
+        num_layers=cfg.n_encoder_layers or cfg.n_layers, num_decoder_layers=cfg.n_layers,
+        relative_attention_num_buckets=cfg.relative_buckets,
+        relative_attention_max_distance=cfg.relative_max_distance, layer_norm_epsilon=cfg.norm_eps,
+        feed_forward_proj={"gelu_tanh": "gated-gelu", "silu": "gated-silu"}[cfg.activation],
+        tie_word_embeddings=cfg.tie_embeddings, scale_decoder_outputs=cfg.tie_embeddings, torch_dtype=dtype)
+    out["decoder_start_token_id"] = out.setdefault("pad_token_id", 0)
+    return out
+
+
 _REPLACED = ("rope_parameters", "rope_scaling", "rope_theta", "torch_dtype", "dtype", "transformers_version",
              "_name_or_path", "head_dim")
 
@@ -200,13 +277,21 @@ def hf_config_from_model(cfg: ModelConfig, family: Optional[str] = None, base: O
     """
     if cfg.value_head:
         raise InteropError("model.value_head=true: Hugging Face causal-LM checkpoints have no value head")
-    family = family or (family_of(base) if base else
-                        "qwen2" if cfg.qkv_bias else "mistral" if cfg.sliding_window else "llama")
+    family = family or (family_of(base) if base else None)
+    if cfg.arch == "encoder_decoder" or family == "t5":
+        if cfg.arch != "encoder_decoder" or family not in (None, "t5"):
+            raise InteropError(f"family {family!r} does not fit model.arch={cfg.arch}; the encoder-decoder "
+                               "exports as t5, the decoder as llama, qwen2 or mistral")
+        return t5_hf_config(cfg, base, dtype)
+    if cfg.activation != "silu":
+        raise InteropError(f"model.activation={cfg.activation}: Hugging Face's Llama, Qwen2 and Mistral have "
+                           "SwiGLU (silu) feed-forwards")
+    family = family or ("qwen2" if cfg.qkv_bias else "mistral" if cfg.sliding_window else "llama")
     if family not in FAMILIES:
         raise InteropError(f"family {family!r} is not supported; supported: {', '.join(FAMILIES)}")
     if cfg.attention_sinks:
-        raise InteropError(f"model.attention_sinks={cfg.attention_sinks}: Hugging Face's "
-                           f"{', '.join(FAMILIES.values())} have no attention sinks")
+        raise InteropError(f"model.attention_sinks={cfg.attention_sinks}: Hugging Face's Llama, Qwen2 and "
+                           "Mistral have no attention sinks")
     if cfg.sliding_window and family == "llama":
         raise InteropError(f"model.sliding_window={cfg.sliding_window}: Hugging Face's Llama has no sliding "
                            "window; export as mistral (or qwen2 for a model with q/k/v biases)")

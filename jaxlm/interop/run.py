@@ -29,14 +29,14 @@ from jaxlm.interop.hf import load_hf, read_config, save_hf
 from jaxlm.interop.hf_config import InteropError, family_of, sliding_window
 
 # The non-weight files of a checkpoint directory that travel with it.
-SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.model", "tokenizer.json",
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.model", "spiece.model", "tokenizer.json",
               "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
               "chat_template.json")
 
 
 def _tokenizer_path(side: Path) -> Optional[Path]:
-    """tokenizer.model if there is one (SentencePiece, used as is), else tokenizer.json."""
-    for name in ("tokenizer.model", "tokenizer.json"):
+    """tokenizer.model (T5's spiece.model) if there is one (SentencePiece, used as is), else tokenizer.json."""
+    for name in ("tokenizer.model", "spiece.model", "tokenizer.json"):
         if (side / name).is_file():
             return (side / name).absolute()
     return None
@@ -145,7 +145,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, dtype: Optional[str]
         notes.append("data.tokenizer is jaxlm's byte tokenizer, which Hugging Face has no counterpart "
                      "for: no tokenizer written")
         return files, notes
-    name = "tokenizer.model" if tokenizer.endswith(".model") else "tokenizer.json"
+    name = "tokenizer.json" if not tokenizer.endswith(".model") else (
+        "spiece.model" if cfg.model.arch == "encoder_decoder" else "tokenizer.model")  # T5's name
     shutil.copy2(tokenizer, out_dir / name)
     copied.append(name)
     if side and (side / name).is_file() and file_sha256(side / name) == file_sha256(tokenizer):
