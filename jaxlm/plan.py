@@ -16,9 +16,14 @@ Per device, for the mesh the config names over `devices` devices:
   (`mesh.sequence` = s > 1) leaves each device T/s positions of every sequence: activations and
   logits / s, plus the keys and values that attention all-gathers, 2*b*T*KH per layer (saved for
   the backward pass in every layer under remat none, rebuilt one layer at a time otherwise).
+  Pipeline parallelism (`mesh.stage` = S > 1, M microbatches, R repeats) leaves each device L/S
+  layers of every microbatch: activations / S, times the schedule's iterations over its useful
+  ones, (R M + S - 1) / (R M) (the bubble's slots also keep what they computed).
 - compute C = 6 * N * D_tokens (N matmul parameters; attention adds 6*L*T*d per token,
   included in the FLOPs per token below), the Chinchilla-optimal token count ~20 N
-  (Hoffmann et al. 2022), and the time to train `tokens` at a given MFU of `peak` FLOP/s.
+  (Hoffmann et al. 2022), and the time to train `tokens` at a given MFU of `peak` FLOP/s. Under
+  a pipeline the layers' share takes 1 / (1 - bubble) as long, bubble = (S - 1) / (R M + S - 1),
+  and the head's FLOPs (6 D V per token) run on every stage's devices alike.
 """
 from __future__ import annotations
 
@@ -31,7 +36,8 @@ _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def mesh_sizes(cfg: Config, devices: int) -> dict[str, int]:
-    sizes = {"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "sequence": cfg.mesh.sequence, "tensor": cfg.mesh.tensor}
+    sizes = {"stage": cfg.mesh.stage, "data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "sequence": cfg.mesh.sequence,
+             "tensor": cfg.mesh.tensor}
     known = math.prod(v for v in sizes.values() if v != -1)
     for k, v in sizes.items():
         if v == -1:
@@ -59,6 +65,8 @@ def plan(cfg: Config, devices: int, mfu: float = 0.4, peak_tflops: float = 0.0,
     import jax
 
     from jaxlm import model, sharding
+    from jaxlm.config import pipeline_microbatches
+    from jaxlm.model.pipeline import Schedule
 
     m, t = cfg.model, cfg.train
     sizes = mesh_sizes(cfg, devices)
@@ -80,7 +88,9 @@ def plan(cfg: Config, devices: int, mfu: float = 0.4, peak_tflops: float = 0.0,
     c_bytes = _DTYPE_BYTES["bfloat16" if m.dtype == "auto" else m.dtype]
     tensor = sizes["tensor"] if cfg.mesh.rules == "fsdp_tp" else 1
     seq = sizes["sequence"]  # every preset splits the activations' sequence over it
-    acts = b * T * per_layer * m.n_layers * c_bytes / tensor / seq
+    schedule = Schedule(sizes["stage"], pipeline_microbatches(cfg), cfg.mesh.repeats)
+    staged = schedule.iterations / (schedule.repeats * schedule.microbatches) / schedule.stages
+    acts = b * T * per_layer * m.n_layers * c_bytes / tensor / seq * staged
     if m.remat != "none":  # the backward pass rebuilds one layer's activations at a time
         acts += b * T * (10 * D + 2 * KH + 4 * F) * c_bytes / tensor / seq
     kv_gathered = 0.0
@@ -92,14 +102,17 @@ def plan(cfg: Config, devices: int, mfu: float = 0.4, peak_tflops: float = 0.0,
     fpt = perf.flops_per_token(m, T)
     tokens = tokens or 20.0 * n_matmul
     peak = (peak_tflops or _default_peak()) * 1e12
-    seconds = fpt * tokens / (mfu * peak * devices)
+    head = 6.0 * D * m.vocab_size  # FLOPs per token of the output projection
+    fpt_staged = (fpt - head) / (1 - schedule.bubble) + head * schedule.stages if schedule.stages > 1 else fpt
+    seconds = fpt_staged * tokens / (mfu * peak * devices)
     return {"mesh": sizes, "params_total": model.param_count(m), "params_matmul": n_matmul,
             "local_batch": b, "bytes_params": params, "bytes_grads": grads, "bytes_optimizer": opt,
             "bytes_activations": acts, "bytes_kv_gathered": kv_gathered, "bytes_logits": logits,
             "bytes_total": params + grads + opt + acts + kv_gathered + logits,
             "flops_per_token": fpt, "chinchilla_tokens": 20.0 * n_matmul, "tokens": tokens,
             "compute_flops": 6.0 * n_matmul * tokens, "train_flops": fpt * tokens,
-            "peak_tflops_per_device": peak / 1e12, "mfu": mfu, "seconds": seconds}
+            "peak_tflops_per_device": peak / 1e12, "mfu": mfu, "seconds": seconds,
+            "pipeline": schedule._asdict() | {"bubble": schedule.bubble}}
 
 
 def _default_peak() -> float:
@@ -128,6 +141,9 @@ def format_plan(p: dict) -> str:
         f"compute C = 6 N D = {p['compute_flops']:.3g} FLOPs for D = {p['tokens']:.3g} tokens "
         f"(Chinchilla-optimal D ~ 20 N = {p['chinchilla_tokens']:.3g}); with attention "
         f"{p['flops_per_token']:.3g} FLOPs/token",
+        *([f"pipeline: {p['pipeline']['stages']} stages, {p['pipeline']['microbatches']} microbatches, "
+           f"{p['pipeline']['repeats']} repeat(s): bubble {p['pipeline']['bubble']:.1%} of each stage's time"]
+          if p["pipeline"]["stages"] > 1 else []),
         f"time at MFU {p['mfu']:.0%} of {p['peak_tflops_per_device']:.0f} TFLOP/s per device: "
         f"{p['seconds'] / 3600:.1f} h ({days:.1f} days)",
     ]

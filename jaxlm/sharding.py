@@ -1,10 +1,12 @@
 """All sharding in one place: the mesh, the logical-axis table, param and batch shardings.
 
-Mesh axes are ("data", "fsdp", "sequence", "tensor"). Parameters and activations carry logical
+Mesh axes are ("stage", "data", "fsdp", "sequence", "tensor"). Parameters and activations carry logical
 axis names (weights: embed, vocab, q_heads, kv_heads, head_dim, mlp, ...; activations: act_*);
 `RULES` maps them to mesh axes for each preset. A dimension that a mesh axis does not
 divide stays replicated rather than failing. Every preset splits activations along the sequence
-over "sequence" (context parallelism, `jaxlm.model.context_parallel`; size 1: no split).
+over "sequence" (context parallelism, `jaxlm.model.context_parallel`; size 1: no split), and the
+stacked layers over "stage" (pipeline parallelism, `jaxlm.model.pipeline`, when `activate` is given a
+schedule; size 1: no split).
 """
 from __future__ import annotations
 
@@ -18,42 +20,45 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxlm.config import ConfigError, MeshConfig
 
-AXES = ("data", "fsdp", "sequence", "tensor")
+AXES = ("stage", "data", "fsdp", "sequence", "tensor")
 BATCH = ("data", "fsdp")
 SEQUENCE = "sequence"
+STAGE = "stage"
 
 # logical name -> mesh axis (or axes) under each preset; absent means replicated.
 RULES: dict[str, dict[str, object]] = {
-    "dp": {"act_batch": BATCH, "act_seq": SEQUENCE},
-    "fsdp": {"act_batch": BATCH, "act_seq": SEQUENCE, "embed": "fsdp"},
-    "fsdp_tp": {"act_batch": BATCH, "act_seq": SEQUENCE, "embed": "fsdp", "vocab": "tensor", "q_heads": "tensor",
+    "dp": {"act_batch": BATCH, "act_seq": SEQUENCE, "layers": STAGE},
+    "fsdp": {"act_batch": BATCH, "act_seq": SEQUENCE, "layers": STAGE, "embed": "fsdp"},
+    "fsdp_tp": {"act_batch": BATCH, "act_seq": SEQUENCE, "layers": STAGE, "embed": "fsdp", "vocab": "tensor",
+                "q_heads": "tensor",
                 "kv_heads": "tensor", "mlp": "tensor", "act_heads": "tensor", "act_mlp": "tensor",
                 "act_vocab": "tensor"},
 }
 
 
 def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
-    """A (data, fsdp, sequence, tensor) mesh over all devices; one size may be -1 (the rest)."""
+    """A (stage, data, fsdp, sequence, tensor) mesh over all devices; one size may be -1 (the rest)."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = [cfg.data, cfg.fsdp, cfg.sequence, cfg.tensor]
+    sizes = [cfg.stage, cfg.data, cfg.fsdp, cfg.sequence, cfg.tensor]
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if len(devices) % known:
             raise ConfigError(f"mesh sizes {dict(zip(AXES, sizes))} do not divide the {len(devices)} devices")
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
-        raise ConfigError(f"mesh.data*mesh.fsdp*mesh.sequence*mesh.tensor = {'*'.join(map(str, sizes))} = "
+        raise ConfigError(f"mesh.stage*mesh.data*mesh.fsdp*mesh.sequence*mesh.tensor = {'*'.join(map(str, sizes))} = "
                           f"{math.prod(sizes)}, but there are {len(devices)} devices; "
                           "the product must equal the device count (or set one size to -1)")
     return Mesh(device_grid(sizes, devices), AXES)
 
 
 def device_grid(sizes: list[int], devices: list) -> np.ndarray:
-    """Devices laid out as the (data, fsdp, sequence, tensor) `sizes`.
+    """Devices laid out as the (stage, data, fsdp, sequence, tensor) `sizes`.
 
     Across several hosts (GPU, CPU: each process a granule) or TPU slices (granules by
-    `slice_index`) the mesh is hybrid: the granules split the data axis, or fsdp when data
-    does not divide by their number, over the slow network (DCN), and each granule holds
+    `slice_index`) the mesh is hybrid: the granules split the data axis, or else fsdp, or else
+    stage (whichever first divides by their number; if none does, data, stage and fsdp share them
+    in that order), over the slow network (DCN), and each granule holds
     the rest of the mesh on its fast one (ICI, NVLink): sequence and tensor, whose collectives
     run inside every layer, never cross it. Within one TPU slice the layout
     follows the torus (`mesh_utils.create_device_mesh`); otherwise devices go in order.
@@ -70,13 +75,20 @@ def device_grid(sizes: list[int], devices: list) -> np.ndarray:
             except (ValueError, NotImplementedError):  # a shape the torus cannot host: plain order
                 pass
         return np.array(devices).reshape(sizes)
-    axis = next((i for i in (0, 1) if sizes[i] % granules == 0), None)
-    if axis is None:
-        raise ConfigError(f"the mesh {dict(zip(AXES, sizes))} spans {granules} "
-                          f"{'slices' if by_slice else 'processes'}; mesh.data or mesh.fsdp must be a "
-                          f"multiple of {granules} (set mesh.data={granules} for data parallelism across them)")
     dcn = [1] * len(sizes)
-    dcn[axis] = granules
+    axis = next((i for i in (1, 2, 0) if sizes[i] % granules == 0), None)
+    if axis is not None:
+        dcn[axis] = granules
+    else:  # several axes share the granules: data outermost, then stage, then fsdp
+        left = granules
+        for i in (1, 0, 2):
+            dcn[i] = math.gcd(sizes[i], left)
+            left //= dcn[i]
+        if left > 1:
+            raise ConfigError(f"the mesh {dict(zip(AXES, sizes))} spans {granules} "
+                              f"{'slices' if by_slice else 'processes'}; mesh.data, mesh.fsdp or mesh.stage (or "
+                              f"their product) must be a multiple of {granules} (set mesh.data={granules} for "
+                              "data parallelism across them)")
     ici = [s // d for s, d in zip(sizes, dcn)]
     return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=not by_slice)
 
@@ -123,19 +135,27 @@ def put_batch(mesh: Mesh, local_batch: dict, leading: int = 0) -> dict:
             for k, v in local_batch.items()}
 
 
-# The mesh and rules in force while tracing, for activation constraints inside the model.
+# The mesh, rules and pipeline schedule in force while tracing, for the model's activation constraints.
 _active: Optional[tuple[Mesh, str]] = None
+_schedule = None
 
 
 @contextlib.contextmanager
-def activate(mesh: Mesh, rules: str):
-    """Within this block, `constrain` pins activations to the mesh by the rules."""
-    global _active
-    previous, _active = _active, (mesh, rules)
+def activate(mesh: Mesh, rules: str, schedule=None):
+    """Within this block, `constrain` pins activations to the mesh by the rules, and with a
+    `jaxlm.model.pipeline.Schedule` (a "stage" axis > 1) the layer stacks run as that pipeline."""
+    global _active, _schedule
+    previous, _active = (_active, _schedule), (mesh, rules)
+    _schedule = schedule if schedule is not None and mesh.shape.get(STAGE, 1) > 1 else None
     try:
         yield
     finally:
-        _active = previous
+        _active, _schedule = previous
+
+
+def pipeline_schedule():
+    """(the active mesh, its pipeline `Schedule`) while `activate` runs one, else None."""
+    return None if _schedule is None else (_active[0], _schedule)
 
 
 def sequence_mesh() -> tuple[Optional[Mesh], str]:

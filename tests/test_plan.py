@@ -8,13 +8,13 @@ from jaxlm import cli, model, sharding
 from jaxlm.config import ConfigError, from_dict
 from jaxlm.plan import format_plan, plan
 
-TREE = {"model": dict(vocab_size=96, d_model=48, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=80,
+TREE = {"model": dict(vocab_size=96, d_model=48, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=80,
                       max_seq_len=64),
         "train": dict(batch_size=16, seq_len=64, grad_accum_steps=2)}
 
 
 @pytest.mark.parametrize("mesh", [dict(fsdp=8, rules="fsdp"), dict(fsdp=2, tensor=4, rules="fsdp_tp"),
-                                  dict(data=8, fsdp=1, rules="dp")])
+                                  dict(data=8, fsdp=1, rules="dp"), dict(stage=2, fsdp=4, rules="fsdp")])
 def test_param_and_optimizer_bytes_match_the_sharded_layout(mesh):
     cfg = from_dict({**TREE, "mesh": mesh})
     p = plan(cfg, devices=8)
@@ -32,7 +32,7 @@ def test_compute_and_time_follow_the_formulas():
     p = plan(cfg, devices=4, mfu=0.5, peak_tflops=100.0, tokens=1e9)
     n = p["params_matmul"]
     assert p["compute_flops"] == 6 * n * 1e9 and p["chinchilla_tokens"] == 20 * n
-    fpt = 6 * n + 6 * 3 * 64 * 48
+    fpt = 6 * n + 6 * 4 * 64 * 48
     assert p["flops_per_token"] == fpt
     assert p["seconds"] == pytest.approx(fpt * 1e9 / (0.5 * 100e12 * 4))
     chunked = plan(from_dict({**TREE, "train": {**TREE["train"], "loss_chunk": 16}}), devices=4)
@@ -57,5 +57,20 @@ def test_sequence_shards_divide_activations_and_logits_and_add_the_gathered_keys
     assert four["bytes_logits"] == one["bytes_logits"] / 4
     assert one["bytes_kv_gathered"] == 0
     # k and v of all T = 64 positions, K * H = 2 * 12, bfloat16, in each of the 3 layers (remat none)
-    assert four["bytes_kv_gathered"] == 2 * 4 * 64 * 24 * 2 * 3
+    assert four["bytes_kv_gathered"] == 2 * 4 * 64 * 24 * 2 * 4
     assert "gathered K/V" in format_plan(four) and "gathered K/V" not in format_plan(one)
+
+
+def test_a_pipeline_divides_the_layers_and_states_its_bubble():
+    """2 stages x 4 microbatches (GPipe): bubble 1/5; each device keeps half the layers' activations for
+    5 iterations of 4 useful ones; the layers' FLOPs take 5/4 as long and the head's run on both stages."""
+    flat, staged = (plan(from_dict({**TREE, "mesh": mesh, "train": {**TREE["train"], "microbatches": 4}}),
+                         devices=8, mfu=0.5, peak_tflops=100.0, tokens=1e9)
+                    for mesh in (dict(fsdp=8), dict(stage=2, fsdp=4)))
+    assert staged["pipeline"] == {"stages": 2, "microbatches": 4, "repeats": 1, "bubble": 0.2}
+    assert staged["local_batch"] == 2 * flat["local_batch"]  # the batch splits 4 ways, not 8
+    assert staged["bytes_activations"] == pytest.approx(flat["bytes_activations"] * 2 / 2 * 5 / 4)
+    head = 6 * 48 * 96
+    fpt = (flat["flops_per_token"] - head) * 5 / 4 + 2 * head
+    assert staged["seconds"] == pytest.approx(fpt * 1e9 / (0.5 * 100e12 * 8))
+    assert "bubble 20.0%" in format_plan(staged)

@@ -25,13 +25,16 @@ def test_make_mesh_fills_in_minus_one():
              (2, 4, 1): (2, 4, 1)}
     for sizes, expected in cases.items():
         mesh = _mesh(*sizes)
-        assert mesh.axis_names == ("data", "fsdp", "sequence", "tensor")
+        assert mesh.axis_names == ("stage", "data", "fsdp", "sequence", "tensor")
         assert tuple(mesh.shape[a] for a in ("data", "fsdp", "tensor")) == expected, sizes
-        assert mesh.shape["sequence"] == 1
+        assert mesh.shape["sequence"] == mesh.shape["stage"] == 1
         assert list(mesh.devices.flat) == jax.devices()
-    assert dict(sharding.make_mesh(MeshConfig()).shape) == {"data": 1, "fsdp": 8, "sequence": 1, "tensor": 1}
+    assert dict(sharding.make_mesh(MeshConfig()).shape) == {"stage": 1, "data": 1, "fsdp": 8, "sequence": 1,
+                                                            "tensor": 1}
     mesh = _mesh(1, -1, 2, sequence=2)
-    assert tuple(mesh.shape[a] for a in sharding.AXES) == (1, 2, 2, 2)
+    assert tuple(mesh.shape[a] for a in sharding.AXES) == (1, 1, 2, 2, 2)
+    mesh = sharding.make_mesh(MeshConfig(stage=2, fsdp=-1, tensor=2))
+    assert tuple(mesh.shape[a] for a in sharding.AXES) == (2, 1, 2, 1, 2)
 
 
 def test_spec_maps_logical_names_and_drops_what_does_not_divide():
@@ -41,6 +44,9 @@ def test_spec_maps_logical_names_and_drops_what_does_not_divide():
     assert spec((37, 24), ("vocab", "embed")) == (None, "fsdp")  # 37 % 2: vocab stays whole
     assert spec((36, 30), ("vocab", "embed")) == ("tensor", None)  # 30 % 4
     assert spec((3, 24, 6, 4), ("layers", "embed", "q_heads", "head_dim")) == (None, "fsdp", "tensor", None)
+    staged = sharding.make_mesh(MeshConfig(stage=2, fsdp=2, tensor=2))  # the layer stack splits over "stage"
+    assert _full(sharding.spec(staged, "fsdp_tp", (4, 24, 6), ("layers", "embed", "q_heads")), 3) == (
+        "stage", "fsdp", "tensor")
     assert spec((36, 24), ("vocab", "embed"), "fsdp") == (None, "fsdp")  # no tensor rules in fsdp
     assert spec((36, 24), ("vocab", "embed"), "dp") == (None, None)
     # The batch goes over data and fsdp together; size-1 axes are left out; no axis is used twice.

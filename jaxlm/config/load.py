@@ -158,6 +158,35 @@ def save_config(cfg: Config, path: str | Path) -> None:
     tmp.replace(path)
 
 
+def pipeline_microbatches(cfg: Config) -> int:
+    """train.microbatches, its default (0) resolved: 2 x mesh.stage."""
+    return cfg.train.microbatches or 2 * cfg.mesh.stage
+
+
+def _validate_pipeline(cfg: Config) -> None:
+    mesh, t, m = cfg.mesh, cfg.train, cfg.model
+    check(t.microbatches >= 0, f"train.microbatches={t.microbatches} must be >= 0 (0: 2 x mesh.stage)")
+    if mesh.stage == 1:
+        return
+    chunks = mesh.stage * mesh.repeats
+    stacks = {"model.n_layers": m.n_layers}
+    if m.arch == "encoder_decoder":
+        stacks["model.n_encoder_layers"] = m.n_encoder_layers or m.n_layers
+    for key, n in stacks.items():
+        check(n % chunks == 0, f"{key}={n} must be a multiple of mesh.stage x mesh.repeats = {chunks}: "
+              "each stage holds an equal share of the layers")
+    micro = pipeline_microbatches(cfg)
+    rows = t.batch_size // t.grad_accum_steps
+    check(rows % micro == 0, f"train.batch_size / train.grad_accum_steps = {rows} rows must split into "
+          f"train.microbatches={micro} pipeline microbatches")
+    check(mesh.repeats == 1 or micro >= mesh.stage, f"mesh.repeats={mesh.repeats} (circular) needs "
+          f"train.microbatches >= mesh.stage={mesh.stage}; got {micro}")
+    check(mesh.sequence == 1, f"mesh.sequence={mesh.sequence} with mesh.stage={mesh.stage}: context and pipeline "
+          "parallelism do not combine yet; allowed: mesh.sequence=1")
+    check(t.batch_ramp_start == 0, f"train.batch_ramp_start={t.batch_ramp_start} with mesh.stage={mesh.stage}: "
+          "a growing batch does not keep the pipeline's microbatches; allowed: 0")
+
+
 def validate(cfg: Config) -> None:
     """Reject impossible values with one line naming the key."""
     for key, allowed in CHOICES.items():
@@ -171,6 +200,7 @@ def validate(cfg: Config) -> None:
     check(t.seq_len <= m.max_seq_len, f"train.seq_len={t.seq_len} must be <= model.max_seq_len={m.max_seq_len}")
     check(t.seq_len % cfg.mesh.sequence == 0, f"train.seq_len={t.seq_len} must be a multiple of "
           f"mesh.sequence={cfg.mesh.sequence}: each of its devices holds an equal slice of every sequence")
+    _validate_pipeline(cfg)
     train.validate_optim(cfg.optim)
     data.validate_prepare(cfg.prepare)
     data.validate_tokenizer(cfg.tokenizer)

@@ -8,6 +8,12 @@ from jaxlm.config.schema import check
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
+    # pipeline parallelism: the layer stack split into this many contiguous stages, the batch into
+    # train.microbatches that flow through them (jaxlm.model.pipeline); 1: no pipeline
+    stage: int = 1
+    # the pipeline's schedule: 1 GPipe; r > 1 circular (each stage holds r chunks of the layers and each
+    # microbatch goes round the stages r times: bubble (stage - 1) / (r x microbatches + stage - 1))
+    repeats: int = 1
     data: int = 1  # replicas: the batch is split over data x fsdp
     fsdp: int = -1  # params, gradients and optimizer state sharded over it (ZeRO-3); -1: the rest of the devices
     # context parallelism: activations split along the sequence over it, attention all-gathers the
@@ -39,6 +45,9 @@ class TrainConfig:
     batch_size: int = 16  # global sequences per optimizer step
     seq_len: int = 256  # tokens per sequence (<= model.max_seq_len)
     grad_accum_steps: int = 1  # micro-batches per step: batch_size / this at a time
+    # pipeline microbatches per accumulation step (mesh.stage > 1): each carries batch_size /
+    # grad_accum_steps / this rows through the stages; 0: 2 x mesh.stage (bubble (S - 1) / (3S - 1) for GPipe)
+    microbatches: int = 0
     batch_ramp_start: int = 0  # 0: no ramp; else the global batch at step 0
     batch_ramp_tokens: int = 0  # tokens over which the batch grows linearly to batch_size
     run_dir: str = "runs/default"  # config.yaml, checkpoints/, metrics.jsonl, TensorBoard events
@@ -87,6 +96,8 @@ def validate_mesh(mesh: MeshConfig) -> None:
     check([mesh.data, mesh.fsdp, mesh.tensor].count(-1) <= 1,
           "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
     check(mesh.sequence >= 1, f"mesh.sequence={mesh.sequence} must be >= 1 (1: the sequence is not split)")
+    check(mesh.stage >= 1, f"mesh.stage={mesh.stage} must be >= 1 (1: no pipeline)")
+    check(mesh.repeats >= 1, f"mesh.repeats={mesh.repeats} must be >= 1 (1: GPipe)")
 
 
 def validate_train(t: TrainConfig) -> None:

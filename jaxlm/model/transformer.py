@@ -12,7 +12,7 @@ from flax import nnx
 from jaxlm import sharding
 from jaxlm.config import ModelConfig
 from jaxlm.model import attention as attn_lib
-from jaxlm.model import kv_cache
+from jaxlm.model import kv_cache, pipeline
 from jaxlm.model.layers import MLP, Attention, Embed, RMSNorm, _normal, dense
 
 _REMAT_POLICIES = {
@@ -144,8 +144,15 @@ def stacked_blocks(block_cls, cfg: ModelConfig, n: int, rngs: nnx.Rngs):
 
 def run_stack(cfg: ModelConfig, layers, x_BTD, *args):
     """x through the stacked blocks `layers` (each called as block(x, *args)): one `lax.scan`, or a
-    Python loop over per-layer slices (model.scan_layers: false), rematerialized per model.remat."""
+    Python loop over per-layer slices (model.scan_layers: false), rematerialized per model.remat; or,
+    where `sharding.activate` runs a pipeline schedule, as that pipeline (`jaxlm.model.pipeline`)."""
     layer_def, layer_state = nnx.split(layers)
+    pipelined = sharding.pipeline_schedule()
+    if pipelined is not None:  # a "stage" mesh axis: the layers as a pipeline over it
+        mesh, schedule = pipelined
+        layer = lambda x_BTD, state, args: nnx.merge(layer_def, state)(x_BTD, *args)
+        return pipeline.run(layer, layer_state, x_BTD, args, mesh=mesh, schedule=schedule,
+                            remat=_REMAT_POLICIES.get(cfg.remat))
 
     def body(x_BTD, state):
         return nnx.merge(layer_def, state)(x_BTD, *args), None

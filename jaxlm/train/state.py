@@ -18,8 +18,9 @@ import jax
 
 from jaxlm import model, runs, sharding
 from jaxlm.checkpoint import check_step, param_names, restore_params
+from jaxlm.model import pipeline
 from jaxlm.model.transformer import value_head_init
-from jaxlm.config import Config, ConfigError, ModelConfig, OptimConfig
+from jaxlm.config import Config, ConfigError, ModelConfig, OptimConfig, pipeline_microbatches
 from jaxlm.optim import make_optimizer
 from jaxlm.train.step import Objective, init_state, make_eval_step, make_train_step
 
@@ -109,9 +110,11 @@ def compile_stage(cfg: Config, roles: Sequence[Role], objective: Objective, devi
     abstract_frozen = {r.name: model.abstract_params(r.model, mesh, rules) for r in frozen(roles)}
     f_shard = jax.tree.map(lambda a: a.sharding, abstract_frozen)
 
+    schedule = pipeline.Schedule(cfg.mesh.stage, pipeline_microbatches(cfg), cfg.mesh.repeats)
+
     def traced_in_mesh(f):
         def wrapped(*args):
-            with sharding.activate(mesh, rules):
+            with sharding.activate(mesh, rules, schedule):
                 return f(*args)
         return wrapped
 

@@ -134,7 +134,7 @@ def test_sequence_sharded_run_equals_the_unsharded_run(tmp_path):
         summaries[name] = pretrain.main(cfg)
         rows[name] = read_metrics(tmp_path / name)
     start = next(r for r in rows["split"] if r.get("event") == "start")
-    assert start["mesh"] == {"data": 1, "fsdp": 4, "sequence": 2, "tensor": 1}
+    assert start["mesh"] == {"stage": 1, "data": 1, "fsdp": 4, "sequence": 2, "tensor": 1}
     steps = {name: [r for r in rs if "loss" in r and "event" not in r] for name, rs in rows.items()}
     assert [r["step"] for r in steps["split"]] == [1, 2, 3, 4]
     for key in ("loss", "grad_norm"):
