@@ -129,6 +129,19 @@ def batch_shards(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
+def batch_slot(mesh: Mesh) -> tuple[int, int]:
+    """(slot, slots): which rows of each batch this process loads. Processes whose devices hold the
+    same (data, fsdp) coordinates, differing only along stage, sequence or tensor (pipeline stages
+    on different hosts), load the same rows; the others split the batch in order of their first
+    coordinate. Without such sharing, (process index, process count)."""
+    held = {}
+    for position, device in np.ndenumerate(mesh.devices):
+        held.setdefault(device.process_index, set()).add((position[AXES.index("data")],
+                                                         position[AXES.index("fsdp")]))
+    groups = sorted({frozenset(c) for c in held.values()}, key=min)
+    return groups.index(frozenset(held[jax.process_index()])), len(groups)
+
+
 def put_batch(mesh: Mesh, local_batch: dict, leading: int = 0) -> dict:
     """Assemble global arrays from this process's rows (`make_array_from_process_local_data`)."""
     return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v), leading), v)

@@ -145,12 +145,13 @@ def run(cfg: Config, stage: Stage, devices=None) -> dict:
     mesh, abstract_state, train_step, eval_step = c.mesh, c.abstract_state, c.train_step, c.eval_step
     accum = t.grad_accum_steps
     shards = sharding.batch_shards(mesh)
-    if t.batch_size % (accum * shards) or (t.batch_size // accum) % pcount:
+    slot, slots = sharding.batch_slot(mesh)  # processes holding the same rows (pipeline stages) share a slot
+    if t.batch_size % (accum * shards) or (t.batch_size // accum) % slots:
         raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of train.grad_accum_steps "
                           f"({accum}) x the batch shards of the mesh ({shards})")
-    if shards % pcount:
+    if shards % slots:
         raise ConfigError(f"the mesh splits the batch {shards} ways (mesh.data*mesh.fsdp), not a multiple of "
-                          f"the {pcount} processes; each process must load rows of its own")
+                          f"the {slots} processes; each process must load rows of its own")
     ramp = BatchRamp(t, accum * shards)
     # The learning rate of every step, computed once: an eager jnp op at each log row would wait
     # for the step in flight and cost the loop its one step of lead over the device.
@@ -224,7 +225,7 @@ def run(cfg: Config, stage: Stage, devices=None) -> dict:
         B = max(t.batch_size // accum // shards, 1) * shards
         sums = None
         for i in range(t.eval_batches):
-            local = stage.eval_data.batch(i * B, B, pidx, pcount)
+            local = stage.eval_data.batch(i * B, B, slot, slots)
             m = eval_step(state["params"], frozen_params, sharding.put_batch(mesh, local))
             sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
         return {f"eval_{name}": value for name, value in means(jax.device_get(sums)).items()}
@@ -332,7 +333,7 @@ def run(cfg: Config, stage: Stage, devices=None) -> dict:
             iteration += 1
             ckpt.check()  # a save that failed in the background stops the run now, not a save later
             B = ramp(step)
-            local = train_data.batch(cursor, B, pidx, pcount)
+            local = train_data.batch(cursor, B, slot, slots)
             batch = sharding.put_batch(mesh, _stack_micro(local, accum), leading=1)
             state, out = train_step(state, frozen_params, batch)
             previous, pending = pending, (step + 1, cursor, out, B)

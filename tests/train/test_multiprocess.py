@@ -165,13 +165,34 @@ def test_two_processes_train_like_one(single, double):
     assert [r["step"] for r in rows] == list(range(1, 7))  # process 0 alone writes metrics
     start = next(r for r in read_metrics(run_dir) if r.get("event") == "start")
     assert start["processes"] == 2 and start["devices"] == 8
-    assert start["mesh"] == {"data": 2, "fsdp": 4, "sequence": 1, "tensor": 1}
+    assert start["mesh"] == {"stage": 1, "data": 2, "fsdp": 4, "sequence": 1, "tensor": 1}
     for key in ("loss", "grad_norm", "eval_loss"):
         got, want = losses(run_dir, key), losses(single, key)
         assert sorted(got) == sorted(want)
         np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=RTOL)
     assert sum(line.startswith("[jaxlm] done:") for line in stdout.splitlines()) == 1  # one summary, process 0's
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["3", "6"]
+
+
+@pytest.mark.multiprocess
+def test_pipeline_stages_across_two_processes_train_like_one(single, base_env, tmp_path):
+    """mesh.stage=2 with each process one stage (4 devices of tensor parallelism each): activations
+    cross between the processes by collective permutes, and the run trains as the reference does."""
+    tree = merge(TINY, mesh=dict(stage=2, data=1, fsdp=1, tensor=4, rules="fsdp_tp"),
+                 train=dict(run_dir=str(tmp_path / "run")))
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(tree))
+    procs = start_processes(base_env, ["-m", "jaxlm", "pretrain", str(tmp_path / "run.yaml")], tmp_path)
+    try:
+        rcs = [p.wait(timeout=300) for p in procs]
+    finally:
+        stop(procs)
+    assert rcs == [0, 0], [(tmp_path / f"{i}.err").read_text()[-3000:] for i in range(2)]
+    start = next(r for r in read_metrics(tmp_path / "run") if r.get("event") == "start")
+    assert start["processes"] == 2 and start["mesh"]["stage"] == 2
+    for key in ("loss", "grad_norm", "eval_loss"):
+        got, want = losses(tmp_path / "run", key), losses(single, key)
+        assert sorted(got) == sorted(want)
+        np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=2e-5)
 
 
 @pytest.mark.multiprocess
@@ -188,7 +209,7 @@ def test_processes_read_disjoint_rows_that_make_the_batch(base_env, tmp_path):
     stage = pretrain.build(load_config(config))
     outs = [json.loads((tmp_path / f"rows_{i}.json").read_text()) for i in range(2)]
     assert [o["process"] for o in outs] == [0, 1]
-    assert outs[0]["mesh"] == {"data": 2, "fsdp": 4, "sequence": 1, "tensor": 1}
+    assert outs[0]["mesh"] == {"stage": 1, "data": 2, "fsdp": 4, "sequence": 1, "tensor": 1}
     for b0, b1 in zip(outs[0]["batches"], outs[1]["batches"]):
         reference = stage.train_data.batch(b0["cursor"], 8, 0, 1)["tokens"]  # one process reads it all
         # Process p reads stream rows [cursor + 4p, cursor + 4p + 4): disjoint, and together the batch.
@@ -352,19 +373,24 @@ class FakeDevice:
 def test_mesh_across_processes_puts_each_process_in_its_own_block():
     devices = [FakeDevice(i, i // 4) for i in range(8)]  # 2 processes x 4 devices
     process = np.vectorize(lambda d: d.process_index)
-    grid = sharding.device_grid([2, 4, 1, 1], devices)  # data across the processes
-    np.testing.assert_array_equal(process(grid)[:, :, 0, 0], [[0] * 4, [1] * 4])
-    grid = sharding.device_grid([1, 8, 1, 1], devices)  # data=1: the processes split fsdp
-    np.testing.assert_array_equal(process(grid)[0, :, 0, 0], [0] * 4 + [1] * 4)
-    grid = sharding.device_grid([4, 2, 1, 1], devices)
-    np.testing.assert_array_equal(process(grid)[:, 0, 0, 0], [0, 0, 1, 1])
+    grid = sharding.device_grid([1, 2, 4, 1, 1], devices)  # data across the processes
+    np.testing.assert_array_equal(process(grid)[0, :, :, 0, 0], [[0] * 4, [1] * 4])
+    grid = sharding.device_grid([1, 1, 8, 1, 1], devices)  # data=1: the processes split fsdp
+    np.testing.assert_array_equal(process(grid)[0, 0, :, 0, 0], [0] * 4 + [1] * 4)
+    grid = sharding.device_grid([1, 4, 2, 1, 1], devices)
+    np.testing.assert_array_equal(process(grid)[0, :, 0, 0, 0], [0, 0, 1, 1])
     assert sorted(d.id for d in grid.flat) == list(range(8))
-    grid = sharding.device_grid([2, 1, 2, 2], devices)  # sequence and tensor stay inside a process
-    np.testing.assert_array_equal(process(grid)[:, 0], [[[0, 0], [0, 0]], [[1, 1], [1, 1]]])
-    with pytest.raises(ConfigError, match="mesh.data or mesh.fsdp must be a multiple of 2"):
-        sharding.device_grid([1, 1, 1, 8], devices)  # tensor parallelism across hosts: refused
-    with pytest.raises(ConfigError, match="mesh.data or mesh.fsdp must be a multiple of 2"):
-        sharding.device_grid([1, 1, 8, 1], devices)  # and so is context parallelism
+    grid = sharding.device_grid([1, 2, 1, 2, 2], devices)  # sequence and tensor stay inside a process
+    np.testing.assert_array_equal(process(grid)[0, :, 0], [[[0, 0], [0, 0]], [[1, 1], [1, 1]]])
+    grid = sharding.device_grid([2, 1, 1, 1, 4], devices)  # pipeline stages across the processes
+    np.testing.assert_array_equal(process(grid)[:, 0, 0, 0], [[0] * 4, [1] * 4])
+    four = [FakeDevice(i, i // 2) for i in range(8)]  # 4 processes x 2 devices: data 2 x stage 2 across them
+    grid = sharding.device_grid([2, 2, 1, 1, 2], four)
+    np.testing.assert_array_equal(process(grid)[:, :, 0, 0, 0], [[0, 1], [2, 3]])  # one process per (stage, data)
+    with pytest.raises(ConfigError, match="mesh.data, mesh.fsdp or mesh.stage .or their product. must be a multiple"):
+        sharding.device_grid([1, 1, 1, 1, 8], devices)  # tensor parallelism across hosts: refused
+    with pytest.raises(ConfigError, match="must be a multiple of 2"):
+        sharding.device_grid([1, 1, 1, 8, 1], devices)  # and so is context parallelism
 
 
 def test_launch_scripts_parse_and_explain_themselves():
