@@ -3,9 +3,13 @@
 Per device, for the mesh the config names over `devices` devices:
 
 - parameters, gradients and optimizer state: each tensor's shard under the logical-axis
-  table (`jaxlm.sharding.RULES`), exactly as the train step lays them out (a dimension a
-  mesh axis does not divide stays whole); AdamW keeps two float32 moments per parameter,
-  Adafactor about one factored row + column per matrix (counted as such).
+  table (`jaxlm.sharding.RULES`) and, for the ZeRO presets, `jaxlm.sharding.optimizer_spec`,
+  exactly as the train step lays them out (a dimension a mesh axis does not divide stays whole):
+  params as the table says; the optimizer state split over data x fsdp under zero1 and zero2,
+  the gradients too under zero2, both as the params otherwise (the ZeRO paper's formula: the
+  table in `jaxlm.sharding`). AdamW keeps two float32 moments per parameter, Adafactor about one
+  factored row + column per matrix (counted as such). Gradients: one micro-batch's, where the
+  step reduces them to, in the param dtype.
 - activations saved for the backward pass of one micro-batch (an estimate, in the compute
   dtype, the local batch b = batch / grad_accum / batch shards, sequence T), per layer:
   remat none ~ b*T*(10D + 2KH + 4F) values (inputs of every matmul and norm; attention's
@@ -49,16 +53,6 @@ def mesh_sizes(cfg: Config, devices: int) -> dict[str, int]:
     return sizes
 
 
-def _shard_elems(shape, axes, rules, sizes) -> int:
-    n = 1
-    for dim, name in zip(shape, axes):
-        mesh_axes = rules.get(name, ())
-        mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
-        split = math.prod(sizes[a] for a in mesh_axes)
-        n *= -(-dim // split) if split > 1 and dim % split == 0 else dim
-    return n
-
-
 def plan(cfg: Config, devices: int, mfu: float = 0.4, peak_tflops: float = 0.0,
          tokens: float = 0.0) -> dict:
     """The numbers `jaxlm plan` prints (bytes per device; FLOPs; seconds)."""
@@ -70,23 +64,28 @@ def plan(cfg: Config, devices: int, mfu: float = 0.4, peak_tflops: float = 0.0,
 
     m, t = cfg.model, cfg.train
     sizes = mesh_sizes(cfg, devices)
-    rules = sharding.RULES[cfg.mesh.rules]
+    rules = cfg.mesh.rules
     shapes, axes = model.abstract_params(m), model.logical_axes(m)
     leaves = zip(jax.tree.leaves(shapes), jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple)))
     p_bytes = _DTYPE_BYTES[m.param_dtype]
-    shard_elems = [(_shard_elems(s.shape, a, rules, sizes), s.shape) for s, a in leaves]
-    params = sum(n for n, _ in shard_elems) * p_bytes
-    grads = params
+    elems = []  # (param shard, optimizer-state shard, shape) elements per device
+    for a, names in leaves:
+        p_spec = sharding.spec(sizes, rules, a.shape, names)
+        o_spec = sharding.optimizer_spec(sizes, rules, a.shape, p_spec)
+        elems.append((math.prod(sharding.shard_shape(sizes, p_spec, a.shape)),
+                      math.prod(sharding.shard_shape(sizes, o_spec, a.shape)), a.shape))
+    params = sum(n for n, _, _ in elems) * p_bytes
+    grads = sum(o if sharding.ZERO.get(rules, 0) >= 2 else n for n, o, _ in elems) * p_bytes
     if cfg.optim.name == "adamw":
-        opt = sum(n for n, _ in shard_elems) * 4 * 2
+        opt = sum(o for _, o, _ in elems) * 4 * 2
     else:  # adafactor: factored second moment for matrices (row + column), full for vectors
-        opt = sum((n // shape[-1] + n // shape[-2] if len(shape) >= 2 else n) * 4 for n, shape in shard_elems)
+        opt = sum((n // shape[-1] + n // shape[-2] if len(shape) >= 2 else o) * 4 for n, o, shape in elems)
     batch_shards = sizes["data"] * sizes["fsdp"]
     b = max(t.batch_size // t.grad_accum_steps // batch_shards, 1)
     T, D, F, KH = t.seq_len, m.d_model, m.d_ff, m.n_kv_heads * m.head_dim
     per_layer = {"none": 10 * D + 2 * KH + 4 * F, "dots": 4 * D + 2 * KH + 2 * F, "full": D}[m.remat]
     c_bytes = _DTYPE_BYTES["bfloat16" if m.dtype == "auto" else m.dtype]
-    tensor = sizes["tensor"] if cfg.mesh.rules == "fsdp_tp" else 1
+    tensor = sizes["tensor"] if rules == "fsdp_tp" else 1
     seq = sizes["sequence"]  # every preset splits the activations' sequence over it
     schedule = Schedule(sizes["stage"], pipeline_microbatches(cfg), cfg.mesh.repeats)
     staged = schedule.iterations / (schedule.repeats * schedule.microbatches) / schedule.stages

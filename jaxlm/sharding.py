@@ -7,6 +7,19 @@ divide stays replicated rather than failing. Every preset splits activations alo
 over "sequence" (context parallelism, `jaxlm.model.context_parallel`; size 1: no split), and the
 stacked layers over "stage" (pipeline parallelism, `jaxlm.model.pipeline`, when `activate` is given a
 schedule; size 1: no split).
+
+The ZeRO stages by name (Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training
+Trillion Parameter Models"), for Ψ parameters over N = data x fsdp batch shards, float32 params
+and AdamW (K = 8 bytes of moments per parameter), bytes per device:
+
+    preset          params   gradients   optimizer state
+    dp              4Ψ       4Ψ          8Ψ
+    zero1           4Ψ       4Ψ          8Ψ / N
+    zero2           4Ψ       4Ψ / N      8Ψ / N
+    zero3 = fsdp    4Ψ / F   4Ψ / F      8Ψ / F        (F = mesh.fsdp: replicated over "data")
+
+zero1 and zero2 lay out params and activations as dp does; `optimizer_spec` splits the state
+(and under zero2 the gradients) over the batch axes.
 """
 from __future__ import annotations
 
@@ -34,6 +47,12 @@ RULES: dict[str, dict[str, object]] = {
                 "kv_heads": "tensor", "mlp": "tensor", "act_heads": "tensor", "act_mlp": "tensor",
                 "act_vocab": "tensor"},
 }
+# zero3 is fsdp under its ZeRO name (fsdp stays the default and the name runs and configs use);
+# zero1 and zero2 place params and activations as dp, and their optimizer state by `optimizer_spec`.
+RULES.update(zero1=RULES["dp"], zero2=RULES["dp"], zero3=RULES["fsdp"])
+# The presets that split more than their params over the batch axes, by ZeRO stage:
+# 1 the optimizer state, 2 the gradients as well.
+ZERO = {"zero1": 1, "zero2": 2}
 
 
 def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
@@ -99,12 +118,14 @@ def _mesh_axes(rules: str, name) -> tuple:
     return (axes,) if isinstance(axes, str) else tuple(axes or ())
 
 
-def spec(mesh: Mesh, rules: str, shape, names) -> P:
-    """PartitionSpec for an array of `shape` with logical axis `names`."""
+def spec(mesh, rules: str, shape, names) -> P:
+    """PartitionSpec for an array of `shape` with logical axis `names`; `mesh` is a Mesh or its
+    {axis: size} (`jaxlm plan` lays out a mesh it does not have)."""
+    sizes = mesh.shape if isinstance(mesh, Mesh) else mesh
     out, used = [], set()
     for dim, name in zip(shape, names):
-        axes = tuple(a for a in _mesh_axes(rules, name) if a not in used and mesh.shape[a] > 1)
-        size = math.prod(mesh.shape[a] for a in axes)
+        axes = tuple(a for a in _mesh_axes(rules, name) if a not in used and sizes[a] > 1)
+        size = math.prod(sizes[a] for a in axes)
         if not axes or dim % size:
             out.append(None)
             continue
@@ -117,6 +138,40 @@ def param_shardings(mesh: Mesh, rules: str, abstract_params: dict, axes: dict) -
     """NamedSharding per parameter (same tree as the params)."""
     return jax.tree.map(lambda a, names: NamedSharding(mesh, spec(mesh, rules, a.shape, names)),
                         abstract_params, axes, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def optimizer_spec(mesh, rules: str, shape, param_spec: P) -> P:
+    """PartitionSpec of an optimizer-state leaf that mirrors a parameter of `shape` laid out as
+    `param_spec` (Adam's mu and nu); under zero2 the gradients' too. zero1 and zero2 split it over
+    the batch axes (data, fsdp) of size > 1 that `param_spec` does not use, along the first dimension
+    that is whole and that their product divides (none: as the parameter); every other preset keeps
+    the parameter's layout. `mesh`: a Mesh or its {axis: size}."""
+    if rules not in ZERO:
+        return param_spec
+    full = tuple(param_spec) + (None,) * (len(shape) - len(param_spec))
+    sizes = mesh.shape if isinstance(mesh, Mesh) else mesh
+    used = {a for s in full if s is not None for a in ((s,) if isinstance(s, str) else s)}
+    axes = tuple(a for a in BATCH if a not in used and sizes[a] > 1)
+    n = math.prod(sizes[a] for a in axes)
+    for i, (dim, s) in enumerate(zip(shape, full)):
+        if axes and s is None and dim % n == 0:
+            return P(*full[:i], axes[0] if len(axes) == 1 else axes, *full[i + 1:])
+    return P(*full)
+
+
+def optimizer_shardings(mesh: Mesh, rules: str, abstract_params: dict, p_shardings: dict) -> dict:
+    """NamedSharding of the optimizer state that mirrors each parameter (same tree as the params)."""
+    return jax.tree.map(lambda a, s: NamedSharding(mesh, optimizer_spec(mesh, rules, a.shape, s.spec)),
+                        abstract_params, p_shardings)
+
+
+def shard_shape(mesh, spec_: P, shape) -> tuple:
+    """The shape of one device's block of an array of `shape` split by `spec_`; `mesh`: a Mesh or
+    its {axis: size}."""
+    sizes = mesh.shape if isinstance(mesh, Mesh) else mesh
+    split = [math.prod(sizes[a] for a in ((s,) if isinstance(s, str) else s)) if s is not None else 1
+             for s in spec_]
+    return tuple(d // n for d, n in zip(shape, split + [1] * (len(shape) - len(split))))
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2, leading: int = 0) -> NamedSharding:

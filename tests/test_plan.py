@@ -14,16 +14,23 @@ TREE = {"model": dict(vocab_size=96, d_model=48, n_layers=4, n_heads=4, n_kv_hea
 
 
 @pytest.mark.parametrize("mesh", [dict(fsdp=8, rules="fsdp"), dict(fsdp=2, tensor=4, rules="fsdp_tp"),
-                                  dict(data=8, fsdp=1, rules="dp"), dict(stage=2, fsdp=4, rules="fsdp")])
+                                  dict(data=8, fsdp=1, rules="dp"), dict(data=2, fsdp=4, rules="zero1"),
+                                  dict(data=2, fsdp=4, rules="zero2"), dict(data=2, fsdp=4, rules="zero3"),
+                                  dict(stage=2, fsdp=4, rules="fsdp")])
 def test_param_and_optimizer_bytes_match_the_sharded_layout(mesh):
     cfg = from_dict({**TREE, "mesh": mesh})
     p = plan(cfg, devices=8)
     shapes = model.abstract_params(cfg.model)
-    shards = sharding.param_shardings(sharding.make_mesh(cfg.mesh), cfg.mesh.rules, shapes,
-                                      model.logical_axes(cfg.model))
-    want = sum(math.prod(s.shard_shape(a.shape)) * 4 for a, s in zip(jax.tree.leaves(shapes), jax.tree.leaves(shards)))
-    assert p["bytes_params"] == p["bytes_grads"] == want
-    assert p["bytes_optimizer"] == 2 * want  # AdamW: two float32 moments
+    mesh_, rules = sharding.make_mesh(cfg.mesh), cfg.mesh.rules
+    shards = sharding.param_shardings(mesh_, rules, shapes, model.logical_axes(cfg.model))
+    opt_shards = sharding.optimizer_shardings(mesh_, rules, shapes, shards)
+    per_device = lambda tree: sum(math.prod(s.shard_shape(a.shape)) * 4
+                                  for a, s in zip(jax.tree.leaves(shapes), jax.tree.leaves(tree)))
+    want, want_opt = per_device(shards), per_device(opt_shards)
+    assert p["bytes_params"] == want
+    assert p["bytes_grads"] == (want_opt if rules == "zero2" else want)
+    assert p["bytes_optimizer"] == 2 * want_opt  # AdamW: two float32 moments
+    assert (want_opt < want) == (rules in ("zero1", "zero2"))
     assert p["local_batch"] == max(16 // 2 // (p["mesh"]["data"] * p["mesh"]["fsdp"]), 1)
 
 

@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from jaxlm import model, sharding
 from jaxlm.config import MeshConfig, ModelConfig
@@ -62,6 +63,29 @@ def test_spec_maps_logical_names_and_drops_what_does_not_divide():
         assert _full(sharding.spec(mesh, rules, (4, 32, 24), act), 3) == ("data", "sequence", None)
         assert _full(sharding.spec(mesh, rules, (4, 30, 24), act), 3) == ("data", None, None)
     assert _full(sharding.spec(_mesh(2, 4, 1), "fsdp", (8, 32, 24), act), 3) == (("data", "fsdp"), None, None)
+
+
+def test_zero_presets_split_the_optimizer_state_over_the_batch_axes():
+    assert sharding.RULES["zero3"] == sharding.RULES["fsdp"]
+    assert sharding.RULES["zero1"] == sharding.RULES["zero2"] == sharding.RULES["dp"]
+    mesh = _mesh(2, 4, 1)
+    ospec = lambda rules, shape, pspec=P(): _full(sharding.optimizer_spec(mesh, rules, shape, pspec),
+                                                            len(shape))
+    # The first whole dimension that data x fsdp = 8 divides: [L=3, D=24, N=6, H=4] along D.
+    assert ospec("zero1", (3, 24, 6, 4)) == (None, ("data", "fsdp"), None, None)
+    assert ospec("zero2", (40, 24)) == (("data", "fsdp"), None)
+    assert ospec("zero1", (37, 5)) == (None, None)  # nothing divides: whole, as the parameter
+    for rules in ("dp", "fsdp", "zero3"):  # the other presets: the parameter's own layout
+        assert ospec(rules, (40, 24), P(None, "fsdp")) == (None, "fsdp")
+    # A mesh axis the parameter already uses is not used again; size-1 axes are left out.
+    assert ospec("zero1", (40, 24), P(None, "fsdp")) == ("data", "fsdp")
+    assert _full(sharding.optimizer_spec(_mesh(1, 4, 2), "zero1", (3, 24), P()), 2) == (None, "fsdp")
+    # The same from the mesh's sizes alone (jaxlm plan has no devices), and the shard's shape.
+    sizes = {"data": 2, "fsdp": 4, "sequence": 1, "tensor": 1}
+    assert sharding.optimizer_spec(sizes, "zero1", (3, 24), P()) == sharding.optimizer_spec(
+        mesh, "zero1", (3, 24), P())
+    assert sharding.shard_shape(sizes, P(None, ("data", "fsdp")), (3, 24)) == (3, 3)
+    assert sharding.shard_shape(mesh, P("fsdp"), (40, 24)) == (10, 24)
 
 
 def test_fsdp_tp_params_are_really_sharded():

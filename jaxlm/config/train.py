@@ -14,13 +14,18 @@ class MeshConfig:
     # the pipeline's schedule: 1 GPipe; r > 1 circular (each stage holds r chunks of the layers and each
     # microbatch goes round the stages r times: bubble (stage - 1) / (r x microbatches + stage - 1))
     repeats: int = 1
-    data: int = 1  # replicas: the batch is split over data x fsdp
-    fsdp: int = -1  # params, gradients and optimizer state sharded over it (ZeRO-3); -1: the rest of the devices
+    data: int = 1  # replicas: the batch (zero1/zero2: and the optimizer state) is split over data x fsdp
+    # params, gradients and optimizer state sharded over it (fsdp = zero3 rules; zero1/zero2: see rules);
+    # -1: the rest of the devices
+    fsdp: int = -1
     # context parallelism: activations split along the sequence over it, attention all-gathers the
     # keys and values (jaxlm.model.context_parallel); must divide train.seq_len
     sequence: int = 1
     tensor: int = 1  # heads and the MLP's hidden units split over it (fsdp_tp rules)
-    rules: str = "fsdp"  # dp | fsdp | fsdp_tp: which logical axes map to which mesh axes (jaxlm.sharding.RULES)
+    # dp | fsdp | fsdp_tp | zero1 | zero2 | zero3: which logical axes map to which mesh axes
+    # (jaxlm.sharding.RULES); zero1/zero2: params replicated as dp, the optimizer state (zero2: and the
+    # gradients) split over data x fsdp; zero3 = fsdp
+    rules: str = "fsdp"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +88,7 @@ class DistributedConfig:
 
 
 CHOICES = {
-    "mesh.rules": ("dp", "fsdp", "fsdp_tp"),
+    "mesh.rules": ("dp", "fsdp", "fsdp_tp", "zero1", "zero2", "zero3"),
     "optim.name": ("adamw", "adafactor"),
     "optim.decay": ("cosine", "linear", "inverse_sqrt", "constant"),
 }

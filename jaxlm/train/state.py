@@ -51,7 +51,8 @@ def frozen(roles: Sequence[Role]) -> list[Role]:
 
 
 def state_shardings(mesh, abstract_state, p_shardings, abstract_params):
-    """Shard every state leaf like the parameter it mirrors (Adam moments); replicate the rest."""
+    """Shard every state leaf like the parameter it mirrors (`p_shardings`: for the optimizer state,
+    `sharding.optimizer_shardings`); replicate the rest (counters, Adafactor's factored moments)."""
     by_path = {}
     for path, a in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
         by_path[tuple(str(k.key) for k in path)] = a.shape
@@ -105,7 +106,11 @@ def compile_stage(cfg: Config, roles: Sequence[Role], objective: Objective, devi
     p_shard = {r.name: model.shardings(r.model, mesh, rules) for r in train_roles}
     new_state = lambda key: init_state({r.name: model.init(r.model, key) for r in train_roles}, optimizers)
     abstract_state = jax.eval_shape(new_state, jax.random.key(0))
-    s_shard = state_shardings(mesh, abstract_state, p_shard, abstract_params)
+    # ZeRO: the optimizer state (zero1, zero2) and the gradients (zero2) split apart from the params
+    o_shard = {r: sharding.optimizer_shardings(mesh, rules, abstract_params[r], p_shard[r]) for r in p_shard}
+    g_shard = o_shard if sharding.ZERO.get(rules, 0) >= 2 else p_shard
+    s_shard = {**state_shardings(mesh, abstract_state, p_shard, abstract_params),
+               "opt_state": state_shardings(mesh, abstract_state["opt_state"], o_shard, abstract_params)}
     abstract_state = _with_shardings(abstract_state, s_shard)
     abstract_frozen = {r.name: model.abstract_params(r.model, mesh, rules) for r in frozen(roles)}
     f_shard = jax.tree.map(lambda a: a.sharding, abstract_frozen)
@@ -118,7 +123,7 @@ def compile_stage(cfg: Config, roles: Sequence[Role], objective: Objective, devi
                 return f(*args)
         return wrapped
 
-    train_step = jax.jit(traced_in_mesh(make_train_step(objective, optimizers)),
+    train_step = jax.jit(traced_in_mesh(make_train_step(objective, optimizers, g_shard, o_shard)),
                          in_shardings=(s_shard, f_shard, sharding.batch_sharding(mesh, 2, leading=1)),
                          out_shardings=(s_shard, None), donate_argnums=0)
     eval_step = jax.jit(traced_in_mesh(make_eval_step(objective)),

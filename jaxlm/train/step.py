@@ -42,8 +42,19 @@ def init_state(params: dict, optimizers: dict) -> dict:
             "step": jnp.zeros((), jnp.int32), "skipped": jnp.zeros((), jnp.int32)}
 
 
-def make_train_step(objective: Objective, optimizers: dict):
+def _constrain(tree, shardings):
+    """`tree` pinned to `shardings` (same tree, or None: left to XLA)."""
+    return tree if shardings is None else jax.lax.with_sharding_constraint(tree, shardings)
+
+
+def make_train_step(objective: Objective, optimizers: dict, grad_shardings=None, update_shardings=None):
     """step(state, frozen, batch) -> (state, out); batch arrays are [A, b, ...] (A micro-batches).
+
+    `grad_shardings` ({role: tree}, or None: XLA's choice) is where each micro-batch's gradients
+    are reduced to: whole (an all-reduce: dp, zero1) or split like the optimizer state (a
+    reduce-scatter: zero2, fsdp); their sum over micro-batches is XLA's to place. `update_shardings`
+    is where the optimizer update runs: the optimizer state's layout, from which the out-shardings
+    all-gather the params back (zero1, zero2).
 
     out: {"metrics": {name: (sum, count)}, "grad_norm", "update_ok"}, plus "grad_norm/ROLE" per
     trained role when there are several.
@@ -59,7 +70,7 @@ def make_train_step(objective: Objective, optimizers: dict):
                 return loss_sum / total, metrics
 
             (_, metrics), grads = jax.value_and_grad(scaled, has_aux=True)(params)
-            return grads, metrics
+            return _constrain(grads, grad_shardings), metrics
 
         A = jax.tree.leaves(batch)[0].shape[0]
         if A == 1:
@@ -72,8 +83,10 @@ def make_train_step(objective: Objective, optimizers: dict):
         ok = jnp.isfinite(grad_norm) & jnp.isfinite(metrics["loss"][0])
         new = {"params": {}, "opt_state": {}}
         for role, optimizer in optimizers.items():
-            updates, new["opt_state"][role] = optimizer.update(grads[role], state["opt_state"][role], params[role])
-            new["params"][role] = optax.apply_updates(params[role], updates)
+            at = None if update_shardings is None else update_shardings[role]
+            g, p = _constrain(grads[role], at), _constrain(params[role], at)
+            updates, new["opt_state"][role] = optimizer.update(g, state["opt_state"][role], p)
+            new["params"][role] = optax.apply_updates(p, updates)
         # A non-finite loss or gradient leaves params and optimizer state as they were.
         new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new,
                            {"params": params, "opt_state": state["opt_state"]})
