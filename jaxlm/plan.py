@@ -104,7 +104,7 @@ def plan(cfg: Config, devices: int, mfu: float = 0.4, peak_tflops: float = 0.0,
     head = 6.0 * D * m.vocab_size  # FLOPs per token of the output projection
     fpt_staged = (fpt - head) / (1 - schedule.bubble) + head * schedule.stages if schedule.stages > 1 else fpt
     seconds = fpt_staged * tokens / (mfu * peak * devices)
-    return {"mesh": sizes, "params_total": model.param_count(m), "params_matmul": n_matmul,
+    return {"mesh": sizes, "rules": rules, "params_total": model.param_count(m), "params_matmul": n_matmul,
             "local_batch": b, "bytes_params": params, "bytes_grads": grads, "bytes_optimizer": opt,
             "bytes_activations": acts, "bytes_kv_gathered": kv_gathered, "bytes_logits": logits,
             "bytes_total": params + grads + opt + acts + kv_gathered + logits,
@@ -126,7 +126,7 @@ def _gib(x: float) -> str:
 def format_plan(p: dict) -> str:
     days = p["seconds"] / 86400
     lines = [
-        f"mesh {p['mesh']}  (local batch {p['local_batch']} sequences per micro-batch)",
+        f"mesh {p['mesh']}, rules {p['rules']}  (local batch {p['local_batch']} sequences per micro-batch)",
         f"parameters {p['params_total'] / 1e9:.3f} B ({p['params_matmul'] / 1e9:.3f} B in matmuls)",
         "per device:",
         f"  parameters   {_gib(p['bytes_params'])}",

@@ -53,7 +53,7 @@ def test_plan_command_prints_the_table(capsys, tmp_path):
     path.write_text("model: {preset: 1b}\ntrain: {seq_len: 2048, batch_size: 512}\n")
     assert cli.main(["plan", str(path), "--devices", "16"]) == 0
     out = capsys.readouterr().out
-    assert "optimizer" in out and "Chinchilla" in out and "fsdp': 16" in out
+    assert "optimizer" in out and "Chinchilla" in out and "fsdp': 16" in out and "rules fsdp" in out
 
 
 def test_sequence_shards_divide_activations_and_logits_and_add_the_gathered_keys_and_values():
