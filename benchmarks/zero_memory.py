@@ -1,10 +1,11 @@
-"""Per-device bytes of params, gradients and optimizer state under each sharding preset (ZeRO stages).
+"""Per-device bytes of params, gradients and optimizer state under each layout (ZeRO stages, pipelines).
 
-    python benchmarks/zero_memory.py [--preset 125m] [--rules dp zero1 zero2 fsdp fsdp_tp]
+    python benchmarks/zero_memory.py [--preset 125m] [--rules dp zero1 zero2 fsdp fsdp_tp gpipe2 gpipe4]
                                      [--measure PRESET ...] [--compile] [--seq 128 --batch 8]
 
-On 8 fake CPU devices (mesh fsdp = 8; fsdp_tp: fsdp 4 x tensor 2), float32 params, AdamW. For each
-preset, per device:
+On 8 fake CPU devices (mesh fsdp = 8; fsdp_tp: fsdp 4 x tensor 2; gpipe2 and gpipe4: 2 or 4 GPipe
+stages under fsdp over the other 4 or 2 devices, train.microbatches = 2 x stages), float32
+params, AdamW. For each layout, per device:
 
 - stored: the train state as held between steps. `params` and `optimizer` from the state's
   shardings alone (each leaf's shard shape, from `jax.eval_shape`: no memory); `measured` from a
@@ -36,7 +37,9 @@ from jaxlm.plan import plan  # noqa: E402
 from jaxlm.train.pretrain import lm_objective, policy_role  # noqa: E402
 from jaxlm.train.state import compile_stage  # noqa: E402
 
-MESH = {"fsdp_tp": {"fsdp": 4, "tensor": 2}}  # every other preset: fsdp = 8
+MESH = {"fsdp_tp": {"fsdp": 4, "tensor": 2}, "gpipe2": {"stage": 2, "fsdp": 4},
+        "gpipe4": {"stage": 4, "fsdp": 2}}  # every other preset: fsdp = 8
+RULES = {"gpipe2": "fsdp", "gpipe4": "fsdp"}  # a pipeline layout's rules preset (others: its own name)
 
 
 def shard_bytes(tree) -> int:
@@ -51,7 +54,7 @@ def stored_bytes(tree) -> int:
 
 def preset_memory(preset: str, rules: str, measure: bool, compile_step: bool, seq: int, batch: int) -> dict:
     cfg = from_dict({"model": {"preset": preset, "max_seq_len": seq, "dtype": "float32"},
-                     "mesh": {"rules": rules, **MESH.get(rules, {"fsdp": 8})},
+                     "mesh": {"rules": RULES.get(rules, rules), **MESH.get(rules, {"fsdp": 8})},
                      "train": {"batch_size": batch, "seq_len": seq}})
     c = compile_stage(cfg, policy_role(cfg), lm_objective(cfg.model))
     a = c.abstract_state
@@ -76,7 +79,7 @@ def preset_memory(preset: str, rules: str, measure: bool, compile_step: bool, se
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="125m")
-    p.add_argument("--rules", nargs="+", default=["dp", "zero1", "zero2", "fsdp", "fsdp_tp"])
+    p.add_argument("--rules", nargs="+", default=["dp", "zero1", "zero2", "fsdp", "fsdp_tp", "gpipe2", "gpipe4"])
     p.add_argument("--measure", nargs="*", default=None,
                    help="presets whose state is really initialised on the devices and measured (default: all)")
     p.add_argument("--compile", action="store_true", help="also compile each train step: XLA's temporaries")
