@@ -55,6 +55,8 @@ BAD = {
     "infinite lr": (["optim.lr=.inf"], ["optim.lr=inf", "finite"]),
     "nan spike factor": (["train.spike_factor=.nan"], ["train.spike_factor=nan", "finite"]),
     "infinite objective weight": (["data.objective={clm: .inf, fim: 1.0}"], ["data.objective.clm=inf", "finite"]),
+    "causal encoder": (["model.arch=encoder_decoder", "data.bidirectional_prefix=false"],
+                       ["data.bidirectional_prefix=false", "model.arch=decoder", "encoder_decoder"]),
 }
 
 

@@ -37,6 +37,11 @@ class DataConfig:
     objective: dict = dataclasses.field(default_factory=lambda: {"clm": 1.0})  # name -> weight
     packing: str = "auto"  # auto: concat for clm/fim objectives, first_fit otherwise
     lookahead: int = 256  # first_fit: examples packed together
+    # first_fit rows for a decoder: true: each example's inputs (span corruption's corrupted text,
+    # prefix LM's prefix, UL2's) attend both ways, a prefix decoder (rows carry prefix_mask) | false:
+    # a causal decoder on the same tokens and loss targets (no prefix_mask). model.arch=encoder_decoder:
+    # true (its encoder reads the inputs both ways)
+    bidirectional_prefix: bool = True
     # concat: sequences are drawn in a random order within blocks of this many (each exactly
     # once per block); 1: in stream order. Small blocks keep a batch to a few documents for many
     # steps (train loss falls below held-out); the default covers 16.8M tokens at seq_len 256.

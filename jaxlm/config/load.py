@@ -201,6 +201,9 @@ def validate(cfg: Config) -> None:
     check(t.seq_len % cfg.mesh.sequence == 0, f"train.seq_len={t.seq_len} must be a multiple of "
           f"mesh.sequence={cfg.mesh.sequence}: each of its devices holds an equal slice of every sequence")
     _validate_pipeline(cfg)
+    check(m.arch == "decoder" or cfg.data.bidirectional_prefix,
+          f"data.bidirectional_prefix=false is for model.arch=decoder; model.arch={m.arch}'s encoder reads its "
+          "inputs both ways")
     train.validate_optim(cfg.optim)
     data.validate_prepare(cfg.prepare)
     data.validate_tokenizer(cfg.tokenizer)

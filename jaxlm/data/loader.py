@@ -317,13 +317,15 @@ class Loader:
     the examples, truncated examples, rows and real tokens of the first_fit groups built so far.
     `packer(examples, T, pad) -> (rows, truncated)`: how first_fit packs each group of examples
     (default `pack_first_fit`; another packer takes the sources' example dicts as they are, e.g.
-    `jaxlm.data.examples.preference.pack_groups`).
+    `jaxlm.data.examples.preference.pack_groups`). `bidirectional_prefix=False`: first_fit rows carry no
+    prefix_mask, so a decoder reads every example causally, on the same tokens and loss targets.
     """
 
     def __init__(self, sources: Sequence[Source], seq_len: int, *, eos_id: int, seed: int = 0,
                  packing: str = "concat", curriculum=None, curriculum_unit: str = "examples",
                  objective_weights: Optional[dict] = None, specials: Optional[SpecialIds] = None,
-                 lookahead: int = 256, shuffle_block: int = 65536, fim_piece: int = 0, packer=None):
+                 lookahead: int = 256, shuffle_block: int = 65536, fim_piece: int = 0, packer=None,
+                 bidirectional_prefix: bool = True):
         if packing not in PACKINGS:
             raise ValueError(f"packing={packing!r} is not a packing; allowed: {', '.join(PACKINGS)}")
         if seq_len < 4 or seed < 0 or lookahead < 1:
@@ -348,6 +350,7 @@ class Loader:
             raise ValueError(f"objectives {sorted(weights)} need `specials` with eos={eos_id}")
         self.seq_len, self.seed, self.packing, self.lookahead = seq_len, seed, packing, lookahead
         self.packer = packer or pack_first_fit
+        self.bidirectional_prefix = bidirectional_prefix
         self.eos, self.specials, self.objective_weights = eos_id, specials, weights
         self.pad = specials.pad if specials is not None else eos_id
         bounds, probs = _stages(sources, curriculum, curriculum_unit, seq_len, packing)
@@ -369,7 +372,7 @@ class Loader:
         """This process's rows [cursor + p*B/P, cursor + (p+1)*B/P) of the global batch at `cursor`.
 
         Numpy arrays [B/P, T]: tokens, targets int32, loss_mask float32; first_fit adds
-        segment_ids, positions int32 and prefix_mask bool.
+        segment_ids, positions int32 and prefix_mask bool (unless bidirectional_prefix=False).
         """
         start, rows = process_rows(cursor, global_batch, process_index, process_count)
         if self.packing == "concat":
@@ -440,4 +443,14 @@ class Loader:
             b = min(len(rows["tokens"]), a + start + n - pos)
             parts.append({k: v[a:b] for k, v in rows.items()})
             pos += b - a
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        keys = [k for k in parts[0] if self.bidirectional_prefix or k != "prefix_mask"]
+        return {k: np.concatenate([p[k] for p in parts]) for k in keys}
+
+    def rows_for_examples(self, examples: int) -> tuple[int, int]:
+        """first_fit: (R, E): rows [0, R) hold exactly the stream's examples [0, E), E the first group
+        boundary at or after `examples`. Which examples a group holds does not depend on the packer, so
+        loaders that differ only in it (a decoder's and an encoder-decoder's) score the same targets there."""
+        while self._group_start[-1] < examples:
+            self._packed(self._group_rows[-1], 1)  # packs the next group
+        g = bisect.bisect_left(self._group_start, examples)
+        return self._group_rows[g], self._group_start[g]

@@ -252,7 +252,8 @@ def build_lm_data(data_cfg: DataConfig, seq_len: int, *, batch_size: int = 1, ba
                   objective_weights=dict(data_cfg.objective),
                   specials=_specials(tokenizer, data_cfg.objective), lookahead=data_cfg.lookahead,
                   shuffle_block=data_cfg.shuffle_block,
-                  fim_piece=data_cfg.fim_max_tokens or max(seq_len // 2, 1), packer=packer)
+                  fim_piece=data_cfg.fim_max_tokens or max(seq_len // 2, 1), packer=packer,
+                  bidirectional_prefix=data_cfg.bidirectional_prefix)
     try:
         train = Loader(train_sources, seq_len, curriculum=curriculum, curriculum_unit=unit, **common)
         heldout = Loader(heldout_sources, seq_len, **common) if heldout_sources else None

@@ -224,6 +224,27 @@ def test_objective_mixtures_reach_the_rows():
     assert np.isin(batch["tokens"], list(sp.ul2.values())).any()
 
 
+@pytest.mark.parametrize("objective", ["span_corruption", "prefix_lm"])
+def test_a_causal_decoder_reads_the_prefix_decoders_rows_without_the_prefix(objective):
+    cfg = DataConfig(max_documents=12, heldout_fraction=0.2, objective={objective: 1.0}, lookahead=5)
+    prefix = build_lm_data(cfg, seq_len=48)
+    causal = build_lm_data(dataclasses.replace(cfg, bidirectional_prefix=False), seq_len=48)
+    for split in (0, 1):  # training and held-out rows
+        with_prefix, without = prefix[split].batch(0, 11), causal[split].batch(0, 11)
+        assert with_prefix["prefix_mask"].any() and "prefix_mask" not in without
+        assert set(with_prefix) == set(without) | {"prefix_mask"}
+        for key, value in without.items():  # the same tokens, targets, loss mask, segments and positions
+            np.testing.assert_array_equal(value, with_prefix[key])
+    # whole packing groups hold the same examples, here as in an encoder-decoder's loader
+    encdec = build_lm_data(cfg, seq_len=48, arch="encoder_decoder")[1]
+    rows, examples = prefix[1].rows_for_examples(7)
+    enc_rows, enc_examples = encdec.rows_for_examples(7)
+    assert examples == enc_examples == 10  # two groups of 5
+    assert prefix[1].batch(0, rows)["segment_ids"].max(axis=1).sum() == 10  # each example once
+    targets = lambda b: np.sort(b["targets"][b["loss_mask"] > 0])
+    np.testing.assert_array_equal(targets(prefix[1].batch(0, rows)), targets(encdec.batch(0, enc_rows)))
+
+
 def test_byte_tokenizer_reserves_jaxlm_specials_after_the_bytes():
     from jaxlm.data.tokenizers import specials as spm
 
