@@ -7,6 +7,14 @@ embedding table, which is a gather; with tied embeddings the table is the output
 projection and is counted once), and 6 * L * T * D is attention's score and value
 matmuls (12 * L * T * D) halved because the mask is causal. T is the sequence length.
 
+An encoder-decoder (`encoder_decoder_flops`) splits N into the encoder's blocks and final norm
+(N_enc, L_enc blocks) and the rest (N_dec: the decoder's blocks with their cross-attention, its
+final norm and the head), each side's tokens running through its own: an encoder token costs
+6 * N_enc + 12 * L_enc * T * D (bidirectional attention: the whole square), a decoder token
+6 * N_dec + 6 * L * T * D (causal self-attention) + 12 * L * T * D (cross-attention to all T
+encoder columns). Its rows have T columns a side, so per column of a row (what the loop and
+`jaxlm bench` count as a token) it costs the two together.
+
 A decode step (one new token for each of B rows) reads at least every weight once, in the
 compute dtype, and the keys and values of every cached position of every row: at a memory
 bandwidth of W bytes/s, decoding cannot pass B * W / bytes tokens/s.
@@ -30,8 +38,24 @@ def matmul_params(cfg: ModelConfig) -> int:
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6N + 6LTD (causal attention counted at half)."""
+    """Training FLOPs per token: 6N + 6LTD (causal attention counted at half); an encoder-decoder's
+    per row column, one encoder and one decoder token (`encoder_decoder_flops`)."""
+    if cfg.arch == "encoder_decoder":
+        return sum(encoder_decoder_flops(cfg, seq_len))
     return 6.0 * matmul_params(cfg) + 6.0 * cfg.n_layers * seq_len * cfg.d_model
+
+
+def encoder_decoder_flops(cfg: ModelConfig, seq_len: int) -> tuple[float, float]:
+    """Training FLOPs (per encoder token, per decoder token) of an encoder-decoder with seq_len
+    columns a side (the module docstring's formula)."""
+    from jaxlm import model
+
+    shapes = model.abstract_params(cfg)
+    n_enc = sum(math.prod(x.shape) for x in jax.tree.leaves((shapes["encoder"], shapes["encoder_norm"])))
+    n_dec = matmul_params(cfg) - n_enc
+    TD = seq_len * cfg.d_model
+    return (6.0 * n_enc + 12.0 * (cfg.n_encoder_layers or cfg.n_layers) * TD,
+            6.0 * n_dec + 18.0 * cfg.n_layers * TD)
 
 
 def measure_peak_flops(dtype: str | None = None, n: int | None = None, repeats: int = 5) -> float:

@@ -25,9 +25,11 @@ Per device, for the mesh the config names over `devices` devices:
   ones, (R M + S - 1) / (R M) (the bubble's slots also keep what they computed).
 - compute C = 6 * N * D_tokens (N matmul parameters; attention adds 6*L*T*d per token,
   included in the FLOPs per token below), the Chinchilla-optimal token count ~20 N
-  (Hoffmann et al. 2022), and the time to train `tokens` at a given MFU of `peak` FLOP/s. Under
-  a pipeline the layers' share takes 1 / (1 - bubble) as long, bubble = (S - 1) / (R M + S - 1),
-  and the head's FLOPs (6 D V per token) run on every stage's devices alike.
+  (Hoffmann et al. 2022), and the time to train `tokens` at a given MFU of `peak` FLOP/s. An
+  encoder-decoder's token is a column of its rows, one encoder and one decoder token
+  (`jaxlm.perf.encoder_decoder_flops`). Under a pipeline the layers' share takes 1 / (1 - bubble)
+  as long, bubble = (S - 1) / (R M + S - 1), and the head's FLOPs (6 D V per token) run on every
+  stage's devices alike.
 """
 from __future__ import annotations
 
