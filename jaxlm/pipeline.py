@@ -101,6 +101,8 @@ def load(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Path, list[St
         if key != "dir" and key.split(".")[0] not in specs:
             raise ConfigError(f"pipeline override {key!r}: allowed are dir=PATH and STAGE.section.key=value with "
                               f"STAGE one of the pipeline's stages: {', '.join(n for n in STAGES if n in specs)}")
+    flat_extra = parse_overrides(list(overrides), nest=False)  # {"sft.train.steps": 3, ...}
+    stage_keys = lambda name: {k.split(".", 1)[1]: v for k, v in flat_extra.items() if k.startswith(name + ".")}
     stages, previous = [], None
     for name in (n for n in STAGES if n in specs):
         spec, run_dir = specs[name], directory / name
@@ -122,7 +124,7 @@ def load(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Path, list[St
         if name != "data":
             wiring = {"train.run_dir": str(run_dir), **({"train.init_from": previous} if previous else {})}
         try:
-            cfg = from_dict(override(read_tree(spec["config"]), {**flat, **flat_keys(mine), **wiring}))
+            cfg = from_dict(override(read_tree(spec["config"]), {**flat, **stage_keys(name), **wiring}))
         except ConfigError as e:
             raise ConfigError(f"stage {name} ({spec['config']}): {e}") from None
         model = None

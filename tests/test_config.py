@@ -210,3 +210,14 @@ def test_yaml_1_2_booleans_yes_and_off_are_strings(tmp_path):
     path.write_text("train: {async_checkpoint: FALSE, run_dir: no}\nprepare: {sources: [{name: on, paths: [x]}]}\n")
     cfg = load_config(path)
     assert (cfg.train.async_checkpoint, cfg.train.run_dir, cfg.prepare.sources[0].name) == (False, "no", "on")
+
+
+def test_a_mapping_override_replaces_the_files_and_a_longer_key_sets_one_entry(tmp_path):
+    from jaxlm.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {objective: {span_corruption: 1.0}}\n")
+    assert load_config(path, ["data.objective={prefix_lm: 1.0}"]).data.objective == {"prefix_lm": 1.0}
+    assert load_config(path, ["data.objective.clm=0.5"]).data.objective == {"span_corruption": 1.0, "clm": 0.5}
+    with pytest.raises(ConfigError, match="not of the form section.key"):
+        load_config(path, ["train=3"])

@@ -50,13 +50,6 @@ def _nest(flat: dict[str, Any]) -> dict:
     return tree
 
 
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 class _Yaml12Loader(yaml.SafeLoader):
     """PyYAML's safe loader with YAML 1.2's booleans: only true and false (any case), so that `yes`,
     `no`, `on` and `off` stay strings, as YAML 1.2 reads them, and a key that wants a string gets
@@ -75,8 +68,9 @@ def load_yaml(text: str):
     return yaml.load(text, Loader=_Yaml12Loader)
 
 
-def parse_overrides(overrides: list[str]) -> dict:
-    """`["model.n_layers=2", "train.run_dir=/tmp/x"]` -> nested dict (values parsed as YAML)."""
+def parse_overrides(overrides: list[str], nest: bool = True) -> dict:
+    """`["model.n_layers=2", "train.run_dir=/tmp/x"]` -> nested dict (values parsed as YAML);
+    `nest=False`: {"model.n_layers": 2, ...}, as `override` takes them."""
     flat = {}
     for item in overrides:
         if "=" not in item:
@@ -87,7 +81,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         except yaml.YAMLError:
             raise ConfigError(f"override {item!r}: the value {raw!r} is not valid YAML (a number, true/false, "
                               "a string, [a, list] or {a: mapping}; quote strings with special characters)") from None
-    return _nest(flat)
+    return _nest(flat) if nest else flat
 
 
 def from_dict(tree: dict) -> Config:
@@ -136,14 +130,31 @@ def flat_keys(tree: dict, prefix: str = "") -> dict:
 
 
 def override(tree: dict, flat: dict[str, Any]) -> dict:
-    """`tree` with the dotted keys of `flat` set ({"train.steps": 10}), `tree` itself unchanged."""
-    return _merge(tree, _nest(flat))
+    """`tree` with the dotted keys of `flat` set ({"train.steps": 10}), `tree` itself unchanged.
+
+    A `section.key` is set whole, so a mapping replaces the one there (`data.objective={ul2: 1.0}`
+    trains UL2 alone); a longer key sets one entry inside it (`data.objective.fim=0.5` adds FIM)."""
+    out = dict(tree)
+    for key, value in flat.items():
+        if "." not in key:
+            raise ConfigError(f"override {key!r} is not of the form section.key=value")
+        section, *inner, last = key.split(".")
+        if not isinstance(out.get(section, {}), dict):
+            raise ConfigError(f"config section {section!r} must be a mapping, got {out[section]!r}")
+        node = out[section] = dict(out.get(section) or {})
+        for part in inner:
+            if not isinstance(node.get(part, {}), dict):
+                raise ConfigError(f"config key {key!r} sets an entry inside {part!r}, which is not a mapping")
+            node[part] = dict(node.get(part) or {})
+            node = node[part]
+        node[last] = value
+    return out
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML file of overrides, apply `key.sub=value` overrides, validate."""
+    """Read a YAML file of overrides, apply `key.sub=value` overrides (`override`), validate."""
     tree = read_tree(path) if path is not None else {}
-    return from_dict(_merge(tree, parse_overrides(overrides or [])))
+    return from_dict(override(tree, parse_overrides(overrides or [], nest=False)))
 
 
 def to_dict(cfg: Config) -> dict:
