@@ -52,9 +52,7 @@ def config(arch: str, objective: str, args, **train):
     """The run's config: its file, the objective, the data under args.data, the depth, `train.*` keys."""
     path, changes = ARCHS[arch]
     tree = read_tree(path)
-    # set in the tree, not by override: an override's mapping merges into the file's (tiny_encdec.yaml's
-    # {span_corruption: 1.0} and {prefix_lm: 1.0} would train on both)
-    tree["data"] = {**tree["data"], "objective": {objective: 1.0}}
+    tree["data"] = {**tree["data"], "objective": {objective: 1.0}}  # this objective alone
     L = args.layers
     depth = {"model.n_layers": L} if arch != "encoder-decoder" else {"model.n_layers": L // 2,
                                                                       "model.n_encoder_layers": L // 2}
