@@ -103,11 +103,22 @@ _PRESETS = {
     "70b": ModelConfig(vocab_size=32_000, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8,
                        d_ff=28_672, max_seq_len=4096, norm_eps=1e-5),
 }
+# T5 v1.1's encoder-decoders (Raffel et al. 2020; the v1.1 release: gated GELU, untied head), the
+# parameter counts of google/t5-v1_1-base and -large (247.6M, 783.2M). Its small size has 6 heads of
+# 64 on d_model 512, which jaxlm's head_dim = d_model / n_heads cannot hold.
+_T5 = dict(arch="encoder_decoder", position="t5_relative", activation="gelu_tanh", vocab_size=32_128,
+           max_seq_len=512, norm_eps=1e-6)
+_PRESETS.update({
+    "t5-base": ModelConfig(**_T5, d_model=768, n_layers=12, n_encoder_layers=12, n_heads=12, n_kv_heads=12,
+                           d_ff=2048),
+    "t5-large": ModelConfig(**_T5, d_model=1024, n_layers=24, n_encoder_layers=24, n_heads=16, n_kv_heads=16,
+                            d_ff=2816),
+})
 PRESET_NAMES = tuple(_PRESETS)
 
 
 def model_preset(name: str) -> ModelConfig:
-    """The `ModelConfig` of a named size: tiny, 125m, 1b, 7b, 70b."""
+    """The `ModelConfig` of a named size: tiny, 125m, 1b, 7b, 70b (decoders), t5-base, t5-large."""
     if name not in _PRESETS:
         raise ConfigError(f"model.preset={name!r} is not a preset; allowed: {', '.join(_PRESETS)}")
     return _PRESETS[name]

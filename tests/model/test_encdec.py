@@ -193,3 +193,12 @@ def test_relative_buckets_as_t5():
     assert relative_bucket(rel, True, 32, 128).tolist() == [0, 1, 17, 7, 8, 10, 15, 26, 15, 31]
     rel = np.array([0, 5, -5, -15, -20, -127, -1000])
     assert relative_bucket(rel, False, 32, 128).tolist() == [0, 0, 5, 15, 17, 31, 31]
+
+
+def test_t5_presets_have_t5_v1_1s_parameter_counts():
+    """google/t5-v1_1-base and -large as transformers counts them (T5ForConditionalGeneration with the
+    untied head, built on the meta device)."""
+    from jaxlm.config import model_preset
+
+    assert model.param_count(model_preset("t5-base")) == 247_577_856
+    assert model.param_count(model_preset("t5-large")) == 783_150_080
