@@ -170,8 +170,11 @@ def test_cached_decoding_equals_a_full_forward_at_every_step(cfg, params):
         np.testing.assert_allclose(got[b], want, rtol=1e-5, atol=2e-5)
 
 
-def test_greedy_generation_is_an_argmax_loop_of_full_forwards(cfg, params):
+def test_greedy_generation_is_an_argmax_loop_of_full_forwards():
+    """On RoPE (t5_relative's sampler is checked against transformers in tests/interop/test_hf_t5.py)."""
     from jaxlm.generate import generate
+
+    cfg, params = CFG, random_params(CFG, 0)
 
     prompts = np.asarray(_tokens((2, 5), 30))
     out = generate(cfg, params, prompts, np.array([5, 2]), max_new_tokens=6)
