@@ -108,7 +108,9 @@ def compile_stage(cfg: Config, roles: Sequence[Role], objective: Objective, devi
     abstract_state = jax.eval_shape(new_state, jax.random.key(0))
     # ZeRO: the optimizer state (zero1, zero2) and the gradients (zero2) split apart from the params
     o_shard = {r: sharding.optimizer_shardings(mesh, rules, abstract_params[r], p_shard[r]) for r in p_shard}
-    g_shard = o_shard if sharding.ZERO.get(rules, 0) >= 2 else p_shard
+    # pinned under the ZeRO presets only: elsewhere XLA's placement stands (and so do the numerics)
+    zero = sharding.ZERO.get(rules, 0)
+    g_shard = (o_shard if zero >= 2 else p_shard) if zero else None
     s_shard = {**state_shardings(mesh, abstract_state, p_shard, abstract_params),
                "opt_state": state_shardings(mesh, abstract_state["opt_state"], o_shard, abstract_params)}
     abstract_state = _with_shardings(abstract_state, s_shard)
@@ -123,7 +125,7 @@ def compile_stage(cfg: Config, roles: Sequence[Role], objective: Objective, devi
                 return f(*args)
         return wrapped
 
-    train_step = jax.jit(traced_in_mesh(make_train_step(objective, optimizers, g_shard, o_shard)),
+    train_step = jax.jit(traced_in_mesh(make_train_step(objective, optimizers, g_shard, o_shard if zero else None)),
                          in_shardings=(s_shard, f_shard, sharding.batch_sharding(mesh, 2, leading=1)),
                          out_shardings=(s_shard, None), donate_argnums=0)
     eval_step = jax.jit(traced_in_mesh(make_eval_step(objective)),
