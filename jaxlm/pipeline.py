@@ -88,7 +88,7 @@ def load(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Path, list[St
     unknown = sorted(set(tree) - {"dir", "set", "stages"})
     if unknown:
         raise ConfigError(f"pipeline config {str(path)!r}: unknown keys {unknown}; allowed: dir, set, stages")
-    extra = parse_overrides(list(overrides))  # {"dir": ..., "sft": {"train": {"steps": 3}}}
+    extra = parse_overrides(list(overrides), nest=False)  # {"dir": ..., "sft.train.steps": 3}
     if not (extra.get("dir") or tree.get("dir")):
         raise ConfigError(f"pipeline config {str(path)!r} sets no dir (the pipeline directory)")
     directory = Path(str(extra.get("dir") or tree["dir"])).resolve()
@@ -101,12 +101,11 @@ def load(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Path, list[St
         if key != "dir" and key.split(".")[0] not in specs:
             raise ConfigError(f"pipeline override {key!r}: allowed are dir=PATH and STAGE.section.key=value with "
                               f"STAGE one of the pipeline's stages: {', '.join(n for n in STAGES if n in specs)}")
-    flat_extra = parse_overrides(list(overrides), nest=False)  # {"sft.train.steps": 3, ...}
-    stage_keys = lambda name: {k.split(".", 1)[1]: v for k, v in flat_extra.items() if k.startswith(name + ".")}
+    stage_keys = lambda name: {k.split(".", 1)[1]: v for k, v in extra.items() if k.startswith(name + ".")}
     stages, previous = [], None
     for name in (n for n in STAGES if n in specs):
         spec, run_dir = specs[name], directory / name
-        mine = extra.get(name) or {}  # this stage's overrides
+        mine = stage_keys(name)  # this stage's overrides
         if name == "eval":
             settings = {**EVAL_DEFAULTS, **_mapping(spec or {}, "stages.eval"), **mine}
             if set(settings) != set(EVAL_DEFAULTS):
@@ -124,7 +123,7 @@ def load(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Path, list[St
         if name != "data":
             wiring = {"train.run_dir": str(run_dir), **({"train.init_from": previous} if previous else {})}
         try:
-            cfg = from_dict(override(read_tree(spec["config"]), {**flat, **stage_keys(name), **wiring}))
+            cfg = from_dict(override(read_tree(spec["config"]), {**flat, **mine, **wiring}))
         except ConfigError as e:
             raise ConfigError(f"stage {name} ({spec['config']}): {e}") from None
         model = None

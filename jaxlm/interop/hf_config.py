@@ -185,9 +185,7 @@ def model_config_from_hf(hf: dict, *, param_dtype: str = "float32",
         norm_eps=float(_value(hf, "rms_norm_eps", 1e-6)),
         tie_embeddings=bool(_value(hf, "tie_word_embeddings", False)),
         qkv_bias=family == "qwen2", param_dtype=param_dtype, sliding_window=window if every_layer else 0, **rope)
-    # jaxlm's own limits too (e.g. an odd head_dim, which rotate-half RoPE cannot pair up)
-    validate(Config(model=cfg, train=TrainConfig(seq_len=min(TrainConfig.seq_len, cfg.max_seq_len))))
-    return cfg
+    return _validated(cfg)
 
 
 # T5's gated feed-forward activations (transformers' names, "gated-gelu" meaning gelu_new) -> jaxlm's
@@ -200,6 +198,12 @@ def t5_output_scaled(hf: dict) -> bool:
     if hf.get("scale_decoder_outputs") is not None:
         return bool(hf["scale_decoder_outputs"])
     return hf.get("tie_word_embeddings") is not False
+
+
+def _validated(cfg: ModelConfig) -> ModelConfig:
+    """`cfg`, having passed jaxlm's own limits (e.g. an odd head_dim, which rotate-half RoPE cannot pair)."""
+    validate(Config(model=cfg, train=TrainConfig(seq_len=min(TrainConfig.seq_len, cfg.max_seq_len))))
+    return cfg
 
 
 def t5_model_config(hf: dict, *, param_dtype: str = "float32", max_seq_len: Optional[int] = None) -> ModelConfig:
@@ -233,8 +237,7 @@ def t5_model_config(hf: dict, *, param_dtype: str = "float32", max_seq_len: Opti
         norm_eps=float(_value(hf, "layer_norm_epsilon", 1e-6)), tie_embeddings=tied,
         activation=_T5_ACTIVATIONS[act], relative_buckets=int(_value(hf, "relative_attention_num_buckets", 32)),
         relative_max_distance=int(_value(hf, "relative_attention_max_distance", 128)), param_dtype=param_dtype)
-    validate(Config(model=cfg, train=TrainConfig(seq_len=min(TrainConfig.seq_len, cfg.max_seq_len))))
-    return cfg
+    return _validated(cfg)
 
 
 def t5_hf_config(cfg: ModelConfig, base: Optional[dict] = None, dtype: str = "float32") -> dict:
