@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -26,13 +27,20 @@ COMMANDS = {
     "convert": "Hugging Face checkpoints (Llama, Qwen2, Mistral) into a jaxlm run, and back",
     "pipeline": "the whole road in one command: data, pretrain, sft, reward, rs, dpo, ppo, eval; resumable",
     "report": "draw what a run or a pipeline did (report.html and PNG figures)",
+    "config": "the shipped configs (list), and a config resolved with every default (show)",
 }
+# The shipped configs (jaxlm/configs/KIND/) a command takes by name: `jaxlm pretrain tiny`.
+KINDS = {"pretrain": ("pretrain",), "sft": ("sft",), "reward": ("reward",), "dpo": ("dpo",),
+         "rejection-sample": ("rs",), "ppo": ("ppo",), "pipeline": ("pipeline",), "bench": ("bench",),
+         "data": ("data", "pretrain"), "plan": ("pretrain",)}
 
 
 def _common(p: argparse.ArgumentParser):
-    p.add_argument("config", help="YAML file of overrides, e.g. configs/pretrain/tiny.yaml")
+    p.add_argument("config", help="YAML file of overrides, e.g. configs/pretrain/tiny.yaml, or a shipped "
+                   "config's name (jaxlm config list), e.g. tiny")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                   help="overrides applied after the file, e.g. train.steps=100 model.n_layers=2")
+                   help="overrides applied after the file, e.g. train.steps=100 model.n_layers=2 "
+                   "(--train.steps=100 also works)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -52,6 +60,16 @@ def parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help=COMMANDS["report"], description=COMMANDS["report"] +
                          ": DIR/report.html (self-contained) and DIR/figures/*.png.")
     rep.add_argument("dir", metavar="DIR", help="a run directory or a pipeline directory")
+    cf = sub.add_parser("config", help=COMMANDS["config"], description=COMMANDS["config"] + ". The "
+                        "configs ship inside the package: a command takes one by name from any directory.")
+    cf_sub = cf.add_subparsers(dest="config_command", metavar="CONFIG_COMMAND", required=True)
+    cf_sub.add_parser("list", help="the shipped configs, KIND/NAME (jaxlm KIND NAME runs one)")
+    show = cf_sub.add_parser("show", help="a config with every default filled in, as YAML",
+                             description="Print a config resolved with every default, as a run would use it "
+                             "(docs/config.md says what each key means).")
+    show.add_argument("items", nargs="*", metavar="[CONFIG] [SECTION ...] [key.sub=value ...]",
+                      help="a config file or shipped name (default: no file, the defaults), the sections to "
+                      "print (default: all), overrides")
     pre = sub.add_parser("pretrain", help=COMMANDS["pretrain"], description=COMMANDS["pretrain"] +
                          ". Resumes from RUN_DIR's latest checkpoint; writes RUN_DIR/config.yaml, "
                          "metrics.jsonl, tensorboard/ and checkpoints/.")
@@ -415,11 +433,17 @@ def main(argv=None) -> int:
         from jaxlm.hugepages import restart_with_huge_pages
 
         restart_with_huge_pages(sys.argv[1:])
-    args = parser().parse_args(argv)
+    args = _parse(_dotted_flags(sys.argv[1:] if argv is None else list(argv)))
     joined = False
     try:
         if args.command == "convert":
             return _convert(args)
+        if args.command == "config":
+            return _config(args)
+        if args.command in KINDS:
+            from jaxlm.config import find_config
+
+            args.config = str(find_config(args.config, KINDS[args.command]))
         if args.command == "pipeline":
             from jaxlm import pipeline
 
@@ -479,6 +503,60 @@ def main(argv=None) -> int:
               "a failed collective means another process died: see its log); leaving the run so the "
               "others stop too", file=sys.stderr)
         _leave_run(1)
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """The command line, overrides allowed after options too (`jaxlm eval RUN --qa F mesh.fsdp=1`):
+    argparse gives the positional list only the words before the first option."""
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    late = [a for a in extra if "=" in a and not a.startswith("-")]
+    if extra != late or (late and not hasattr(args, "overrides")):
+        p.parse_args(argv)  # the usual usage error, naming what it does not know
+    if late:
+        args.overrides = [*args.overrides, *late]
+    return args
+
+
+def _dotted_flags(argv: list[str]) -> list[str]:
+    """`--train.steps=10` and `--train.steps 10` as the override `train.steps=10`: a flag whose
+    name holds a dot is a config key (no option of jaxlm's has one)."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        name = arg[2:].split("=", 1)[0]
+        if arg.startswith("--") and "." in name:
+            if "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                arg, i = f"{arg}={argv[i + 1]}", i + 1
+            out.append(arg[2:] if "=" in arg else f"{name}=")
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
+def _config(args) -> int:
+    import yaml
+
+    from jaxlm.config import Config, find_config, load_config, shipped_configs, to_dict
+
+    if args.config_command == "list":
+        for name in shipped_configs():
+            kind, short = name.split("/", 1)
+            command = next(c for c, k in KINDS.items() if kind in k) + " prepare" * (kind == "data")
+            print(f"{name:<24} jaxlm {command} {short}")
+        return 0
+    sections = [f.name for f in dataclasses.fields(Config)]
+    overrides = [item for item in args.items if "=" in item]
+    wanted = [item for item in args.items if "=" not in item and item in sections]
+    files = [item for item in args.items if "=" not in item and item not in sections]
+    if len(files) > 1:
+        raise ConfigError(f"jaxlm config show takes one config file; got {files} (sections are: "
+                          f"{', '.join(sections)})")
+    cfg = load_config(find_config(files[0], ("pretrain",)) if files else None, overrides)
+    tree = to_dict(cfg)
+    print(yaml.safe_dump({name: tree[name] for name in wanted or sections}, sort_keys=False), end="")
+    return 0
 
 
 def _leave_run(code: int):

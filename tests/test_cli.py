@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from jaxlm import cli, hugepages
+import yaml
+
+from jaxlm import cli, config, hugepages
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,3 +105,69 @@ def test_a_smoke_run_shorter_than_its_warmup_runs_and_says_so(config_file, capsy
     out = capsys.readouterr().out
     assert "note: optim.warmup_steps=5 is more than the 2 optimizer steps of this run: the learning rate of " \
            "policy rises to 40% of its peak and never decays" in out, out
+
+
+@pytest.mark.parametrize("name, kinds", [
+    ("configs/pretrain/tiny.yaml", ()),  # as in a clone, from any directory
+    ("jaxlm:pretrain/tiny.yaml", ()),
+    ("pretrain/tiny", ()),
+    ("tiny", ("pretrain",)),
+    ("tiny.yaml", ("data", "pretrain")),
+])
+def test_a_shipped_config_is_found_by_name_from_any_directory(name, kinds, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert config.find_config(name, kinds) == REPO / "jaxlm" / "configs" / "pretrain" / "tiny.yaml"
+
+
+def test_a_file_of_ones_own_comes_before_a_shipped_config_of_that_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs" / "pretrain").mkdir(parents=True)
+    (tmp_path / "configs" / "pretrain" / "tiny.yaml").write_text("train: {steps: 3}\n")
+    assert config.find_config("configs/pretrain/tiny.yaml").resolve() == tmp_path / "configs/pretrain/tiny.yaml"
+
+
+def test_an_unknown_config_name_lists_the_shipped_ones(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["sft", "tiniest"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and "'tiniest'" in lines[0] and "sft/tiny" in lines[0] and "pretrain/" not in lines[0]
+
+
+def test_the_package_ships_every_config_and_config_list_names_a_command_that_takes_each(capsys):
+    shipped = sorted(str(p.relative_to(REPO / "configs").with_suffix("")) for p in (REPO / "configs").rglob("*.yaml"))
+    assert config.shipped_configs() == shipped and len(shipped) >= 15
+    assert cli.main(["config", "list"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert [row[0] for row in rows] == shipped
+    for name, jaxlm, *command in rows:
+        args = cli.parser().parse_args(command)  # e.g. `jaxlm rejection-sample tiny`
+        assert jaxlm == "jaxlm" and config.find_config(args.config, cli.KINDS[args.command]) == \
+            REPO / "jaxlm" / "configs" / f"{name}.yaml"
+
+
+def test_config_show_prints_the_resolved_config_with_overrides(capsys):
+    assert cli.main(["config", "show", "pretrain/tiny", "train", "model", "--model.n_layers=3",
+                     "--train.steps", "7"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    expected = config.to_dict(config.load_config(REPO / "configs/pretrain/tiny.yaml",
+                                                 ["model.n_layers=3", "train.steps=7"]))
+    assert list(shown) == ["train", "model"] and shown == {k: expected[k] for k in ("train", "model")}
+    assert cli.main(["config", "show", "optim"]) == 0  # no file: the defaults
+    assert yaml.safe_load(capsys.readouterr().out) == {"optim": config.to_dict(config.Config())["optim"]}
+
+
+def test_dotted_flags_are_overrides():
+    assert cli._dotted_flags(["pretrain", "tiny", "--train.steps=10", "--model.remat", "full", "x.y=1",
+                              "--json", "--data.tokenizer"]) == \
+        ["pretrain", "tiny", "train.steps=10", "model.remat=full", "x.y=1", "--json", "data.tokenizer="]
+    assert cli._dotted_flags(["eval", "run", "--qa", "a.jsonl", "--step", "3"]) == \
+        ["eval", "run", "--qa", "a.jsonl", "--step", "3"]
+
+
+def test_overrides_may_follow_options():
+    args = cli._parse(["pipeline", "tiny", "--until", "pretrain", "pretrain.train.steps=20", "dir=x"])
+    assert args.until == "pretrain" and args.overrides == ["pretrain.train.steps=20", "dir=x"]
+    args = cli._parse(["eval", "run", "a.b=1", "--qa", "f.jsonl", "mesh.fsdp=1"])
+    assert args.qa == ["f.jsonl"] and args.overrides == ["a.b=1", "mesh.fsdp=1"]
+    with pytest.raises(SystemExit):
+        cli._parse(["report", "dir", "a.b=1"])  # report takes no overrides

@@ -20,8 +20,9 @@ from jaxlm.config.data import (
     TokenizeConfig,
     TokenizerConfig,
 )
-from jaxlm.config.load import (Config, flat_keys, from_dict, load_config, override, parse_overrides,
-                               pipeline_microbatches, read_tree, save_config, to_dict, validate)
+from jaxlm.config.load import (Config, find_config, flat_keys, from_dict, load_config, override, parse_overrides,
+                               pipeline_microbatches, read_tree, save_config, shipped_configs, to_dict,
+                               validate)
 from jaxlm.config.model import PRESET_NAMES, ModelConfig, model_preset
 from jaxlm.config.schema import ConfigError
 from jaxlm.config.stages import DPOConfig, PPOConfig, RewardConfig, RSConfig, SFTConfig
@@ -30,7 +31,7 @@ from jaxlm.config.train import DistributedConfig, MeshConfig, OptimConfig, Train
 __all__ = [
     "Config", "ConfigError", "DPOConfig", "DataConfig", "DistributedConfig", "MeshConfig", "MixSourceConfig",
     "ModelConfig", "OptimConfig", "PPOConfig", "PRESET_NAMES", "PrepareConfig", "RSConfig", "RewardConfig",
-    "SFTConfig", "SourceConfig", "StageConfig", "TokenizeConfig", "TokenizerConfig", "TrainConfig", "flat_keys",
-    "from_dict", "load_config", "model_preset", "override", "parse_overrides", "pipeline_microbatches", "read_tree",
-    "save_config", "to_dict", "validate",
+    "SFTConfig", "SourceConfig", "StageConfig", "TokenizeConfig", "TokenizerConfig", "TrainConfig", "find_config",
+    "flat_keys", "from_dict", "load_config", "model_preset", "override", "parse_overrides", "pipeline_microbatches",
+    "read_tree", "save_config", "shipped_configs", "to_dict", "validate",
 ]

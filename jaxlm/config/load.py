@@ -102,11 +102,36 @@ def from_dict(tree: dict) -> Config:
     return cfg
 
 
+SHIPPED = Path(__file__).resolve().parent.parent / "configs"  # the configs the package ships (configs/ in a clone)
+
+
+def shipped_configs(kind: str = "") -> list[str]:
+    """The shipped configs' names, `KIND/NAME` (`pretrain/tiny`), of one kind or all."""
+    return sorted(str(p.relative_to(SHIPPED).with_suffix("")) for p in SHIPPED.glob(f"{kind or '*'}/*.yaml"))
+
+
+def find_config(name: str | Path, kinds: tuple[str, ...] = ()) -> Path:
+    """The YAML file `name` means: a file that exists; else a shipped config, named from any working
+    directory as `configs/KIND/NAME.yaml` (as in a clone), `jaxlm:KIND/NAME.yaml`, `KIND/NAME` or,
+    for a command whose configs are of one of `kinds`, `NAME` (`jaxlm pretrain tiny`)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    text = str(name).removeprefix("jaxlm:")
+    rel = Path(text).relative_to("configs") if Path(text).parts[:1] == ("configs",) else Path(text)
+    for candidate in (rel, *(Path(kind) / rel for kind in kinds)):
+        for shipped in (SHIPPED / candidate, SHIPPED / candidate.with_name(candidate.name + ".yaml")):
+            if not path.is_absolute() and shipped.is_file():
+                return shipped
+    names = [n for kind in kinds or ("",) for n in shipped_configs(kind)]
+    raise ConfigError(f"config file {str(name)!r} does not exist; shipped {'/'.join(kinds) + ' ' if kinds else ''}"
+                      f"configs: {', '.join(names) or 'none'} (`jaxlm config list` shows them all)")
+
+
 def read_tree(path: str | Path) -> dict:
-    """The nested dict of a YAML config file, unvalidated (`from_dict` validates it)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+    """The nested dict of a YAML config file (`find_config` finds it), unvalidated (`from_dict`
+    validates it)."""
+    path = find_config(path)
     try:
         loaded = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:

@@ -77,6 +77,16 @@ def expand(patterns) -> list[Path]:
     return files
 
 
+def expand_prepared(patterns, key: str) -> list[Path]:
+    """`expand` for the inputs of `jaxlm data tokenizer` / `tokenize` (`key` names them): a
+    missing file names the command that writes it."""
+    try:
+        return expand(patterns)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{key}: {e}; `jaxlm data prepare CONFIG` writes the prepared documents "
+                                "(prepare.out_dir/SOURCE.jsonl)") from None
+
+
 def format_of(path: Path, fmt: str = "auto") -> str:
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r} is not a format; allowed: {', '.join(FORMATS)}")

@@ -204,12 +204,12 @@ def tokenize_to_shards(texts: Iterable[str], tokenizer_path_or_name: str, out_di
 def tokenize_from_config(t, log=print) -> dict:
     """`jaxlm data tokenize`: the usable records of `t.inputs` (a TokenizeConfig) into shards."""
     from jaxlm.config import ConfigError
-    from jaxlm.data.readers import describe_losses, expand, file_stamps, no_documents, texts
+    from jaxlm.data.readers import describe_losses, expand_prepared, file_stamps, no_documents, texts
 
     if not t.inputs:
         raise ConfigError("tokenize.inputs is empty; name the prepared files to tokenize")
+    inputs = file_stamps(expand_prepared(t.inputs, "tokenize.inputs"))
     docs, counts = texts(t.inputs, t.text_field)
-    inputs = file_stamps(expand(t.inputs))
     index = tokenize_to_shards(docs, t.tokenizer, t.out_dir, workers=t.workers or os.cpu_count() or 1,
                                docs_per_shard=t.docs_per_shard, overwrite=t.overwrite,
                                resume_key=json.dumps([inputs, t.text_field]))

@@ -109,10 +109,11 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str | Path, vocab_si
 def train_from_config(t, log=print) -> Path:
     """`jaxlm data tokenizer`: train on the usable records of `t.inputs` (a TokenizerConfig)."""
     from jaxlm.config import ConfigError
-    from jaxlm.data.readers import describe_losses, no_documents, texts
+    from jaxlm.data.readers import describe_losses, expand_prepared, no_documents, texts
 
     if not t.inputs:
         raise ConfigError("tokenizer.inputs is empty; name the prepared files to train on")
+    expand_prepared(t.inputs, "tokenizer.inputs")
     docs, counts = texts(t.inputs, t.text_field, t.max_documents)
     try:
         path = train_sentencepiece(docs, t.out, t.vocab_size, model_type=t.model_type, n_sentinels=t.n_sentinels)
@@ -137,7 +138,8 @@ class SentencePieceTokenizer(SubwordTokenizer):
     def __init__(self, path: str | Path):
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"SentencePiece model {str(path)!r} does not exist")
+            raise FileNotFoundError(f"SentencePiece model {str(path)!r} does not exist; `jaxlm data tokenizer "
+                                    "CONFIG` trains one (tokenizer.out + '.model'), or set data.tokenizer=byte")
         self.path = path
         self.name = str(path)
         self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
