@@ -43,6 +43,11 @@ def _common(p: argparse.ArgumentParser):
                    "(--train.steps=100 also works)")
 
 
+def _training(p: argparse.ArgumentParser):
+    _common(p)
+    p.add_argument("--json", action="store_true", help="end with the run's summary as one JSON line (for scripts)")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxlm", description="Train large language models end to end in JAX.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -73,31 +78,30 @@ def parser() -> argparse.ArgumentParser:
     pre = sub.add_parser("pretrain", help=COMMANDS["pretrain"], description=COMMANDS["pretrain"] +
                          ". Resumes from RUN_DIR's latest checkpoint; writes RUN_DIR/config.yaml, "
                          "metrics.jsonl, tensorboard/ and checkpoints/.")
-    _common(pre)
-    pre.add_argument("--json", action="store_true", help="end with the run's summary as one JSON line (for scripts)")
+    _training(pre)
     sft = sub.add_parser("sft", help=COMMANDS["sft"], description=COMMANDS["sft"] +
                          ". Starts from train.init_from (a pretrained or converted run), resumes from "
                          "RUN_DIR's latest checkpoint; counts unusable records; with sft.tasks, reports "
                          "exact-match accuracy per task before and after training.")
-    _common(sft)
+    _training(sft)
     rw = sub.add_parser("reward", help=COMMANDS["reward"], description=COMMANDS["reward"] +
                         ". Starts the backbone from train.init_from (an SFT run), the value head fresh; reports "
                         "held-out pairwise accuracy per task and writes RUN_DIR/reward_stats.json.")
-    _common(rw)
+    _training(rw)
     dp = sub.add_parser("dpo", help=COMMANDS["dpo"], description=COMMANDS["dpo"] +
                         ". The policy from train.init_from, the reference from dpo.reference_from (default: the "
                         "same run); with dpo.tasks, reports exact-match accuracy per task before and after.")
-    _common(dp)
+    _training(dp)
     rs = sub.add_parser("rejection-sample", help=COMMANDS["rejection-sample"], description=COMMANDS["rejection-sample"]
                         + ". Round 0 samples from train.init_from; each round writes RUN_DIR/round_R/{samples,kept,"
                         "pairs}.jsonl and fine-tunes on the kept set (RUN_DIR/round_R/sft); with rs.tasks, reports "
                         "exact-match accuracy per task after each round.")
-    _common(rs)
+    _training(rs)
     pp = sub.add_parser("ppo", help=COMMANDS["ppo"], description=COMMANDS["ppo"] +
                         ". The policy and the frozen reference from train.init_from (an SFT run); train.steps "
                         "iterations of rollout, scoring and ppo.epochs x ppo.minibatches updates, resumable per "
                         "checkpoint; with ppo.tasks, reports exact-match accuracy per task before and after.")
-    _common(pp)
+    _training(pp)
     data = sub.add_parser("data", help=COMMANDS["data"], description="Data preparation commands.")
     data_sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
     prep = data_sub.add_parser("prepare", help="filter, scrub and deduplicate raw documents per source",
@@ -268,14 +272,11 @@ def _reward(cfg, args) -> int:
     from jaxlm.train import reward
 
     summary = reward.main(cfg)
-    if _process_index() != 0:
-        return 0
-    print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (list, dict))}))
-    for name, acc in sorted(summary.get("heldout_accuracy", {}).items()):
-        print(f"held-out pairwise accuracy {name}: {acc:.3f}")
+    lines = [f"held-out pairwise accuracy {name}: {acc:.3f}"
+             for name, acc in sorted(summary.get("heldout_accuracy", {}).items())]
     s = summary["reward_stats"]
-    print(f"reward over {s['responses']} training responses: mean {s['mean']:.3f}, std {s['std']:.3f}")
-    return 0
+    lines.append(f"reward over {s['responses']} training responses: mean {s['mean']:.3f}, std {s['std']:.3f}")
+    return _finish(cfg, args, summary, lines)
 
 
 def _rejection_sample(cfg, args) -> int:
@@ -283,32 +284,28 @@ def _rejection_sample(cfg, args) -> int:
 
     log = print if _process_index() == 0 else (lambda line: None)
     summary = rejection.main(cfg, log=log)
+    lines = []
     for rnd in summary["rounds"]:
         before = rnd.get("accuracy_before", {})
         for name, acc in rnd["accuracy"].items():
             stats = rnd["stats"].get(name, {})
             start = f"{before[name]:.3f} -> " if name in before else ""
-            log(f"round {rnd['round']} task {name}: pass@1 {stats.get('pass@1', 0):.3f}, best-of-N "
-                f"{stats.get('best_of_n', 0):.3f}; exact match after SFT {start}{acc:.3f}")
-    return 0
+            lines.append(f"round {rnd['round']} task {name}: pass@1 {stats.get('pass@1', 0):.3f}, best-of-N "
+                         f"{stats.get('best_of_n', 0):.3f}; exact match after SFT {start}{acc:.3f}")
+    last = f"{cfg.train.run_dir}/round_{cfg.rs.rounds - 1}/sft"
+    return _finish(cfg, args, {"rounds": len(summary["rounds"])}, lines, run=last)
 
 
 def _ppo(cfg, args) -> int:
     from jaxlm.train import ppo
 
-    summary = ppo.main(cfg, log=print if _process_index() == 0 else (lambda line: None))
-    if _process_index() == 0:
-        _print_summary(summary)
-    return 0
+    return _finish(cfg, args, ppo.main(cfg, log=print if _process_index() == 0 else (lambda line: None)))
 
 
 def _dpo(cfg, args) -> int:
     from jaxlm.train import dpo
 
-    summary = dpo.main(cfg)
-    if _process_index() == 0:
-        _print_summary(summary)
-    return 0
+    return _finish(cfg, args, dpo.main(cfg))
 
 
 def _score(cfg, args) -> int:
@@ -322,21 +319,9 @@ def _sft(cfg, args) -> int:
     from jaxlm.train import sft
 
     summary = sft.main(cfg)
-    if _process_index() == 0:
-        _print_summary(summary, counts=("counts_train", "counts_eval"))
-    return 0
-
-
-def _print_summary(summary: dict, counts=()) -> None:
-    """A stage's summary: its scalars as one JSON line, the record counts named, then exact match per
-    built-in task (before -> after where the summary has both)."""
-    print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (list, dict))}))
-    for key in counts:
-        print(f"{key.split('_')[1]} records: {json.dumps(summary[key])}")
-    after, before = summary.get("task_accuracy", {}), summary.get("task_accuracy_before", {})
-    for name, acc in after.items():
-        start = f"{before[name]:.3f} -> " if name in before else ""
-        print(f"task {name}: exact match {start}{acc:.3f}")
+    counts = [f"sft.{split}_files: {sft.counts_line(summary[f'counts_{split}'])}"
+              for split in ("train", "eval") if summary[f"counts_{split}"]]
+    return _finish(cfg, args, summary, counts)
 
 
 def _plan(cfg, args) -> int:
@@ -352,22 +337,52 @@ def _pretrain(cfg, args) -> int:
     from jaxlm.train import pretrain
 
     summary = pretrain.main(cfg)
-    if _process_index() != 0:  # one summary per run, from process 0
+    lines = []
+    if "eval_loss" in summary:
+        ln2 = math.log(2)
+        lines.append(f"held-out loss {summary['eval_loss']:.3f} nats/token ({summary['eval_loss'] / ln2:.3f} bits); "
+                     f"unigram entropy of the training data {summary['unigram_entropy_nats']:.3f} nats/token "
+                     f"({summary['unigram_entropy_nats'] / ln2:.3f} bits)")
+    return _finish(cfg, args, summary, lines)
+
+
+# What to run after each training command: {run} is its run directory.
+NEXT = {
+    "pretrain": "jaxlm generate {run} --prompt 'def '   or   jaxlm eval {run}   or   jaxlm sft CONFIG "
+                "train.init_from={run}",
+    "sft": "jaxlm eval {run} --tasks   or   jaxlm generate {run} --prompt '...'   or   jaxlm reward / dpo / ppo "
+           "CONFIG train.init_from={run}",
+    "reward": "jaxlm score {run} FILE.jsonl   or   jaxlm ppo / rejection-sample CONFIG with {run} as the reward model",
+    "dpo": "jaxlm eval {run} --tasks   or   jaxlm ppo CONFIG train.init_from={run}",
+    "rejection-sample": "jaxlm eval {run} --tasks (the last round's model)",
+    "ppo": "jaxlm eval {run} --tasks   or   jaxlm generate {run} --prompt '...'",
+}
+
+
+def _finish(cfg, args, summary: dict, lines=(), run=None) -> int:
+    """The end of a training command, from process 0: with --json, the summary's scalars as one JSON
+    line; else a done line, `lines`, the run directory and what to run next."""
+    if _process_index() != 0:
         return 0
     if args.json:
         print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (list, dict))}))
         return 0
-    print(f"[jaxlm] done: step {summary['final_step']}, train loss {summary.get('loss') or float('nan'):.3f}, "
-          f"{summary.get('tokens_per_s', 0):.0f} tokens/s, MFU {summary.get('mfu', 0):.2f}, {summary['skipped']} "
-          f"steps skipped, {summary['restores']} restores")
-    if "eval_loss" in summary:
-        ln2 = math.log(2)
-        print(f"held-out loss {summary['eval_loss']:.3f} nats/token ({summary['eval_loss'] / ln2:.3f} bits); "
-              f"unigram entropy of the training data {summary['unigram_entropy_nats']:.3f} nats/token "
-              f"({summary['unigram_entropy_nats'] / ln2:.3f} bits)")
-    run = cfg.train.run_dir
+    if "final_step" in summary:
+        loss = summary.get("loss")
+        done = [f"step {summary['final_step']}", "train loss " + (f"{loss:.3f}" if loss is not None else "n/a")]
+        if summary.get("tokens_per_s"):
+            done.append(f"{summary['tokens_per_s']:.0f} tokens/s, MFU {summary.get('mfu', 0):.2f}")
+        done.append(f"{summary.get('skipped', 0)} steps skipped, {summary.get('restores', 0)} restores")
+        print(f"[jaxlm] done: {', '.join(done)}")
+    for line in lines:
+        print(line)
+    after, before = summary.get("task_accuracy", {}), summary.get("task_accuracy_before", {})
+    for name, acc in after.items():
+        start = f"{before[name]:.3f} -> " if name in before else ""
+        print(f"task {name}: exact match {start}{acc:.3f}")
+    run = run or cfg.train.run_dir
     print(f"run directory: {run} (config.yaml, checkpoints/, metrics.jsonl; tensorboard --logdir {run}/tensorboard)")
-    print(f"next: jaxlm generate {run} --prompt 'def '   or   jaxlm eval {run}")
+    print("next: " + NEXT[args.command].format(run=run))
     return 0
 
 

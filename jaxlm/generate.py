@@ -369,10 +369,15 @@ def run(cfg, params, mesh, tokenizer, *, prompt: Optional[str] = None, prompts_p
             records = _read_prompt_records(prompts_path)
             prompts = [infill_prompt(tokenizer, r["prefix"], r["suffix"], fim_mode, doc_start) if "prompt" not in r
                        else encode_prompt(tokenizer, r["prompt"], doc_start, specials) for r in records]
+            t0 = time.perf_counter()
             results = generate_texts(cfg.model, params, tokenizer, prompts, batch_size=batch_size, **common)
             with open(out_path, "w") if out_path else contextlib.nullcontext(sys.stdout) as out:
                 for rec, res in zip(records, results):
                     out.write(json.dumps({**rec, **res}, ensure_ascii=False) + "\n")
+            stopped = sum(r["stopped"] for r in results)
+            print(f"[{len(results)} prompts, {sum(r['new_tokens'] for r in results)} new tokens in "
+                  f"{time.perf_counter() - t0:.2f} s including compile; {stopped} stopped, {len(results) - stopped} "
+                  f"at the length limit{f'; written to {out_path}' if out_path else ''}]", file=sys.stderr)
             return results
         if infill is not None:
             ids = infill_prompt(tokenizer, infill[0], infill[1], fim_mode, doc_start)

@@ -105,6 +105,9 @@ def test_a_smoke_run_shorter_than_its_warmup_runs_and_says_so(config_file, capsy
     out = capsys.readouterr().out
     assert "note: optim.warmup_steps=5 is more than the 2 optimizer steps of this run: the learning rate of " \
            "policy rises to 40% of its peak and never decays" in out, out
+    run = config_file.parent / "run"
+    assert "[jaxlm] done: step 2, train loss " in out and f"run directory: {run} " in out, out
+    assert f"next: jaxlm generate {run} --prompt" in out, out
 
 
 @pytest.mark.parametrize("name, kinds", [

@@ -171,7 +171,9 @@ def test_generate_command_streams_one_prompt_and_writes_jsonl_for_many(run_dir, 
     assert [r.get("id") for r in rows] == [1, None] and rows[1]["prefix"] == "def f("
     for r in rows:
         assert 1 <= r["new_tokens"] <= 12 and r["logprob"] < 0 and isinstance(r["completion"], str)
-    capsys.readouterr()
+    said = capsys.readouterr()
+    assert said.out == "" and f"[2 prompts, {sum(r['new_tokens'] for r in rows)} new tokens in " in said.err
+    assert f"written to {out_path}]" in said.err
     assert cli.main(["generate", str(run_dir), "--prompt", "import "] + common) == 0
     # greedy: the streamed text is the prompt, then the same completion as in the batch
     assert capsys.readouterr().out == "import " + rows[0]["completion"] + "\n"
