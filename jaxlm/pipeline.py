@@ -233,7 +233,10 @@ def _run(directory: Path, stages, selected, start, command, log) -> int:
         if code:
             log(f"[pipeline] {stage.name}: {status} (exit {code}); run the same command again to resume it")
             return code
-    log(f"[pipeline] done: {directory / 'report.html'}")
+    log(f"[pipeline] done: {directory / 'report.html'} draws every stage (open it in a browser)")
+    last = next((s.model for s in reversed(stages) if s.model), None)
+    if last:
+        log(f"next: jaxlm eval {last} --tasks   or   jaxlm generate {last} --prompt '...'")
     return 0
 
 
