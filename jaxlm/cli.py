@@ -168,7 +168,8 @@ def _run_common(p: argparse.ArgumentParser):
     p.add_argument("--batch-size", type=int, default=8, help="rows per compiled batch")
     p.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per prompt at most")
     p.add_argument("--raw", action="store_true",
-                   help="feed prompts as written (default: lead with eos, the document separator of pretraining)")
+                   help="feed prompts as written (default: lead with eos, the document separator of pretraining; "
+                   "eval --qa on a fine-tuned run: its sft template)")
 
 
 def _run_parsers(sub):
@@ -208,7 +209,10 @@ def _run_parsers(sub):
                    help="text, JSONL or Parquet documents to score (repeatable; globs allowed)")
     e.add_argument("--text-field", default="text", help="field holding the text in JSONL/Parquet")
     e.add_argument("--qa", action="append", default=[], metavar="FILE.jsonl",
-                   help='exact match on {"prompt", "answer"} records (greedy; repeatable)')
+                   help='exact match (greedy; repeatable) on {"prompt", "answer"} records, or {"messages": [..., '
+                   'a user turn], "answer"} chat records; prompted as the run was fine-tuned (its sft.template, '
+                   "role markers for chat; the answer ends at its closing eos or <|end_turn|>), as raw text for a "
+                   "run never fine-tuned or with --raw; unusable records are counted and skipped")
     e.add_argument("--heldout", action="store_true", help="also score the held-out documents")
     e.add_argument("--seq-len", type=int, default=None, help="scoring window (default: train.seq_len)")
     e.add_argument("--max-documents", type=int, default=0, help="per dataset; 0: all")
@@ -252,12 +256,14 @@ def _eval(cfg, args) -> int:
                              text_field=args.text_field, qa=args.qa, heldout=args.heldout or None,
                              seq_len=args.seq_len, batch_size=args.batch_size,
                              max_documents=args.max_documents, max_new_tokens=args.max_new_tokens,
-                             doc_start=not args.raw, tasks=args.tasks, by_position=args.by_position,
+                             raw=args.raw, tasks=args.tasks, by_position=args.by_position,
                              buckets=args.buckets, passkey_lengths=args.passkey_lengths if args.passkey else None,
                              passkey_depths=args.passkey_depths, passkey_trials=args.passkey_trials, seed=args.seed)
     if _process_index() == 0:
         print(f"checkpoint step {step} of {args.run_dir}")
         print(evaluate.format_table(rows))
+        if args.qa:
+            print(evaluate.format_qa(rows))
         if args.by_position:
             print(f"\nnats/token by position in the window (START-END: positions START to END-1; "
                   f"train.seq_len={cfg.train.seq_len})")

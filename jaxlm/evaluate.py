@@ -30,8 +30,8 @@ import numpy as np
 from jaxlm import generate as gen
 from jaxlm import model, sharding
 from jaxlm.config import ConfigError
-from jaxlm.data import readers, tasks
-from jaxlm.data.examples import chat
+from jaxlm.data import preferences, readers, tasks
+from jaxlm.data.examples import chat, preference
 from jaxlm.data.pipeline import build_lm_data
 from jaxlm.data.tokenizers import load_tokenizer
 from jaxlm.runs import MetricsWriter
@@ -316,23 +316,109 @@ def text_documents(paths, tokenizer, text_field: str = "text", max_documents: in
     return docs, n_bytes
 
 
-def read_qa(path) -> list[tuple[str, str]]:
-    """(prompt, answer) pairs from a JSONL file of {"prompt": ..., "answer": ...} records."""
-    valid = lambda r: isinstance(r.get("prompt"), str) and isinstance(r.get("answer"), str)
-    records = readers.read_valid_records(path, valid, 'string fields "prompt" and "answer"')
-    return [(r["prompt"], r["answer"]) for r in records]
+QA_RECORDS = '{"prompt": str, "answer": str} or {"messages": [..., a user turn], "answer": str}'
+
+
+def fine_tuned(cfg) -> bool:
+    """Whether a run was trained on prompts rendered as `jaxlm sft` renders them: its config names
+    the data of a post-training stage (sft, reward, rs, dpo or ppo); a pretraining run's names none."""
+    return any((cfg.sft.train_files, cfg.sft.tasks, cfg.reward.train_files, cfg.reward.tasks, cfg.rs.prompt_files,
+                cfg.rs.tasks, cfg.dpo.train_files, cfg.dpo.tasks, cfg.ppo.prompt_files, cfg.ppo.tasks))
+
+
+def qa_record(obj) -> Union[dict, str]:
+    """A question/answer record (`QA_RECORDS`) as the SFT record it asks for (`preference.sft_record`:
+    an instruction, or the conversation with the answer as its assistant turn), or the reason it is
+    unusable (`chat.BAD_REASONS`, or "not_ending_with_user")."""
+    if not isinstance(obj, dict) or ("prompt" in obj) == ("messages" in obj):
+        return "unknown_format"
+    prompt, answer = obj.get("prompt", obj.get("messages")), obj.get("answer")
+    if not isinstance(prompt, (str, list)) or not isinstance(answer, str):
+        return "missing_field"
+    rec = preference.sft_record(prompt, answer)
+    reason = chat.check_record(rec)
+    if reason is None and isinstance(prompt, list) and (not prompt or prompt[-1]["role"] != "user"):
+        return "not_ending_with_user"
+    return reason or rec
+
+
+def read_qa(path) -> tuple[list[tuple[str, dict]], collections.Counter]:
+    """The usable records of a question/answer JSONL file as (where: "FILE:LINE", SFT record:
+    `qa_record`), and counts: `records`, `used` and one per reason a record was skipped (malformed
+    JSON and the like arrive as `readers.Unreadable`'s reasons). A missing file, or one with no usable
+    record, is a ConfigError."""
+    if not Path(path).is_file():
+        raise ConfigError(f"--qa file {str(path)!r} does not exist")
+    found, counts = [], collections.Counter()
+    for where, obj, error in readers.jsonl_values(Path(path)):
+        counts["records"] += 1
+        rec = error or qa_record(obj)
+        if isinstance(rec, str):
+            counts[rec] += 1
+            continue
+        counts["used"] += 1
+        found.append((where, rec))
+    if not found:
+        raise ConfigError(f"--qa file {str(path)!r} holds no usable record ({QA_RECORDS}): "
+                          + preferences.counts_line(counts))
+    return found, counts
+
+
+def qa_renderer(cfg, tokenizer, raw: bool = False) -> Optional[chat.Renderer]:
+    """The renderer of --qa prompts: the run's own SFT rendering (`sft.template`; role markers for
+    chat) when it was fine-tuned (`fine_tuned`), else None: text (`raw`: always text)."""
+    return None if raw or not fine_tuned(cfg) else chat.Renderer.from_tokenizer(tokenizer, cfg.sft.template)
+
+
+def qa_prompts(records: Sequence[tuple[str, dict]], tokenizer, renderer: Optional[chat.Renderer],
+               doc_start: bool = True, why_text: str = "") -> tuple[list[np.ndarray], Optional[list[int]], str]:
+    """(prompt ids, stop tokens, how they were rendered) of `read_qa` records. With a renderer: the
+    ids a sampler starts from as `jaxlm sft` trains (`chat.prompt_ids`, as --tasks prompts) and the
+    ids that close a response there (`chat.stop_token`). Without: the prompt as text, after eos when
+    `doc_start` (stops: None, the default ones); a chat record is then a ConfigError naming its line
+    (`why_text` says why the prompts are text)."""
+    if renderer is None:
+        for where, rec in records:
+            if chat.kind_of(rec) == "chat":
+                raise ConfigError(f"{where}: a chat record needs the run's chat template, but --qa prompts are "
+                                  f"raw text here ({why_text or 'no template'}); allowed: "
+                                  '{"prompt": str, "answer": str} records')
+        prompts = [gen.encode_prompt(tokenizer, rec["instruction"], doc_start) for _, rec in records]
+        return prompts, None, "raw text" + (" after eos" if doc_start else "") + (f" ({why_text})" if why_text else "")
+    prompts, stops, kinds = [], set(), {}
+    for where, rec in records:
+        try:
+            prompts.append(chat.prompt_ids(renderer, rec))
+            stops.add(chat.stop_token(renderer, rec))
+        except ValueError as e:  # a chat record and a tokenizer without role markers
+            raise ConfigError(f"{where}: {e}; allowed: " + '{"prompt": str, "answer": str} records') from None
+        kinds[chat.kind_of(rec)] = True
+    names = {"instruction": f"instruction template {renderer.template!r}", "chat": "chat template (role markers)"}
+    return prompts, sorted(stops), " and ".join(names[k] for k in kinds)
+
+
+def qa_answer(rec: dict) -> str:
+    """The answer of a `qa_record`: the instruction's output, or the conversation's last turn."""
+    return rec["messages"][-1]["content"] if chat.kind_of(rec) == "chat" else rec["output"]
 
 
 def format_table(rows: list[dict]) -> str:
     """Results as an aligned text table, one row per dataset."""
     cols = ["dataset", "documents", "tokens", "bytes", "nats_per_token", "perplexity", "bits_per_byte",
-            "exact_match", "correct", "total"]
+            "exact_match", "correct", "total", "skipped"]
     cols = [c for c in cols if any(c in r for r in rows)]
     fmt = lambda v: "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
     cells = [cols] + [[fmt(r.get(c)) for c in cols] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
     return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
                      for row in cells)
+
+
+def format_qa(rows: list[dict]) -> str:
+    """One line per question/answer row: how its prompts were rendered, and the records skipped."""
+    return "\n".join(f"qa rendering of {r['dataset']}: {r['rendering']}; "
+                     + f"records skipped: {r['skipped']}" + (f" {r['unusable']}" if r["skipped"] else "")
+                     for r in rows if "rendering" in r)
 
 
 def format_breakdown(rows: list[dict], field: str, value: str) -> str:
@@ -351,6 +437,9 @@ def format_breakdown(rows: list[dict], field: str, value: str) -> str:
         tables.append("\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
                                            for i, (c, w) in enumerate(zip(row, widths))) for row in cells))
     return "\n\n".join(tables)
+
+
+_NOT_SCALARS = ("dataset", "rendering", "unusable")  # a --qa row's words: in the "eval" event instead
 
 
 def _flat(prefix: str, value) -> dict:
@@ -397,12 +486,13 @@ def _check_passkey(model_cfg, tokenizer, lengths, depths, trials) -> None:
 
 def run_eval(run_dir, cfg, params, step: int, mesh, tokenizer, *, texts=(), text_field: str = "text",
              qa=(), heldout: Optional[bool] = None, seq_len: Optional[int] = None, batch_size: int = 8,
-             max_documents: int = 0, max_new_tokens: int = 64, doc_start: bool = True,
+             max_documents: int = 0, max_new_tokens: int = 64, raw: bool = False,
              tasks: Optional[Sequence[str]] = None, by_position: Sequence[int] = (), buckets: int = 8,
              passkey_lengths: Optional[Sequence[int]] = None, passkey_depths: Sequence[float] = (),
              passkey_trials: int = 10, seed: int = 0) -> list[dict]:
     """Evaluate a restored run on its held-out data (default when nothing else is asked for), text
-    files, question/answer files, built-in tasks (`tasks`: names, or [] for the run's `sft.tasks`;
+    files, question/answer files (`qa`: prompted as the run was fine-tuned, `qa_renderer`; as text with
+    `raw`), built-in tasks (`tasks`: names, or [] for the run's `sft.tasks`;
     exact match per task, prompted as `jaxlm sft` trains: `task_accuracy`), the held-out loss by
     position in windows of each of `by_position` tokens (`buckets` buckets; row "heldout@LEN") and
     passkey retrieval (`passkey_lengths`, [] for `default_passkey_lengths`; rows "passkey@LEN");
@@ -411,6 +501,14 @@ def run_eval(run_dir, cfg, params, step: int, mesh, tokenizer, *, texts=(), text
     common = dict(seq_len=seq_len, eos_id=tokenizer.eos_id, batch_size=batch_size, mesh=mesh,
                   rules=cfg.mesh.rules)
     rows = []
+    renderer = qa_renderer(cfg, tokenizer, raw) if qa else None
+    why_text = "--raw" if raw else "not fine-tuned: its config names no post-training data"
+    qa_sets = {}  # every file read, and its prompts rendered, before any work
+    for path in qa:
+        records, counts = read_qa(path)
+        records = records[:max_documents] if max_documents else records
+        qa_sets[path] = (*qa_prompts(records, tokenizer, renderer, not raw, why_text),
+                         [qa_answer(rec) for _, rec in records], counts)
     asked = texts or qa or tasks is not None or by_position or passkey_lengths is not None
     scores_text = heldout or texts or by_position or (heldout is None and not asked)
     if cfg.model.arch != "decoder" and scores_text:
@@ -424,12 +522,12 @@ def run_eval(run_dir, cfg, params, step: int, mesh, tokenizer, *, texts=(), text
     for path in texts:
         docs, n_bytes = text_documents([path], tokenizer, text_field, max_documents)
         rows.append({"dataset": Path(path).name, **perplexity(cfg.model, params, docs, n_bytes, **common)})
-    for path in qa:
-        pairs = [(gen.encode_prompt(tokenizer, p, doc_start), a) for p, a in read_qa(path)]
-        pairs = pairs[:max_documents] if max_documents else pairs
-        res = exact_match(cfg.model, params, tokenizer, pairs, max_new_tokens=max_new_tokens,
-                          batch_size=batch_size, mesh=mesh, rules=cfg.mesh.rules)
-        rows.append({"dataset": Path(path).name, **{k: v for k, v in res.items() if k not in ("completions", "hits")}})
+    for path, (prompts, stops, rendering, answers, counts) in qa_sets.items():
+        res = exact_match(cfg.model, params, tokenizer, list(zip(prompts, answers)), max_new_tokens=max_new_tokens,
+                          batch_size=batch_size, stop_tokens=stops, mesh=mesh, rules=cfg.mesh.rules)
+        rows.append({"dataset": Path(path).name, **{k: v for k, v in res.items() if k not in ("completions", "hits")},
+                     "skipped": counts["records"] - counts["used"], "rendering": rendering,
+                     "unusable": {k: v for k, v in sorted(counts.items()) if k not in ("records", "used")}})
     if tasks is not None:
         accuracy = task_accuracy(cfg, params, tokenizer, tasks, max_documents, batch_size=batch_size, mesh=mesh)
         rows += [{"dataset": f"task:{name}", **{k: v for k, v in res.items() if k != "examples"}}
@@ -449,8 +547,10 @@ def run_eval(run_dir, cfg, params, step: int, mesh, tokenizer, *, texts=(), text
                       passkey_trials, seed=seed, batch_size=batch_size, mesh=mesh, rules=cfg.mesh.rules)
         rows += _passkey_rows(res["cells"])
     log = MetricsWriter(run_dir, enabled=jax.process_index() == 0)
-    log.scalars({"step": step, **{k: v for r in rows for key, value in r.items() if key != "dataset"
+    log.scalars({"step": step, **{k: v for r in rows for key, value in r.items() if key not in _NOT_SCALARS
                                   for k, v in _flat(f"eval/{r['dataset']}/{key}", value).items()}})
-    log.event("eval", step=step, datasets=[r["dataset"] for r in rows], seq_len=seq_len)
+    qa_info = {r["dataset"]: {k: r[k] for k in _NOT_SCALARS[1:]} for r in rows if "rendering" in r}
+    log.event("eval", step=step, datasets=[r["dataset"] for r in rows], seq_len=seq_len,
+              **({"qa": qa_info} if qa_info else {}))
     log.close()
     return rows

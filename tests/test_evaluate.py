@@ -13,6 +13,7 @@ import pytest
 
 from jaxlm import cli, evaluate, model, runs, sharding
 from jaxlm.config import ConfigError, MeshConfig, ModelConfig, load_config
+from jaxlm.data.examples import chat
 from jaxlm.data.tokenizers import ByteTokenizer
 from jaxlm.runs import read_metrics
 from jaxlm.testing import BYTE, ODD, random_params, write_run
@@ -192,6 +193,105 @@ def test_command_mistakes_are_one_line_errors(run_dir, tmp_path, capsys, argv, f
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"jaxlm {argv[0]}: error: ") and fragment in err[0], err
+
+
+# --- question/answer files: prompted as the run was fine-tuned -----------------------------------
+
+TEMPLATE = "Q: {prompt}\nA: "
+CHAT = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hey"}, {"role": "user", "content": "2+2?"}]
+GOOD = [{"prompt": "Add: 12 + 30", "answer": "42"}, {"messages": CHAT, "answer": "4"}]
+BAD = ["{oops", json.dumps({"prompt": "x"}), json.dumps({"prompt": "x", "messages": CHAT, "answer": "4"}),
+       json.dumps({"messages": CHAT[:3], "answer": "4"}), json.dumps([1, 2]),
+       json.dumps({"messages": [{"role": "robot", "content": "q"}], "answer": "4"}),
+       json.dumps({"prompt": " ", "answer": "4"})]
+
+
+@pytest.fixture(scope="module")
+def sft_run_dir(tmp_path_factory, run_dir):
+    """`run_dir`'s model as a `jaxlm sft` run leaves it: its config names sft data and a template."""
+    cfg = runs.run_config(run_dir)
+    cfg = dataclasses.replace(cfg, sft=dataclasses.replace(cfg.sft, tasks=("add",), template=TEMPLATE))
+    return write_run(tmp_path_factory.mktemp("sft") / "run", cfg, runs.load_run(run_dir).params, step=9)
+
+
+def _qa_file(path, records, bad=()):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + "".join(line + "\n" for line in bad))
+    return path
+
+
+@pytest.fixture
+def fed(monkeypatch):
+    """What `jaxlm eval --qa` hands the sampler: each call's prompt ids, answers and stop tokens
+    (the sampler answers every pair right but the first)."""
+    calls = []
+
+    def fake_exact_match(cfg, params, tokenizer, pairs, **kwargs):
+        calls.append({"prompts": [np.asarray(p).tolist() for p, _ in pairs], "answers": [a for _, a in pairs],
+                      "stops": kwargs["stop_tokens"]})
+        hits = [i > 0 for i in range(len(pairs))]
+        return {"exact_match": sum(hits) / len(pairs), "correct": sum(hits), "total": len(pairs),
+                "completions": [a for _, a in pairs], "hits": hits}
+
+    monkeypatch.setattr("jaxlm.evaluate.exact_match", fake_exact_match)
+    return calls
+
+
+def test_qa_prompts_are_what_sft_trains_on_and_raw_text_with_raw(sft_run_dir, tmp_path, fed, capsys):
+    qa = _qa_file(tmp_path / "qa.jsonl", GOOD)
+    assert cli.main(["eval", str(sft_run_dir), "--qa", str(qa)]) == 0
+    tok = ByteTokenizer()
+    # sft's own rendering of the same records with their answers: eval's prompt is the training
+    # sequence up to where the last response starts, and the rest is the answer and its closing id
+    r = chat.Renderer.from_tokenizer(tok, TEMPLATE)
+    trained, _ = chat.render_all(r, [{"instruction": GOOD[0]["prompt"], "output": "42"},
+                                     {"messages": CHAT + [{"role": "assistant", "content": "4"}]}], 96)
+    closing = [tok.eos_id, tok.special_ids.roles["end_turn"]]
+    for prompt, ex, answer, stop in zip(fed[0]["prompts"], trained, ["42", "4"], closing):
+        seq = np.append(ex["tokens"], ex["targets"][-1])
+        assert seq[:len(prompt)].tolist() == prompt
+        assert seq[len(prompt):].tolist() == [*tok.encode(answer).tolist(), stop]
+        assert ex["loss_mask"][len(prompt) - 1:].all() and not ex["loss_mask"][len(prompt) - 2]
+    assert tok.decode(fed[0]["prompts"][0]) == "Q: Add: 12 + 30\nA: "
+    assert fed[0]["answers"] == ["42", "4"] and fed[0]["stops"] == sorted(closing)
+    out = capsys.readouterr().out
+    assert f"qa rendering of qa.jsonl: instruction template {TEMPLATE!r} and chat template (role markers)" in out
+    event = [e for e in read_metrics(sft_run_dir) if e.get("event") == "eval"][-1]
+    assert event["qa"]["qa.jsonl"]["rendering"].startswith("instruction template")
+    # --raw: the prompt as written, the default stops; a chat record is then refused, naming its line
+    _qa_file(qa, GOOD[:1])
+    assert cli.main(["eval", str(sft_run_dir), "--qa", str(qa), "--raw"]) == 0
+    assert fed[1]["prompts"] == [tok.encode(GOOD[0]["prompt"]).tolist()] and fed[1]["stops"] is None
+    assert "qa rendering of qa.jsonl: raw text (--raw)" in capsys.readouterr().out
+
+
+def test_a_pretraining_run_gets_raw_text_and_refuses_chat_records(run_dir, tmp_path, fed, capsys):
+    qa = _qa_file(tmp_path / "qa.jsonl", GOOD[:1])
+    assert cli.main(["eval", str(run_dir), "--qa", str(qa)]) == 0
+    tok = ByteTokenizer()
+    assert fed[0]["prompts"] == [[tok.eos_id, *tok.encode(GOOD[0]["prompt"]).tolist()]]  # a document's start
+    assert "qa rendering of qa.jsonl: raw text after eos (not fine-tuned" in capsys.readouterr().out
+    _qa_file(qa, GOOD)
+    assert cli.main(["eval", str(run_dir), "--qa", str(qa)]) == 2 and len(fed) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{qa}:2: a chat record needs the run's chat template" in err[0], err
+    assert '"prompt": str, "answer": str' in err[0]
+
+
+def test_unusable_qa_records_are_counted_and_skipped(sft_run_dir, tmp_path, fed, capsys):
+    qa = _qa_file(tmp_path / "qa.jsonl", GOOD, BAD)
+    assert cli.main(["eval", str(sft_run_dir), "--qa", str(qa)]) == 0
+    assert fed[0]["answers"] == ["42", "4"]
+    unusable = {"malformed_json": 1, "missing_field": 1, "unknown_format": 2, "not_ending_with_user": 1,
+                "unknown_role": 1, "empty_prompt": 1}
+    assert f"records skipped: 7 {dict(sorted(unusable.items()))}" in capsys.readouterr().out
+    row = [r for r in read_metrics(sft_run_dir) if "event" not in r][-1]
+    assert (row["eval/qa.jsonl/total"], row["eval/qa.jsonl/correct"], row["eval/qa.jsonl/skipped"]) == (2, 1, 7)
+    assert [e for e in read_metrics(sft_run_dir) if e.get("event") == "eval"][-1]["qa"]["qa.jsonl"]["unusable"] \
+        == unusable
+    _qa_file(qa, [], BAD)
+    assert cli.main(["eval", str(sft_run_dir), "--qa", str(qa)]) == 2 and len(fed) == 1
+    assert "holds no usable record" in capsys.readouterr().err
 
 
 # --- long context: loss by position, passkey retrieval ------------------------------------------
