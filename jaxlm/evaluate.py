@@ -515,20 +515,25 @@ def run_eval(run_dir, cfg, params, step: int, mesh, tokenizer, *, texts=(), text
         raise ConfigError(f"perplexity and loss by position score text with a decoder; a model.arch="
                           f"{cfg.model.arch} run's held-out loss on its objective is eval_loss in its "
                           "metrics.jsonl. --qa, --tasks and --passkey (generation) serve it")
+    say = (lambda line: print(f"[jaxlm] eval: {line}", flush=True)) if jax.process_index() == 0 else (lambda _: None)
     if heldout or (heldout is None and not asked):
         docs = heldout_documents(cfg, max_documents)
+        say(f"perplexity on {len(docs)} held-out documents")
         n_bytes = sum(len(tokenizer.decode(d).encode("utf-8")) for d in docs)
         rows.append({"dataset": "heldout", **perplexity(cfg.model, params, docs, n_bytes, **common)})
     for path in texts:
         docs, n_bytes = text_documents([path], tokenizer, text_field, max_documents)
+        say(f"perplexity on {len(docs)} documents of {path}")
         rows.append({"dataset": Path(path).name, **perplexity(cfg.model, params, docs, n_bytes, **common)})
     for path, (prompts, stops, rendering, answers, counts) in qa_sets.items():
+        say(f"exact match on {len(prompts)} prompts of {path} (greedy, up to {max_new_tokens} new tokens)")
         res = exact_match(cfg.model, params, tokenizer, list(zip(prompts, answers)), max_new_tokens=max_new_tokens,
                           batch_size=batch_size, stop_tokens=stops, mesh=mesh, rules=cfg.mesh.rules)
         rows.append({"dataset": Path(path).name, **{k: v for k, v in res.items() if k not in ("completions", "hits")},
                      "skipped": counts["records"] - counts["used"], "rendering": rendering,
                      "unusable": {k: v for k, v in sorted(counts.items()) if k not in ("records", "used")}})
     if tasks is not None:
+        say(f"exact match on the built-in tasks: {', '.join(tasks or cfg.sft.tasks) or 'all'}")
         accuracy = task_accuracy(cfg, params, tokenizer, tasks, max_documents, batch_size=batch_size, mesh=mesh)
         rows += [{"dataset": f"task:{name}", **{k: v for k, v in res.items() if k != "examples"}}
                  for name, res in accuracy.items()]
@@ -538,11 +543,13 @@ def run_eval(run_dir, cfg, params, step: int, mesh, tokenizer, *, texts=(), text
                               f"{buckets} in [1, the shortest window]")
         docs = heldout_documents(cfg, max_documents)
     for window in by_position:
+        say(f"loss by position in windows of {window} tokens on {len(docs)} held-out documents")
         res = loss_by_position(cfg.model, params, docs, **{**common, "seq_len": window}, buckets=buckets)
         rows.append(_position_row(f"heldout@{window}", len(docs), res))
     if passkey_lengths is not None:
         lengths = list(passkey_lengths) or default_passkey_lengths(cfg.model, tokenizer)
         _check_passkey(cfg.model, tokenizer, lengths, passkey_depths, passkey_trials)
+        say(f"passkey retrieval at lengths {', '.join(map(str, lengths))}")
         res = passkey(cfg.model, params, tokenizer, lengths, passkey_depths or (0.0, 0.25, 0.5, 0.75, 1.0),
                       passkey_trials, seed=seed, batch_size=batch_size, mesh=mesh, rules=cfg.mesh.rules)
         rows += _passkey_rows(res["cells"])
