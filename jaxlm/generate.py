@@ -137,7 +137,9 @@ def _loop(cfg, params, prompt_BP, lengths_B, limits_B, stop_S, temperature, top_
             return t + 1, cache, choose(t, logits_B1V[:, 0], out)
 
         _, _, out = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, out))
-        return Generation(out["tokens"], out["lengths"], out["logprobs"], out["model_logprobs"])
+        gen = Generation(out["tokens"], out["lengths"], out["logprobs"], out["model_logprobs"])
+        # whole on every device: each process of a multi-process run reads every row
+        return gen if mesh is None else sharding.replicate(gen, mesh)
 
 
 _compiled_loop = jax.jit(_loop, static_argnums=(0,), static_argnames=(
@@ -178,8 +180,10 @@ def generate(cfg, params: dict, prompts, prompt_lengths=None, max_new_tokens=64,
     that a row's samples do not depend on the rows around it. None: seed 0.
     prefix_lm: the prompt is a bidirectional prefix (as `model.apply(prefix_len=lengths)`).
     mesh: run sharded on it (batch on data x fsdp, heads on tensor under `rules`); params are
-    placed by the rules. on_token(t, tokens [B], active [B]): a host callback per step, for
-    streaming (it may run out of order; `t` says which step). unroll_layers: decode with the
+    placed by the rules, and the result is whole on every device (a mesh over several processes:
+    each holds every row; every process must pass the same prompts and key). on_token(t,
+    tokens [B], active [B]): a host callback per step, for streaming (it may run out of order;
+    `t` says which step). unroll_layers: decode with the
     layers unrolled over per-layer weight slices made once per call (`model.layer_params`):
     faster decoding, for a second copy of the layer weights while generating; False: scan the
     stacked weights (no extra memory, but each decode step re-slices every layer's weights).

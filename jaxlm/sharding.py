@@ -203,6 +203,29 @@ def put_batch(mesh: Mesh, local_batch: dict, leading: int = 0) -> dict:
             for k, v in local_batch.items()}
 
 
+def put_shared_batch(mesh: Mesh, batch: dict, leading: int = 0) -> dict:
+    """Global arrays from a batch that every process holds whole, with the same values (a rollout
+    sampled alike on each): each device takes its own rows of it."""
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v), leading), v, np.shape(v))
+            for k, v in batch.items()}
+
+
+def to_host(x) -> np.ndarray:
+    """An array's whole value as numpy on every process: gathered from the others' devices where
+    it is split over several processes (`jax.device_get` cannot read those)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def replicate(tree, mesh: Mesh):
+    """Inside jit: `tree` gathered whole onto every device of `mesh`, so that every process can
+    read it (`np.asarray` of a result sharded over other processes' devices fails)."""
+    return jax.lax.with_sharding_constraint(tree, NamedSharding(mesh, P()))
+
+
 # The mesh, rules and pipeline schedule in force while tracing, for the model's activation constraints.
 _active: Optional[tuple[Mesh, str]] = None
 _schedule = None

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import numpy as np
 
 from jaxlm import sharding
@@ -100,7 +99,7 @@ def map_groups(fn, groups, T: int, mesh, *, groups_per_row: int, batch_rows: int
         short = batch_rows - len(batch["tokens"])
         batch = {k: np.concatenate([v, np.full((short, *v.shape[1:]), -1 if k == "ends" else 0, v.dtype)])
                  for k, v in batch.items()}
-        values = np.asarray(jax.device_get(fn(sharding.put_batch(mesh, batch))))
+        values = sharding.to_host(fn(sharding.put_shared_batch(mesh, batch)))  # every process: all rows
         for b in range(len(batch["tokens"]) - short):
             for g, i in enumerate(rows["index"][start + b]):
                 if i >= 0:
