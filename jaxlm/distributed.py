@@ -169,6 +169,20 @@ def preempted(iteration: int) -> bool:
     return multihost_utils.reached_preemption_sync_point(iteration)
 
 
+def watch_peers(run_dir, timeout_s: float) -> Optional["PeerWatch"]:
+    """Several processes: this process's `PeerWatch` in RUN_DIR/.peers, started once every process
+    has made its own (their marks of a last session gone); None for a single process."""
+    import jax
+
+    if jax.process_count() == 1:
+        return None
+    from jax.experimental import multihost_utils
+
+    peers = PeerWatch(Path(run_dir) / ".peers", jax.process_index(), jax.process_count(), timeout_s)
+    multihost_utils.sync_global_devices("jaxlm peer watch")
+    return peers.start()
+
+
 class PeerWatch:
     """Heartbeats in a shared directory: this process writes DIR/<its index> (a counter, every
     second) and reads the others'. A peer that wrote DIR/<index>.failed, or whose counter has not

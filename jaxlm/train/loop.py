@@ -134,7 +134,7 @@ def run(cfg: Config, stage: Stage, devices=None) -> dict:
     the final step and the run's counters."""
     t = cfg.train
     main = jax.process_index() == 0
-    pidx, pcount = jax.process_index(), jax.process_count()
+    pcount = jax.process_count()
     resuming = bool(checkpoint.steps(t.run_dir))
     for role in stage.roles:  # a trained role starts from its run only on a fresh start; a frozen one every time
         if role.init_from and not (role.trained and resuming):
@@ -314,13 +314,7 @@ def run(cfg: Config, stage: Stage, devices=None) -> dict:
     # `distributed.preempted` turns True on every process at the same iteration: all save together.
     stop, release_signals = catch_stop_signals(pcount == 1)
     # Several processes: if one dies, the others leave within distributed.peer_timeout_s.
-    peers = None
-    if pcount > 1:
-        from jax.experimental import multihost_utils
-
-        peers = distributed.PeerWatch(run_dir / ".peers", pidx, pcount, cfg.distributed.peer_timeout_s)
-        multihost_utils.sync_global_devices("jaxlm peer watch")  # marks of a last session gone, all start together
-        peers.start()
+    peers = distributed.watch_peers(run_dir, cfg.distributed.peer_timeout_s)
     train_data = Prefetcher(stage.train_data)
     pending, finished, interrupted = None, False, None
     iteration = step  # counts up, never back after a restore: the sync point needs a monotone id
