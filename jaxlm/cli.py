@@ -419,7 +419,7 @@ def _data(cfg, args) -> int:
 # Commands that use JAX devices join the other processes of a multi-process run first,
 # before any device use (jaxlm/distributed.py; the environment says whether there are any).
 TRAINING_COMMANDS = ("pretrain", "sft", "reward", "dpo", "rejection-sample", "ppo")
-DISTRIBUTED_COMMANDS = ("pretrain", "sft", "reward", "rejection-sample", "dpo", "eval", "score", "bench")
+DISTRIBUTED_COMMANDS = ("pretrain", "sft", "reward", "rejection-sample", "dpo", "ppo", "eval", "score", "bench")
 
 
 def _process_index() -> int:

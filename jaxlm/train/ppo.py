@@ -33,6 +33,11 @@ keyed by the iteration, a resumed run repeats the uninterrupted one. One row per
 in RUN_DIR/metrics.jsonl: score (and correct, with the checker), KL to the reference, kl_coef, the
 update's losses, entropy, clip fraction and approximate KL, the critic's explained variance,
 response length, and the seconds of rollout, scoring and update.
+
+Several processes (`jax.distributed`) run it as one process does: each samples, scores and lays
+out the whole rollout alike (the same prompts and keys; the sampler's and forward passes' results
+are whole on every process), each device takes its rows of it (`sharding.put_shared_batch`), and
+process 0 alone writes metrics; a SIGTERM to any process stops all after the same iteration.
 """
 from __future__ import annotations
 
@@ -46,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import model, runs, sharding
+from jaxlm import distributed, model, runs, sharding
 from jaxlm.checkpoint import Checkpointer, NonFiniteState, steps
 from jaxlm.config import Config, ConfigError
 from jaxlm.data.examples import chat, preference
@@ -140,7 +145,7 @@ def update(c, state: dict, batch: dict, epochs: int, minibatches: int, accum: in
         perm = np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), B))
         for rows in np.split(perm, minibatches):
             mb = {k: v[rows].reshape(accum, len(rows) // accum, *v.shape[1:]) for k, v in batch.items()}
-            state, out = c.train_step(state, {}, sharding.put_batch(c.mesh, mb, leading=1))
+            state, out = c.train_step(state, {}, sharding.put_shared_batch(c.mesh, mb, leading=1))
             out = jax.device_get(out)
             dropped += int(not out["update_ok"])
             for k, (total, n) in out["metrics"].items():
@@ -186,9 +191,6 @@ def main(cfg: Config, log=print) -> dict:
     """Run train.steps iterations from train.init_from; returns the summary: the last iteration's
     row, final_step, and with built-in tasks exact match per task before (on a fresh start) and after."""
     p, t = cfg.ppo, cfg.train
-    if jax.process_count() > 1:
-        raise ConfigError(f"jaxlm ppo runs in one process (on all its devices) for now; this run has "
-                          f"{jax.process_count()}")
     if not t.init_from:
         raise ConfigError("ppo trains a model: set train.init_from (an SFT run)")
     roles = ppo_roles(cfg)
@@ -230,7 +232,7 @@ def main(cfg: Config, log=print) -> dict:
     reference = _cast(role_params(roles[-1], seed_key, mesh, rules)[0], p.frozen_dtype)
     writer.event("start", stage="ppo", step=iteration, algorithm=p.algorithm, prompts=len(prompts),
                  prompt_files=dict(counts), roles={r.name: "trained" if r.trained else "frozen" for r in roles},
-                 devices=jax.device_count(), mesh=dict(mesh.shape))
+                 devices=jax.device_count(), processes=jax.process_count(), mesh=dict(mesh.shape))
     forward = rollout.Forward(cfg.model, p.temperature, mesh, rules)
     stops = default_stops(tok)
     order = np.random.default_rng(cfg.data.seed).permutation(len(prompts))
@@ -255,7 +257,10 @@ def main(cfg: Config, log=print) -> dict:
         saved.add(iteration)
 
     # SIGTERM / SIGINT only set a flag: the run stops after the iteration in flight and saves there.
-    stop, release_signals = catch_stop_signals()
+    # Several processes: JAX's preemption sync manager owns SIGTERM, and `distributed.preempted`
+    # turns True on every process after the same iteration; a process that dies stops the others.
+    stop, release_signals = catch_stop_signals(jax.process_count() == 1)
+    peers = distributed.watch_peers(run_dir, cfg.distributed.peer_timeout_s)
     try:
         while iteration < t.steps:
             t0 = time.perf_counter()
@@ -282,6 +287,8 @@ def main(cfg: Config, log=print) -> dict:
             skipped += bad
             t4 = time.perf_counter()
             iteration += 1
+            if distributed.preempted(iteration) and not stop:
+                stop.append(signal.SIGTERM)
             seq_kl = extra["kl"].sum(axis=1)
             row = {"step": iteration, **means(sums), "score": float(scores.mean()), "score_raw": float(raw.mean()),
                    "kl": float(seq_kl.mean()), "kl_coef": float(kl_coef),
@@ -313,6 +320,8 @@ def main(cfg: Config, log=print) -> dict:
         finished = True
     finally:
         release_signals()
+        if peers is not None:  # the others skip a process that is done, and leave when one failed
+            peers.close(failed=not finished and not stop)
         with contextlib.suppress(Exception):  # a failed background save: reported by `check`, or the error in flight
             ckpt.close()
         if not finished:

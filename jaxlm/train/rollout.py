@@ -71,7 +71,8 @@ def sample(model_cfg, params, prompt_ids: list, group_size: int, key, *, width: 
 
 
 class Forward:
-    """Jitted forward passes over rollout rows (on `mesh` under `rules`), 0 where mask is 0:
+    """Jitted forward passes over rollout rows (on `mesh` under `rules`), 0 where mask is 0, their
+    results whole on every process:
     `logp(params, batch)`, the log-prob of each target with the logits divided by `temperature`
     (as sampled); `values(params, batch)`, a value-head model's values."""
 
@@ -81,7 +82,7 @@ class Forward:
         def in_mesh(f):
             def wrapped(*args):
                 with sharding.activate(mesh, rules):
-                    return f(*args)
+                    return sharding.replicate(f(*args), mesh)  # every process reads every row
             return jax.jit(wrapped)
 
         def logp(params, b):
@@ -96,6 +97,6 @@ class Forward:
         self.mesh = mesh
 
     def put(self, batch: dict) -> dict:
-        """The rows' arrays the passes read, on the mesh."""
-        return sharding.put_batch(self.mesh, {k: batch[k] for k in ("tokens", "segment_ids", "positions",
+        """The rows' arrays the passes read, on the mesh (every process holds them all)."""
+        return sharding.put_shared_batch(self.mesh, {k: batch[k] for k in ("tokens", "segment_ids", "positions",
                                                                     "targets", "mask")})
