@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from jaxlm import distributed, sharding
-from jaxlm.config import ConfigError, load_config
+from jaxlm.config import ConfigError, from_dict, load_config
 from jaxlm.runs import read_metrics
 from jaxlm.testing import TINY_RUN, merge
 
@@ -64,8 +64,8 @@ def write_config(directory: Path, name: str, **distributed_keys) -> Path:
     return path
 
 
-def one_process(env: dict, config: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "jaxlm", "pretrain", str(config)], env=devices_env(env, 8),
+def one_process(env: dict, config: Path, command: str = "pretrain") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "jaxlm", command, str(config)], env=devices_env(env, 8),
                           capture_output=True, text=True, timeout=300)
 
 
@@ -315,6 +315,61 @@ def test_a_run_directory_of_another_run_is_refused_on_every_process(base_env, tm
     assert "holds a run with another config: model.n_layers=" in errors[0][0], errors
     assert errors[1] == [f"jaxlm pretrain: error: process 0 refused train.run_dir={str(tmp_path / 'run')!r} "
                          "(see its log)"], errors
+
+
+# PPO from a run of random params: 2 iterations of 4 prompts x 2 responses to "add" problems (a
+# prompt file: no task accuracy to evaluate, a shorter test), scored by the checker, the critic
+# trained beside the policy.
+PPO = merge(TINY_RUN, model=dict(max_seq_len=64),
+            mesh=dict(data=2, fsdp=2, tensor=2, rules="fsdp_tp"),  # data across the processes
+            optim=dict(lr=3e-3, warmup_steps=0), sft=dict(template="Q: {prompt}\nA: "),
+            train=dict(steps=2, seq_len=64, save_every=1, async_checkpoint=False),
+            ppo=dict(checker=True, prompts_per_iteration=4, group_size=2, max_new_tokens=6, epochs=1, minibatches=2))
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_ppo_in_two_processes_runs_like_one(base_env, tmp_path):
+    """The rollout is sampled alike on every process (the same prompts and keys), scored on each,
+    and trained on the mesh: per-iteration metrics and the final params as in one process."""
+    from jaxlm import runs
+    from jaxlm.data import tasks
+    from jaxlm.data.examples import chat
+    from jaxlm.testing import random_params, write_run
+
+    prompts = tmp_path / "prompts.jsonl"
+    records = [{"prompt": chat.instruction_prompt(ex), "task": "add", "answer": ex["answer"]}
+               for ex in tasks.mixed(["add"], "train", 8)]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
+    cfg = from_dict(PPO)
+    init = write_run(tmp_path / "init", cfg, random_params(cfg.model, 0, scale=0.3), step=2)
+    configs = {name: tmp_path / f"{name}.yaml" for name in ("single", "double")}
+    for name, path in configs.items():
+        tree = merge(PPO, train=dict(run_dir=str(tmp_path / name), init_from=str(init)),
+                     ppo=dict(prompt_files=[str(prompts)]))
+        path.write_text(yaml.safe_dump(tree))
+    procs = start_processes(base_env, ["-m", "jaxlm", "ppo", str(configs["double"])], tmp_path)
+    try:
+        out = one_process(base_env, configs["single"], "ppo")  # the reference, meanwhile
+        rcs = [p.wait(timeout=300) for p in procs]
+    finally:
+        stop(procs)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert rcs == [0, 0], [(tmp_path / f"{i}.err").read_text()[-3000:] for i in range(2)]
+    start = next(r for r in read_metrics(tmp_path / "double") if r.get("event") == "start")
+    assert start["processes"] == 2 and start["mesh"]["data"] == 2
+    rows = {name: [r for r in read_metrics(tmp_path / name) if "event" not in r] for name in configs}
+    assert [r["step"] for r in rows["double"]] == [r["step"] for r in rows["single"]] == [1, 2]  # process 0 writes
+    for got, want in zip(rows["double"], rows["single"]):
+        numbers = sorted(k for k in want if not k.startswith("time_"))
+        assert sorted(k for k in got if not k.startswith("time_")) == numbers
+        np.testing.assert_allclose([got[k] for k in numbers], [want[k] for k in numbers], rtol=1e-5, atol=1e-5)
+    assert any(r["kl"] != 0 for r in rows["single"] if "kl" in r)  # the second rollout is the trained policy's
+    for role in ("policy", "value"):
+        a, b = (runs.load_run(tmp_path / name, role=role).params for name in configs)
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5), a, b)
+    summaries = ['"final_step": 2' in (tmp_path / f"{i}.out").read_text() for i in range(2)]
+    assert summaries == [True, False]  # one summary, process 0's
 
 
 # --- where a process sits, and the mesh across processes: pure functions, no processes -------------
