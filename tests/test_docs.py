@@ -115,6 +115,8 @@ def test_shell_block(block, monkeypatch):
     for words in commands(block.text):
         if words[0] != "jaxlm":
             continue
+        literal = [w for w in words if "\\n" in w]
+        assert not literal, f"{block.where}: {literal} pass a backslash and an n, not a newline: write $'...'"
         try:
             args = cli.parser().parse_args(words[1:])
         except SystemExit:
@@ -180,3 +182,33 @@ def test_blocks_found():
     for b in ALL:
         counts[b.lang or "(none)"] = counts.get(b.lang or "(none)", 0) + 1
     assert counts.get("python") and counts.get("bash") and counts.get("yaml"), counts
+
+
+# --- links ----------------------------------------------------------------------------------------
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading."""
+    text = re.sub(r"[`*]", "", heading.strip().lower())
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def _anchors(path: Path) -> set:
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+    return {_slug(m.group(1)) for m in re.finditer(r"^#+ (.*)$", text, flags=re.M)}
+
+
+@pytest.mark.parametrize("path", doc_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_resolve(path):
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+    bad = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"^[a-z]+:", target):
+            continue
+        file, _, anchor = target.partition("#")
+        dest = (path.parent / file).resolve() if file else path
+        if not dest.exists():
+            bad.append(f"{target} (no such file)")
+        elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+            bad.append(f"{target} (no such heading)")
+    assert not bad, f"{path.relative_to(ROOT)}: broken links: {bad}"

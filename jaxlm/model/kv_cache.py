@@ -20,7 +20,7 @@ class KVCache(NamedTuple):
     k_BKSH, v_BKSH: one [B, K, S, H] array per layer (tuples of L), in the compute dtype, heads
     before slots: a decode step hands each layer's keys and values to `attention_cached`'s
     matmuls as they lie, where slices of one stacked [L, ...] array, or a [B, S, K, H] layout,
-    cost a copy per layer and step (README, sampler speed). Row b's token at column c has
+    cost a copy per layer and step (docs/generation-eval.md, sampler speed). Row b's token at column c has
     position c - start_B[b]; columns before start_B[b] are padding and never attended to. Rows
     are left-padded so that every row writes the same slot at each step (one
     `dynamic_update_slice`, no scatter). index: int32 [], the next column to write.
@@ -64,7 +64,7 @@ def attention_cached(q_BTNH, k_BKSH, v_BKSH, mask: Mask) -> jax.Array:
 
     With the heads ahead of the columns, both matmuls batch over (B, K) as the operands lie;
     over a [B, S, K, H] cache XLA copies every layer's keys and values transposed at every
-    decode step (README, sampler speed). Logits and softmax in float32.
+    decode step (docs/generation-eval.md, sampler speed). Logits and softmax in float32.
     """
     B, T, N, H = q_BTNH.shape
     K, S = k_BKSH.shape[1:3]

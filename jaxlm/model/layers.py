@@ -41,7 +41,7 @@ def dense(x: jax.Array, w: jax.Array, n_in: int = 1, w_axes: tuple = ()) -> jax.
     XLA:CPU runs the einsum form of this slower: for a [B, T, D] input the weight gradient
     contracts two axes, and where `out` has several axes the backward transposes the cotangent
     (a copy the size of the activations). On flattened rows both gradients are plain matmuls
-    (README, Benchmarks). Merging weight axes that the mesh splits (tensor parallelism) would
+    (benchmarks/README.md). Merging weight axes that the mesh splits (tensor parallelism) would
     reshard the weight, so where `w_axes` (w's logical names) says so the einsum stays; and so
     where the sequence is split (context parallelism): rows split over batch and sequence do not
     merge in place, and the partitioner would gather the whole sequence.
