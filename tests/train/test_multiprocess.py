@@ -368,7 +368,7 @@ def test_ppo_in_two_processes_runs_like_one(base_env, tmp_path):
     for role in ("policy", "value"):
         a, b = (runs.load_run(tmp_path / name, role=role).params for name in configs)
         jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5), a, b)
-    summaries = ['"final_step": 2' in (tmp_path / f"{i}.out").read_text() for i in range(2)]
+    summaries = ['[jaxlm] done: step 2,' in (tmp_path / f"{i}.out").read_text() for i in range(2)]
     assert summaries == [True, False]  # one summary, process 0's
 
 
