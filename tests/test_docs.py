@@ -1,7 +1,8 @@
 """Every fenced code block of README.md, docs/*.md (not the generated config.md) and
-benchmarks/README.md: python blocks are executed, shell blocks' `jaxlm` lines parsed (and their
-repository configs loaded), YAML blocks loaded (as a jaxlm config when they are one). Other
-languages and unlabelled (output) blocks are not checked.
+benchmarks/README.md: python blocks are executed; shell blocks' `jaxlm` lines parsed as `jaxlm`
+parses them, their shipped configs loaded with their overrides (a pipeline's every stage), and
+`jaxlm config` / `jaxlm plan` lines run; YAML blocks loaded (as a jaxlm config when they are one).
+Other languages and unlabelled (output) blocks are not checked.
 
 A python block that cannot run here is preceded by `<!-- not run: REASON -->`; the reason must be
 given. Python blocks run in a fresh namespace with the working directory a temporary one holding
@@ -106,10 +107,13 @@ def test_commands_splits_like_bash():
                               ["jaxlm", "generate", "r", "--infill", "a\n b", "c d"]]
 
 
+RUN = ("config", "plan")  # commands that use no devices and take a second: run, not only parsed
+
+
 @pytest.mark.parametrize("block", of(*SHELL))
-def test_shell_block(block, monkeypatch):
+def test_shell_block(block, monkeypatch, capsys):
     from jaxlm import cli, pipeline
-    from jaxlm.config import ConfigError, load_config
+    from jaxlm.config import ConfigError, find_config, load_config
 
     monkeypatch.chdir(ROOT)  # the documented commands run in the repository root
     for words in commands(block.text):
@@ -118,13 +122,19 @@ def test_shell_block(block, monkeypatch):
         literal = [w for w in words if "\\n" in w]
         assert not literal, f"{block.where}: {literal} pass a backslash and an n, not a newline: write $'...'"
         try:
-            args = cli.parser().parse_args(words[1:])
+            args = cli._parse(cli._dotted_flags(words[1:]))  # as `jaxlm` parses its command line
         except SystemExit:
             pytest.fail(f"{block.where}: `{shlex.join(words)}` does not parse (jaxlm {' '.join(words[1:3])} --help)")
-        config = getattr(args, "config", None)
-        if not (config and config.startswith("configs/") and (ROOT / config).is_file()):
+        if args.command in RUN:
+            code = cli.main(words[1:])
+            assert code == 0, f"{block.where}: `{shlex.join(words)}` exited {code}: {capsys.readouterr().err}"
             continue
+        config = getattr(args, "config", None)
+        placeholder = any(re.fullmatch(r"[A-Z_]+(\.yaml)?", part) for part in Path(config or "").parts)
+        if config is None or placeholder or (config.endswith(".yaml") and not config.startswith("configs/")):
+            continue  # a config of the reader's own (CONFIG, 1b_2x8.yaml, RUN_DIR/config.yaml)
         try:
+            config = find_config(config, cli.KINDS[args.command])  # a shipped one: it must exist
             if args.command == "pipeline":  # every stage's config, resolved and validated; nothing runs
                 pipeline.load(config, args.overrides)
             else:
