@@ -358,7 +358,7 @@ NEXT = {
                 "train.init_from={run}",
     "sft": "jaxlm eval {run} --tasks   or   jaxlm generate {run} --prompt '...'   or   jaxlm reward / dpo / ppo "
            "CONFIG train.init_from={run}",
-    "reward": "jaxlm score {run} FILE.jsonl   or   jaxlm ppo / rejection-sample CONFIG with {run} as the reward model",
+    "reward": "jaxlm score {run} FILE.jsonl   or   jaxlm ppo CONFIG ppo.reward_run={run} ppo.checker=false",
     "dpo": "jaxlm eval {run} --tasks   or   jaxlm ppo CONFIG train.init_from={run}",
     "rejection-sample": "jaxlm eval {run} --tasks (the last round's model)",
     "ppo": "jaxlm eval {run} --tasks   or   jaxlm generate {run} --prompt '...'",
