@@ -13,6 +13,7 @@ directory. `start(cfg)` refuses to train into a run directory that holds a diffe
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import json
 import math
@@ -285,9 +286,9 @@ class MetricsWriter:
     spike, end). Lines are strict JSON: a value that is not finite is written as null.
     """
 
-    def __init__(self, run_dir: str | Path, enabled: bool = True, group: str = "train"):
+    def __init__(self, run_dir: str | Path, enabled: bool = True, group: str = "train", cfg=None):
         self.enabled, self.group = enabled, group
-        self._tb = None
+        self._tb = self._wandb = None
         if not enabled:
             return
         run_dir = Path(run_dir)
@@ -297,6 +298,8 @@ class MetricsWriter:
             self._tb = EventFile(run_dir / "tensorboard")
         except ImportError:  # TensorBoard is optional: the JSONL has everything
             self._tb = None
+        if cfg is not None and cfg.train.wandb_project:
+            self._wandb = wandb_run(cfg, run_dir)
 
     def _write(self, obj: dict) -> None:
         try:
@@ -309,9 +312,11 @@ class MetricsWriter:
             return
         row = _strict(row)
         self._write(row)
+        numbers = {self.tag(k): v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
         if self._tb is not None:
-            self._tb.scalars(row["step"], {self.tag(k): v for k, v in row.items()
-                                           if k != "step" and isinstance(v, (int, float))})
+            self._tb.scalars(row["step"], numbers)
+        if self._wandb is not None:
+            self._wandb.log(numbers, step=row["step"])
 
     def tag(self, name: str) -> str:
         """TensorBoard's name of a metric, grouped: "eval_loss" -> "eval/loss", "loss" -> "train/loss"
@@ -336,6 +341,26 @@ class MetricsWriter:
                     f.close()  # closes the file also when its last flush fails
             except OSError:  # a full disk: what could be written is written
                 pass
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def wandb_run(cfg: Config, run_dir: Path):
+    """The Weights & Biases run of RUN_DIR in `train.wandb_project`: one per run directory (its id
+    from the directory's path), so a resumed run appends to it; files under RUN_DIR/wandb."""
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError(f"train.wandb_project={cfg.train.wandb_project!r} logs to Weights & Biases, which is "
+                          "not installed: pip install wandb (or leave train.wandb_project empty)") from None
+    return wandb.init(project=cfg.train.wandb_project, name=run_dir.name, id=wandb_run_id(run_dir), resume="allow",
+                      dir=str(run_dir), config=to_dict(cfg))
+
+
+def wandb_run_id(run_dir) -> str:
+    """The W&B run id of a run directory: from its absolute path, the same on every resume."""
+    return hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
 
 
 _EVENT_FILES = itertools.count()

@@ -2,6 +2,7 @@
 never resumed under a config that trains something else, and `--step` errors that say what exists."""
 import dataclasses
 import shutil
+import sys
 
 import pytest
 import yaml
@@ -154,3 +155,65 @@ def test_metrics_go_to_jsonl_and_a_tensorboard_event_file(tmp_path):
     assert first.file_version == "brain.Event:2"
     got = [(e.step, {v.tag: v.simple_value for v in e.summary.value}) for e in rows]
     assert got == [(1, {"train/loss": 2.5, "eval/loss": 3.0, "rewards/accuracy": 0.5}), (2, {})]
+
+
+# --- Weights & Biases: every metrics row, read back from the offline run's own file ----------------
+
+
+def _wandb_history(run_dir) -> dict:
+    """{run id: [{metric: value, "_step": step}, ...]} of the offline W&B runs under RUN_DIR/wandb, read
+    from their .wandb files (a LevelDB log: 32 KiB blocks of chunks with 7-byte headers, after W&B's
+    7-byte file header, each record a wandb_internal.proto `Record`)."""
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    runs_of: dict = {}
+    for path in sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb")):
+        data, pos, record = path.read_bytes(), 7, b""
+        assert data[:4] == b":W&B"
+        while pos + 7 <= len(data):
+            if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+                pos += 32768 - pos % 32768
+                continue
+            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            record, pos = record + data[pos + 7:pos + 7 + length], pos + 7 + length
+            if kind in (1, 4):  # a whole record, or the last chunk of one
+                r = wandb_internal_pb2.Record.FromString(record)
+                record = b""
+                if r.WhichOneof("record_type") == "history":
+                    row = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                           for item in r.history.item}
+                    runs_of.setdefault(path.stem.removeprefix("run-"), []).append(
+                        {k: v for k, v in row.items() if k in ("_step",) or not k.startswith("_")})
+    return runs_of
+
+
+def test_metrics_rows_go_to_weights_and_biases_too_and_a_resumed_run_appends(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir = tmp_path / "run"
+    cfg = tiny_config(train=dict(wandb_project="jaxlm-test", run_dir=str(run_dir)))
+    writer = runs.MetricsWriter(run_dir, cfg=cfg)
+    writer.scalars({"step": 1, "loss": 2.5, "eval_loss": 3.0, "rewards/accuracy": 0.5})
+    writer.event("spike", step=1)
+    writer.scalars({"step": 2, "loss": 2.0})
+    writer.close()
+    again = runs.MetricsWriter(run_dir, cfg=cfg)  # a resumed run
+    again.scalars({"step": 3, "loss": 1.5})
+    again.close()
+    history = _wandb_history(run_dir)
+    assert list(history) == [runs.wandb_run_id(run_dir)]  # one W&B run per run directory
+    assert history[runs.wandb_run_id(run_dir)] == [
+        {"_step": 1, "train/loss": 2.5, "eval/loss": 3.0, "rewards/accuracy": 0.5},
+        {"_step": 2, "train/loss": 2.0}, {"_step": 3, "train/loss": 1.5}]
+    assert len(runs.read_metrics(run_dir)) == 4  # metrics.jsonl as ever: 3 rows and the event
+
+
+def test_weights_and_biases_not_installed_is_one_line_naming_the_key(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    cfg = tiny_config(train=dict(wandb_project="p"))
+    with pytest.raises(ConfigError, match=r"train.wandb_project='p' .* pip install wandb"):
+        runs.MetricsWriter(tmp_path / "run", cfg=cfg)
+    runs.MetricsWriter(tmp_path / "other", cfg=tiny_config()).close()  # off by default: no import

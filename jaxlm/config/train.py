@@ -69,6 +69,9 @@ class TrainConfig:
     max_restores_per_step: int = 2  # restores of one checkpoint before the run stops as diverged
     max_restores: int = 10  # restores in all (a run's every session) before the run stops
     progress: bool = True  # a progress bar on the terminal
+    # also log every metrics row to this Weights & Biases project ("": off); needs `pip install wandb`
+    # and `wandb login`, or WANDB_MODE=offline to keep the run on disk (RUN_DIR/wandb, `wandb sync`)
+    wandb_project: str = ""
     peak_tflops: float = 0.0  # device peak for MFU; 0: measured with a large matmul
     # device memory bandwidth for the decode bound of `jaxlm bench`; 0: measured (jaxlm.perf)
     peak_bandwidth_gbs: float = 0.0

@@ -160,7 +160,7 @@ def run(cfg: Config, stage: Stage, devices=None) -> dict:
     train_roles = [r.name for r in trained(stage.roles)]
     ckpt = Checkpointer(run_dir / "checkpoints", roles=train_roles, keep=t.keep_checkpoints,
                         async_save=t.async_checkpoint)
-    log = runs.MetricsWriter(run_dir, enabled=main)
+    log = runs.MetricsWriter(run_dir, enabled=main, cfg=cfg)
     seed_key = jax.random.key(t.seed)
     counters = {"skipped": 0, "restores": 0, "skipped_examples": 0}
     restores_of: collections.Counter = collections.Counter()  # restores of each checkpoint step

@@ -218,7 +218,7 @@ def main(cfg: Config, log=print) -> dict:
     train_roles = [r.name for r in trained(roles)]
     ckpt = Checkpointer(run_dir / "checkpoints", roles=train_roles, keep=t.keep_checkpoints,
                         async_save=t.async_checkpoint)
-    writer = runs.MetricsWriter(run_dir, enabled=jax.process_index() == 0, group="ppo")
+    writer = runs.MetricsWriter(run_dir, enabled=jax.process_index() == 0, group="ppo", cfg=cfg)
     seed_key = jax.random.key(t.seed)
     state, meta = restore_newest(ckpt, c.abstract_state, writer)
     if meta is None:
