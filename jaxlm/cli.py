@@ -322,10 +322,11 @@ def _score(cfg, args) -> int:
 
 
 def _sft(cfg, args) -> int:
+    from jaxlm.data import readers
     from jaxlm.train import sft
 
     summary = sft.main(cfg)
-    counts = [f"sft.{split}_files: {sft.counts_line(summary[f'counts_{split}'])}"
+    counts = [f"sft.{split}_files: {readers.counts_line(summary[f'counts_{split}'], truncated=True)}"
               for split in ("train", "eval") if summary[f"counts_{split}"]]
     return _finish(cfg, args, summary, counts)
 

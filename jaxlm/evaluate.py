@@ -30,7 +30,7 @@ import numpy as np
 from jaxlm import generate as gen
 from jaxlm import model, sharding
 from jaxlm.config import ConfigError
-from jaxlm.data import preferences, readers, tasks
+from jaxlm.data import readers, tasks
 from jaxlm.data.examples import chat, preference
 from jaxlm.data.pipeline import build_lm_data
 from jaxlm.data.tokenizers import load_tokenizer
@@ -360,7 +360,7 @@ def read_qa(path) -> tuple[list[tuple[str, dict]], collections.Counter]:
         found.append((where, rec))
     if not found:
         raise ConfigError(f"--qa file {str(path)!r} holds no usable record ({QA_RECORDS}): "
-                          + preferences.counts_line(counts))
+                          + readers.counts_line(counts))
     return found, counts
 
 

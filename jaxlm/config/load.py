@@ -119,9 +119,10 @@ def find_config(name: str | Path, kinds: tuple[str, ...] = ()) -> Path:
         return path
     text = str(name).removeprefix("jaxlm:")
     rel = Path(text).relative_to("configs") if Path(text).parts[:1] == ("configs",) else Path(text)
-    for candidate in (rel, *(Path(kind) / rel for kind in kinds)):
+    candidates = () if path.is_absolute() else (rel, *(Path(kind) / rel for kind in kinds))
+    for candidate in candidates:
         for shipped in (SHIPPED / candidate, SHIPPED / candidate.with_name(candidate.name + ".yaml")):
-            if not path.is_absolute() and shipped.is_file():
+            if shipped.is_file():
                 return shipped
     names = [n for kind in kinds or ("",) for n in shipped_configs(kind)]
     raise ConfigError(f"config file {str(name)!r} does not exist; shipped {'/'.join(kinds) + ' ' if kinds else ''}"

@@ -33,11 +33,6 @@ def file_records(name: str, paths):
         raise ConfigError(f"{name}: {e}") from None
 
 
-def counts_line(counts) -> str:
-    bad = {k: v for k, v in counts.items() if k not in ("records", "used")}
-    return f"{counts['used']} of {counts['records']} records used; unusable: {dict(sorted(bad.items())) or 'none'}"
-
-
 def load_groups(section, name: str, tok, *, template: str, T: int, heldout_fraction: float, seed: int,
                 margins: dict, max_responses: int, pairs_only: bool = False, task_records=None):
     """(train groups, eval groups, info) of a config section with train_files, eval_files, tasks,
@@ -60,7 +55,7 @@ def load_groups(section, name: str, tok, *, template: str, T: int, heldout_fract
     for key, found, counts in (("train_files", train, train_counts), ("eval_files", evals, eval_counts)):
         if getattr(section, key) and not found:
             raise ConfigError(f"{name}.{key}={list(getattr(section, key))} hold no usable record: "
-                              + counts_line(counts))
+                              + readers.counts_line(counts))
     if not section.eval_files and len(train) >= 2:
         held = heldout_indices(name, len(train), heldout_fraction)
         train, evals = [g for g, h in zip(train, held) if not h], [g for g, h in zip(train, held) if h]
@@ -70,10 +65,10 @@ def load_groups(section, name: str, tok, *, template: str, T: int, heldout_fract
     task_train, task_counts = grouped(task_records[0])
     task_eval, _ = grouped(task_records[1])
     if section.tasks and not task_train:
-        raise ConfigError(f"{name}.tasks: no group fits train.seq_len={T}: " + counts_line(task_counts))
-    info = {"records_train": counts_line(train_counts), "records_eval": counts_line(eval_counts),
+        raise ConfigError(f"{name}.tasks: no group fits train.seq_len={T}: " + readers.counts_line(task_counts))
+    info = {"records_train": readers.counts_line(train_counts), "records_eval": readers.counts_line(eval_counts),
             "counts_train": dict(train_counts), "counts_eval": dict(eval_counts),
-            "task_groups": counts_line(task_counts)}
+            "task_groups": readers.counts_line(task_counts)}
     return train + task_train, evals + task_eval, info
 
 

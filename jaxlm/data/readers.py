@@ -77,6 +77,13 @@ def expand(patterns) -> list[Path]:
     return files
 
 
+def counts_line(counts, truncated: bool = False) -> str:
+    """A reader's counts in words: "U of R records used[, T truncated]; unusable: {reason: n}"."""
+    bad = {k: v for k, v in counts.items() if k not in ("records", "used", "truncated")}
+    cut = f", {counts['truncated']} truncated" if truncated else ""
+    return f"{counts['used']} of {counts['records']} records used{cut}; unusable: {dict(sorted(bad.items())) or 'none'}"
+
+
 def expand_prepared(patterns, key: str) -> list[Path]:
     """`expand` for the inputs of `jaxlm data tokenizer` / `tokenize` (`key` names them): a
     missing file names the command that writes it."""

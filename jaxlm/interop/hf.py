@@ -77,14 +77,6 @@ def load_hf(path: str | Path, *, mesh=None, rules: str = "fsdp", param_dtype: st
     return cfg, jax.tree_util.tree_map_with_path(build, abstract, shardings)
 
 
-def _host(x) -> np.ndarray:
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        x = multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(x)
-
-
 def save_hf(model_config: ModelConfig, params: dict, path: str | Path, *, family: Optional[str] = None,
             base_config: Optional[dict] = None, dtype: Optional[str] = None,
             max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
@@ -115,7 +107,7 @@ def save_hf(model_config: ModelConfig, params: dict, path: str | Path, *, family
 
     def get(key, layer):
         x = flat[key] if layer is None else flat[key][layer]
-        return _host(x).astype(np_dtype)
+        return sharding.to_host(x).astype(np_dtype)
 
     plan = weights.export_plan(cfg, table, get, np_dtype.itemsize)
     if jax.process_index() != 0:

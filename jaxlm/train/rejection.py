@@ -29,7 +29,7 @@ import numpy as np
 from jaxlm import runs
 from jaxlm.checkpoint import steps
 from jaxlm.config import Config, ConfigError
-from jaxlm.data import preferences, readers, tasks
+from jaxlm.data import readers, tasks
 from jaxlm.data.examples import chat, preference
 from jaxlm.generate import generate_texts
 from jaxlm.train import reward, sft
@@ -132,7 +132,7 @@ def load_prompts(cfg: Config, section: str = "rs") -> tuple[list[dict], collecti
     if not out:
         raise ConfigError(f"{section} needs prompts: {section}.prompt_files (JSONL of {{\"prompt\": ...}}) and/or "
                           f"{section}.tasks; "
-                          + (preferences.counts_line(counts) if counts else "none given"))
+                          + (readers.counts_line(counts) if counts else "none given"))
     return out, counts
 
 

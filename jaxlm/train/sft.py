@@ -41,10 +41,8 @@ def _split_heldout(examples: list, fraction: float):
     return [x for x, h in zip(examples, held) if not h], [x for x, h in zip(examples, held) if h]
 
 
-def counts_line(counts) -> str:
-    bad = {k: v for k, v in counts.items() if k not in ("records", "used", "truncated")}
-    return (f"{counts['used']} of {counts['records']} records used, {counts['truncated']} truncated; "
-            f"unusable: {dict(sorted(bad.items())) or 'none'}")
+def _counts(counts) -> str:
+    return readers.counts_line(counts, truncated=True)  # chat.render_all counts the truncated too
 
 
 def load_examples(cfg: Config, tok):
@@ -66,16 +64,16 @@ def load_examples(cfg: Config, tok):
         raise ConfigError(f"sft: {e}") from None
     for key, found, counts in (("train_files", train, train_counts), ("eval_files", evals, eval_counts)):
         if getattr(s, key) and not found:
-            raise ConfigError(f"sft.{key}={list(getattr(s, key))} hold no usable record: " + counts_line(counts))
+            raise ConfigError(f"sft.{key}={list(getattr(s, key))} hold no usable record: " + _counts(counts))
     if not s.eval_files and len(train) >= 2:
         train, evals = _split_heldout(train, cfg.data.heldout_fraction)
     task_train, task_counts = chat.render_all(
         r, tasks.mixed(s.tasks, "train", s.task_examples, cfg.data.seed), T, s.truncation)
     task_eval, _ = chat.render_all(r, tasks.test_records(s.tasks, s.task_eval_examples), T, s.truncation)
     if s.tasks and not task_train:
-        raise ConfigError(f"sft.tasks: no example fits train.seq_len={T}: " + counts_line(task_counts))
-    info = {"records_train": counts_line(train_counts), "records_eval": counts_line(eval_counts),
-            "task_examples": counts_line(task_counts),
+        raise ConfigError(f"sft.tasks: no example fits train.seq_len={T}: " + _counts(task_counts))
+    info = {"records_train": _counts(train_counts), "records_eval": _counts(eval_counts),
+            "task_examples": _counts(task_counts),
             "counts_train": dict(train_counts), "counts_eval": dict(eval_counts)}
     return train + task_train, evals + task_eval, info
 
