@@ -103,7 +103,7 @@ def report(cfg: Config, step_s: float, info: dict) -> dict:
         m.attention, attention.Mask(None), T, T, m.compute_dtype, m.head_dim)
     tokens = cfg.train.batch_size * T
     fpt = perf.flops_per_token(m, T)
-    peak = cfg.train.peak_tflops * 1e12 or perf.measure_peak_flops()
+    peak = cfg.train.peak_tflops * 1e12 or perf.peak_flops(measure=True)
     achieved = fpt * tokens / step_s
     return {"params": info["params"], "devices": jax.device_count(),
             "platform": jax.devices()[0].platform, "step_s": step_s, "tokens_per_s": tokens / step_s,

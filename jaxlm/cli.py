@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
+import os
 import math
 import sys
 
@@ -45,7 +47,13 @@ def _common(p: argparse.ArgumentParser):
 
 def _training(p: argparse.ArgumentParser):
     _common(p)
-    p.add_argument("--json", action="store_true", help="end with the run's summary as one JSON line (for scripts)")
+    p.add_argument("--json", action="store_true",
+                   help="print only the run's summary, as one JSON line at the end (for scripts)")
+    _quiet(p, "no banner, progress, held-out lines or end summary: only warnings and errors (on stderr)")
+
+
+def _quiet(p: argparse.ArgumentParser, what: str):
+    p.add_argument("-q", "--quiet", action="store_true", help=what)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -62,6 +70,8 @@ def parser() -> argparse.ArgumentParser:
     which.add_argument("--from", dest="start", metavar="STAGE", help="redo STAGE and every stage after it")
     which.add_argument("--only", metavar="STAGE", help="run STAGE alone (the stages before it must have run)")
     which.add_argument("--until", metavar="STAGE", help="run the stages up to STAGE")
+    _quiet(pipe, "the training stages run with --quiet; the pipeline prints a line per stage, the data stage "
+           "its counts")
     rep = sub.add_parser("report", help=COMMANDS["report"], description=COMMANDS["report"] +
                          ": DIR/report.html (self-contained) and DIR/figures/*.png.")
     rep.add_argument("dir", metavar="DIR", help="a run directory or a pipeline directory")
@@ -170,6 +180,7 @@ def _run_common(p: argparse.ArgumentParser):
     p.add_argument("--raw", action="store_true",
                    help="feed prompts as written (default: lead with eos, the document separator of pretraining; "
                    "eval --qa on a fine-tuned run: its sft template)")
+    _quiet(p, "only the result (eval's table, generate's text): no progress or timing lines")
 
 
 def _run_parsers(sub):
@@ -243,7 +254,7 @@ def _generate(cfg, args) -> int:
                  infill=args.infill, out_path=args.out, batch_size=args.batch_size,
                  max_new_tokens=args.max_new_tokens, seed=args.seed, doc_start=not args.raw,
                  fim_mode=args.fim_mode, temperature=args.temperature, top_k=args.top_k,
-                 top_p=args.top_p, prefix_lm=args.prefix_lm, specials=args.specials)
+                 top_p=args.top_p, prefix_lm=args.prefix_lm, specials=args.specials, quiet=args.quiet)
     return 0
 
 
@@ -258,7 +269,8 @@ def _eval(cfg, args) -> int:
                              max_documents=args.max_documents, max_new_tokens=args.max_new_tokens,
                              raw=args.raw, tasks=args.tasks, by_position=args.by_position,
                              buckets=args.buckets, passkey_lengths=args.passkey_lengths if args.passkey else None,
-                             passkey_depths=args.passkey_depths, passkey_trials=args.passkey_trials, seed=args.seed)
+                             passkey_depths=args.passkey_depths, passkey_trials=args.passkey_trials, seed=args.seed,
+                             log=_log(args))
     if _process_index() == 0:
         print(f"checkpoint step {step} of {args.run_dir}")
         print(evaluate.format_table(rows))
@@ -288,8 +300,7 @@ def _reward(cfg, args) -> int:
 def _rejection_sample(cfg, args) -> int:
     from jaxlm.train import rejection
 
-    log = print if _process_index() == 0 else (lambda line: None)
-    summary = rejection.main(cfg, log=log)
+    summary = rejection.main(cfg, log=_log(args))
     lines = []
     for rnd in summary["rounds"]:
         before = rnd.get("accuracy_before", {})
@@ -305,7 +316,13 @@ def _rejection_sample(cfg, args) -> int:
 def _ppo(cfg, args) -> int:
     from jaxlm.train import ppo
 
-    return _finish(cfg, args, ppo.main(cfg, log=print if _process_index() == 0 else (lambda line: None)))
+    return _finish(cfg, args, ppo.main(cfg, log=_log(args)))
+
+
+def _log(args):
+    """Where a command's progress lines go: stdout from process 0, unless --quiet or --json."""
+    quiet = args.quiet or getattr(args, "json", False) or _process_index() != 0
+    return (lambda line: None) if quiet else functools.partial(print, flush=True)
 
 
 def _dpo(cfg, args) -> int:
@@ -373,6 +390,8 @@ def _finish(cfg, args, summary: dict, lines=(), run=None) -> int:
         return 0
     if args.json:
         print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (list, dict))}))
+        return 0
+    if args.quiet:
         return 0
     if "final_step" in summary:
         loss = summary.get("loss")
@@ -470,7 +489,7 @@ def main(argv=None) -> int:
             from jaxlm import pipeline
 
             return pipeline.run(args.config, args.overrides, command=main, start=args.start, only=args.only,
-                                until=args.until)
+                                until=args.until, quiet=args.quiet)
         if args.command == "report":
             from jaxlm import report
 
@@ -481,7 +500,8 @@ def main(argv=None) -> int:
 
             cfg = run_config(args.run_dir, args.overrides)
         else:
-            cfg = load_config(args.config, args.overrides)
+            quiet = args.command in TRAINING_COMMANDS and (args.quiet or args.json)
+            cfg = load_config(args.config, [*args.overrides, *["train.progress=false"] * quiet])
             if args.command in TRAINING_COMMANDS:
                 from jaxlm.runs import check_not_moved
 
@@ -504,6 +524,9 @@ def main(argv=None) -> int:
         if joined:
             _leave_run(3)
         return 3
+    except BrokenPipeError:  # the reader left early (`jaxlm config list | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or the exit's flush raises again
+        return 141
     except KeyboardInterrupt as e:  # loop.Interrupted: stopped at a step boundary, that step saved
         if not hasattr(e, "code"):  # a plain KeyboardInterrupt, outside the loop
             saved = "the last checkpoint is kept"

@@ -489,14 +489,15 @@ def run_eval(run_dir, cfg, params, step: int, mesh, tokenizer, *, texts=(), text
              max_documents: int = 0, max_new_tokens: int = 64, raw: bool = False,
              tasks: Optional[Sequence[str]] = None, by_position: Sequence[int] = (), buckets: int = 8,
              passkey_lengths: Optional[Sequence[int]] = None, passkey_depths: Sequence[float] = (),
-             passkey_trials: int = 10, seed: int = 0) -> list[dict]:
+             passkey_trials: int = 10, seed: int = 0, log=functools.partial(print, flush=True)) -> list[dict]:
     """Evaluate a restored run on its held-out data (default when nothing else is asked for), text
     files, question/answer files (`qa`: prompted as the run was fine-tuned, `qa_renderer`; as text with
     `raw`), built-in tasks (`tasks`: names, or [] for the run's `sft.tasks`;
     exact match per task, prompted as `jaxlm sft` trains: `task_accuracy`), the held-out loss by
     position in windows of each of `by_position` tokens (`buckets` buckets; row "heldout@LEN") and
     passkey retrieval (`passkey_lengths`, [] for `default_passkey_lengths`; rows "passkey@LEN");
-    append one metrics row at `step` to RUN_DIR/metrics.jsonl; return one result dict per dataset."""
+    append one metrics row at `step` to RUN_DIR/metrics.jsonl; return one result dict per dataset.
+    `log`: a line as each part starts (process 0's)."""
     seq_len = seq_len or cfg.train.seq_len
     common = dict(seq_len=seq_len, eos_id=tokenizer.eos_id, batch_size=batch_size, mesh=mesh,
                   rules=cfg.mesh.rules)
@@ -515,7 +516,10 @@ def run_eval(run_dir, cfg, params, step: int, mesh, tokenizer, *, texts=(), text
         raise ConfigError(f"perplexity and loss by position score text with a decoder; a model.arch="
                           f"{cfg.model.arch} run's held-out loss on its objective is eval_loss in its "
                           "metrics.jsonl. --qa, --tasks and --passkey (generation) serve it")
-    say = (lambda line: print(f"[jaxlm] eval: {line}", flush=True)) if jax.process_index() == 0 else (lambda _: None)
+    def say(line):
+        if jax.process_index() == 0:
+            log(f"[jaxlm] eval: {line}")
+
     if heldout or (heldout is None and not asked):
         docs = heldout_documents(cfg, max_documents)
         say(f"perplexity on {len(docs)} held-out documents")

@@ -356,11 +356,12 @@ def _read_prompt_records(path) -> list[dict]:
 
 def run(cfg, params, mesh, tokenizer, *, prompt: Optional[str] = None, prompts_path=None, infill=None,
         out_path=None, batch_size: int = 8, max_new_tokens: int = 128, seed: int = 0, doc_start: bool = True,
-        specials: bool = False, fim_mode: str = "psm", **sampling) -> list[dict]:
+        specials: bool = False, fim_mode: str = "psm", quiet: bool = False, **sampling) -> list[dict]:
     """`jaxlm generate`: one prompt (or `infill` = (prefix, suffix)) streamed to stdout, or a JSONL
     file of {"prompt"} / {"prefix", "suffix"} records written as JSONL (to `out_path` or stdout),
     each record with "completion", "new_tokens", "stopped" and "logprob" added. `specials`: symbols
-    written in a prompt become their ids (`encode_prompt`)."""
+    written in a prompt become their ids (`encode_prompt`). A line of counts and seconds follows on
+    stderr unless `quiet`."""
     import json
     import sys
     import time
@@ -379,9 +380,11 @@ def run(cfg, params, mesh, tokenizer, *, prompt: Optional[str] = None, prompts_p
                 for rec, res in zip(records, results):
                     out.write(json.dumps({**rec, **res}, ensure_ascii=False) + "\n")
             stopped = sum(r["stopped"] for r in results)
-            print(f"[{len(results)} prompts, {sum(r['new_tokens'] for r in results)} new tokens in "
-                  f"{time.perf_counter() - t0:.2f} s including compile; {stopped} stopped, {len(results) - stopped} "
-                  f"at the length limit{f'; written to {out_path}' if out_path else ''}]", file=sys.stderr)
+            if not quiet:
+                print(f"[{len(results)} prompts, {sum(r['new_tokens'] for r in results)} new tokens in "
+                      f"{time.perf_counter() - t0:.2f} s including compile; {stopped} stopped, "
+                      f"{len(results) - stopped} at the length limit{f'; written to {out_path}' if out_path else ''}]",
+                      file=sys.stderr)
             return results
         if infill is not None:
             ids = infill_prompt(tokenizer, infill[0], infill[1], fim_mode, doc_start)
@@ -398,8 +401,9 @@ def run(cfg, params, mesh, tokenizer, *, prompt: Optional[str] = None, prompts_p
         sys.stdout.write(rest[len(streamer.printed):] if rest.startswith(streamer.printed) else "")
         sys.stdout.write((infill[1] if infill is not None else "") + "\n")
         r = results[0]
-        print(f"[{r['new_tokens']} tokens in {time.perf_counter() - t0:.2f} s including compile; "
-              f"{'stopped' if r['stopped'] else 'length limit'}]", file=sys.stderr)
+        if not quiet:
+            print(f"[{r['new_tokens']} tokens in {time.perf_counter() - t0:.2f} s including compile; "
+                  f"{'stopped' if r['stopped'] else 'length limit'}]", file=sys.stderr)
         return results
     except ValueError as e:
         raise ConfigError(str(e)) from None

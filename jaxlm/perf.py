@@ -21,8 +21,12 @@ bandwidth of W bytes/s, decoding cannot pass B * W / bytes tokens/s.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+import platform
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +77,41 @@ def measure_peak_flops(dtype: str | None = None, n: int | None = None, repeats: 
         f(a, b).block_until_ready()
         best = min(best, time.perf_counter() - t0)
     return 2.0 * n**3 / best
+
+
+def peak_flops(measure: bool = False) -> float:
+    """The device's measured peak (`measure_peak_flops`), measured once per machine, device kind and
+    JAX version and kept in CACHE/peak_flops.json (`cache_dir`), so a run does not spend its start-up
+    on it. `measure`: measure afresh (as `jaxlm bench` does) and return that; the file keeps the
+    highest value measured, so one slow measurement on a busy machine does not stay."""
+    path = cache_dir() / "peak_flops.json"
+    device = jax.devices()[0]
+    key = f"{platform.node()} {device.platform} {device.device_kind} jax {jax.__version__}"
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    known = known if isinstance(known, dict) else {}
+    if not measure and isinstance(known.get(key), (int, float)) and known[key] > 0:
+        return float(known[key])
+    value = measure_peak_flops()
+    known[key] = max(value, known.get(key, 0) if isinstance(known.get(key), (int, float)) else 0)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(known, indent=1) + "\n")
+        tmp.replace(path)
+    except OSError:  # a read-only home: measured on every run instead
+        pass
+    return value
+
+
+def cache_dir() -> Path:
+    """Where jaxlm keeps what it measures of this machine: $JAXLM_CACHE_DIR, else
+    $XDG_CACHE_HOME/jaxlm, else ~/.cache/jaxlm."""
+    if os.environ.get("JAXLM_CACHE_DIR"):
+        return Path(os.environ["JAXLM_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jaxlm"
 
 
 def measure_bandwidth(n_bytes: int | None = None, repeats: int = 5) -> float:

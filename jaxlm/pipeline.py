@@ -169,15 +169,16 @@ def _select(stages: list[Stage], start: Optional[str], only: Optional[str], unti
 
 
 def run(path: str | Path, overrides: Sequence[str] = (), *, command, start: Optional[str] = None,
-        only: Optional[str] = None, until: Optional[str] = None, log=print) -> int:
+        only: Optional[str] = None, until: Optional[str] = None, quiet: bool = False, log=print) -> int:
     """Run the pipeline of config `path`; returns the exit code (that of the first stage that failed).
 
-    command: runs one jaxlm command line and returns its exit code (`jaxlm.cli.main`)."""
+    command: runs one jaxlm command line and returns its exit code (`jaxlm.cli.main`); `quiet`: the
+    training commands get --quiet."""
     directory, stages = load(path, overrides)
     selected = _select(stages, start, only, until)
     directory.mkdir(parents=True, exist_ok=True)
     with _exclusive(directory):
-        return _run(directory, stages, selected, start, command, log)
+        return _run(directory, stages, selected, start, command, log, quiet)
 
 
 @contextlib.contextmanager
@@ -197,7 +198,7 @@ def _exclusive(directory: Path):
         yield
 
 
-def _run(directory: Path, stages, selected, start, command, log) -> int:
+def _run(directory: Path, stages, selected, start, command, log, quiet: bool) -> int:
     record = read_record(directory)
     if start is not None:
         for stage in stages[[s.name for s in stages].index(start):]:
@@ -223,7 +224,7 @@ def _run(directory: Path, stages, selected, start, command, log) -> int:
         _write_record(directory, stages, record)
         code = 1
         try:
-            code = _run_stage(directory, stage, stages, command, log)
+            code = _run_stage(directory, stage, stages, command, log, quiet)
         finally:
             status = "finished" if code == 0 else "interrupted" if code in (130, 143) else "failed"
             wall = (done.get("wall_s") or 0.0) + time.monotonic() - t0
@@ -249,7 +250,7 @@ def _move_aside(directory: Path, stage: Stage, record: dict, log) -> None:
         log(f"[pipeline] {stage.name}: redone; the old one is {target}")
 
 
-def _run_stage(directory: Path, stage: Stage, stages: list[Stage], command, log) -> int:
+def _run_stage(directory: Path, stage: Stage, stages: list[Stage], command, log, quiet: bool) -> int:
     if stage.name == "eval":
         evaluate_models(directory, stage, stages, log)
         return 0
@@ -257,7 +258,7 @@ def _run_stage(directory: Path, stage: Stage, stages: list[Stage], command, log)
     path.parent.mkdir(exist_ok=True)
     save_config(stage.cfg, path)
     for argv in COMMANDS[stage.name]:
-        code = command([*argv, str(path)])
+        code = command([*argv, str(path), *["--quiet"] * (quiet and argv[0] != "data")])
         if code:
             return code
     return 0

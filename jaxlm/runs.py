@@ -286,8 +286,14 @@ class MetricsWriter:
     spike, end). Lines are strict JSON: a value that is not finite is written as null.
     """
 
+    # Events also said on stderr: what went wrong always, where a run starts from unless train.progress
+    # is off (--quiet); start, end and eval never (the banner, the summary and eval's table say them).
+    SAID_UNLESS_QUIET = ("init_from", "resume")
+    UNSAID = ("start", "end", "eval")
+
     def __init__(self, run_dir: str | Path, enabled: bool = True, group: str = "train", cfg=None):
         self.enabled, self.group = enabled, group
+        self.quiet = cfg is not None and not cfg.train.progress
         self._tb = self._wandb = None
         if not enabled:
             return
@@ -329,7 +335,7 @@ class MetricsWriter:
         if not self.enabled:
             return
         self._write(_strict({"event": name, "time": time.time(), **fields}))
-        if name not in ("start", "end"):
+        if name not in self.UNSAID and not (self.quiet and name in self.SAID_UNLESS_QUIET):
             print(f"[jaxlm] {name}: " + ", ".join(f"{k}={v}" for k, v in fields.items()), file=sys.stderr)
 
     def close(self) -> None:

@@ -22,6 +22,8 @@ atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# What jaxlm measures of the machine (the peak FLOP/s behind MFU) is kept per session, not in the home.
+os.environ["JAXLM_CACHE_DIR"] = os.path.join(_CACHE, "jaxlm")
 
 import pytest  # noqa: E402
 

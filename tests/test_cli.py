@@ -102,12 +102,29 @@ def test_the_command_restarts_itself_once_with_huge_pages_unless_tunables_are_se
 def test_a_smoke_run_shorter_than_its_warmup_runs_and_says_so(config_file, capsys):
     assert cli.main(["pretrain", str(config_file), "optim.warmup_steps=5", "train.progress=false",
                      "data.max_documents=20", "train.seq_len=32", "train.batch_size=8"]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "note: optim.warmup_steps=5 is more than the 2 optimizer steps of this run: the learning rate of " \
-           "policy rises to 40% of its peak and never decays" in out, out
+           "policy rises to 40% of its peak and never decays" in err, err
     run = config_file.parent / "run"
     assert "[jaxlm] done: step 2, train loss " in out and f"run directory: {run} " in out, out
     assert f"next: jaxlm generate {run} --prompt" in out, out
+
+
+@pytest.mark.parametrize("flag", [None, "--quiet", "--json"])
+def test_the_console_and_what_quiet_and_json_leave_of_it(flag, config_file, capsys):
+    assert cli.main(["pretrain", str(config_file), "data.max_documents=20", "train.seq_len=32", "train.batch_size=8",
+                     "optim.warmup_steps=5", *[flag] * bool(flag)]) == 0
+    out, err = capsys.readouterr()
+    assert "note: optim.warmup_steps=5" in err  # a warning stays
+    if flag is None:  # a banner, plain progress lines (the output is no terminal), held-out losses, a summary
+        assert out.startswith("[jaxlm] pretrain: ") and "M parameters; 8 cpu devices (mesh " in out, out
+        assert "[jaxlm] step 2/2: loss " in out and "[jaxlm] step 2: held-out accuracy " in out, out
+        assert "[jaxlm] done: step 2, train loss " in out and "\nnext: jaxlm generate " in out, out
+    elif flag == "--quiet":
+        assert out == "" and err.splitlines() == [e for e in err.splitlines() if e.startswith("note: ")], err
+    else:
+        (line,) = out.splitlines()
+        assert json.loads(line)["final_step"] == 2
 
 
 @pytest.mark.parametrize("name, kinds", [

@@ -1,6 +1,8 @@
 """`jaxlm pipeline`: every stage on a shrunken copy of configs/pipeline/tiny.yaml, chained (each
 stage from the model before it), skipped when finished, refused when changed, redone with --from,
 resumed after a SIGTERM inside a stage with the numbers of an uninterrupted run."""
+import contextlib
+import io
 import json
 import re
 import signal
@@ -68,8 +70,9 @@ def _pipeline_config(tmp: Path, name: str) -> Path:
 def finished(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipeline")
     path = _pipeline_config(tmp, "pipe")
-    assert cli.main(["pipeline", str(path)]) == 0
-    return path, tmp / "pipe"
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert cli.main(["pipeline", str(path), "--quiet"]) == 0
+    return path, tmp / "pipe", out.getvalue()
 
 
 def _losses(run_dir) -> dict:
@@ -78,7 +81,10 @@ def _losses(run_dir) -> dict:
 
 @pytest.mark.slow
 def test_every_stage_runs_from_the_model_before_it(finished):
-    path, directory = finished
+    path, directory, out = finished
+    # --quiet: the pipeline's line per stage and the data stage's counts; nothing of the training stages'
+    assert "[pipeline] done: " in out and "wrote 1 shards" in out, out
+    assert not [line for line in out.splitlines() if line.startswith(("[jaxlm]", "run directory: ", "round "))], out
     record = pipeline.read_record(directory)
     assert list(record) == list(pipeline.STAGES) and all(r["status"] == "finished" for r in record.values())
     assert all(r["wall_s"] > 0 for r in record.values())
@@ -102,7 +108,7 @@ def test_every_stage_runs_from_the_model_before_it(finished):
 
 @pytest.mark.slow
 def test_a_second_run_skips_every_finished_stage(finished, capsys):
-    path, directory = finished
+    path, directory, _ = finished
     before = {p: p.stat().st_mtime_ns for p in directory.glob("*/metrics.jsonl")}
     assert cli.main(["pipeline", str(path)]) == 0
     out = capsys.readouterr().out
@@ -112,7 +118,7 @@ def test_a_second_run_skips_every_finished_stage(finished, capsys):
 
 @pytest.mark.slow
 def test_a_changed_stage_is_refused_then_redone_with_from(finished, capsys):
-    path, directory = finished
+    path, directory, _ = finished
     assert cli.main(["pipeline", str(path), "dpo.train.steps=3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "stage dpo finished with another config (differs in train.steps)" in err[0], err

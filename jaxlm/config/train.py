@@ -68,11 +68,11 @@ class TrainConfig:
     max_bad_steps: int = 3  # consecutive non-finite or spiking steps before a restore
     max_restores_per_step: int = 2  # restores of one checkpoint before the run stops as diverged
     max_restores: int = 10  # restores in all (a run's every session) before the run stops
-    progress: bool = True  # a progress bar on the terminal
+    progress: bool = True  # console lines: a start banner, a progress bar (plain lines into a file), held-out losses
     # also log every metrics row to this Weights & Biases project ("": off); needs `pip install wandb`
     # and `wandb login`, or WANDB_MODE=offline to keep the run on disk (RUN_DIR/wandb, `wandb sync`)
     wandb_project: str = ""
-    peak_tflops: float = 0.0  # device peak for MFU; 0: measured with a large matmul
+    peak_tflops: float = 0.0  # device peak for MFU; 0: a large matmul, measured once per machine (~/.cache/jaxlm)
     # device memory bandwidth for the decode bound of `jaxlm bench`; 0: measured (jaxlm.perf)
     peak_bandwidth_gbs: float = 0.0
     loss_chunk: int = 0  # > 0: output projection + cross-entropy this many positions at a time

@@ -192,7 +192,7 @@ def run(cfg: Config, stage: Stage, devices=None) -> dict:
     log.event("start", stage=stage.name, step=step, params=n_params,
               roles={r.name: "trained" if r.trained else "frozen" for r in stage.roles},
               devices=jax.device_count(), processes=pcount, mesh=dict(mesh.shape), **stage.info)
-    if main:
+    if main and t.progress:
         mesh_text = " ".join(f"{k}={v}" for k, v in mesh.shape.items())
         n_dev = jax.device_count()
         print(f"[jaxlm] {stage.name}: {n_params / 1e6:.1f}M parameters; {n_dev} {jax.devices()[0].platform} "
@@ -201,7 +201,7 @@ def run(cfg: Config, stage: Stage, devices=None) -> dict:
               flush=True)
 
     flops_tok = _flops_per_token(stage.roles, t.seq_len)
-    peak = t.peak_tflops * 1e12 or perf.measure_peak_flops()
+    peak = t.peak_tflops * 1e12 or perf.peak_flops()
     counted_until = cursor  # examples before this cursor are counted as skipped already (or trained)
 
     def save(step, cursor) -> bool:
@@ -355,7 +355,7 @@ def run(cfg: Config, stage: Stage, devices=None) -> dict:
                 if ev:
                     log.scalars({"step": step, **ev})
                     summary.update(ev)
-                    if main:
+                    if main and t.progress:
                         _say(progress, f"[jaxlm] step {step}: held-out " + ", ".join(
                             f"{k[5:]} {v:.4g}" for k, v in ev.items() if isinstance(v, float)))
         if stop:

@@ -11,6 +11,7 @@ critic from an LM run).
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -101,7 +102,8 @@ def compile_stage(cfg: Config, roles: Sequence[Role], objective: Objective, devi
         warmup, steps = (r.optim or cfg.optim).warmup_steps, cfg.train.steps
         if warmup > steps and jax.process_index() == 0:
             print(f"note: optim.warmup_steps={warmup} is more than the {steps} optimizer steps of this run: "
-                  f"the learning rate of {r.name} rises to {steps / warmup:.0%} of its peak and never decays")
+                  f"the learning rate of {r.name} rises to {steps / warmup:.0%} of its peak and never decays",
+                  file=sys.stderr)
     abstract_params = {r.name: model.abstract_params(r.model) for r in train_roles}
     p_shard = {r.name: model.shardings(r.model, mesh, rules) for r in train_roles}
     new_state = lambda key: init_state({r.name: model.init(r.model, key) for r in train_roles}, optimizers)
