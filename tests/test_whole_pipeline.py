@@ -188,3 +188,38 @@ def test_a_stage_stopped_by_sigterm_resumes_to_the_uninterrupted_numbers(finishe
     assert record["data"]["status"] == "finished" and record["pretrain"]["status"] == "interrupted"
     assert cli.main(["pipeline", str(path), "--until", "pretrain"]) == 0
     assert _losses(tmp_path / "stopped" / "pretrain") == _losses(finished[1] / "pretrain")
+
+
+# The docs' runs, and what stands for each here: this pipeline's models (its pretraining is tiny_fim's).
+DOC_RUNS = {"runs/tiny": "pretrain", "runs/tiny_fim": "pretrain", "runs/sft_tiny": "sft", "runs/pipeline": "",
+            "runs/pipeline/ppo": "ppo"}
+LONG_RUNS = ("runs/tiny_lambda", "runs/tiny_long", "runs/own_text")  # models the docs train for long context
+# (or on one's own text): their lines are parsed and checked in tests/test_docs.py only
+
+
+@pytest.mark.slow
+def test_the_docs_generate_eval_and_report_lines_run_on_the_pipelines_models(finished, tmp_path, monkeypatch):
+    """Every `jaxlm generate`, `eval` and `report` line of the README and docs/, as printed, on this
+    pipeline's models in place of the docs' runs; fewer tokens and problems, so that it is quick."""
+    from test_docs import SHELL, commands, of
+
+    path, directory, _ = finished
+    monkeypatch.chdir(tmp_path)  # the files the lines name, as a reader would have them
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "def "}\n{"prefix": "x = ", "suffix": "\\n"}\n')
+    (tmp_path / "more_code.jsonl").write_text('{"text": "import os\\nprint(os.getcwd())\\n"}\n')
+    (tmp_path / "qa.jsonl").write_text('{"prompt": "1 + 1 =", "answer": "2"}\n')
+    ran = []
+    for block in (p.values[0] for p in of(*SHELL)):
+        for words in commands(block.text):
+            if words[:2] not in (["jaxlm", "generate"], ["jaxlm", "eval"], ["jaxlm", "report"]):
+                continue
+            if words[2] in LONG_RUNS:
+                continue
+            assert words[2] in DOC_RUNS, f"{block.where}: {words[2]} is a run this test does not know"
+            argv = [*words[1:2], str(directory / DOC_RUNS[words[2]]), *words[3:]]
+            if words[1] != "report":
+                argv += ["--max-new-tokens", "4", "--max-documents", "2"][:2 if words[1] == "generate" else 4]
+            assert cli.main(argv) == 0, f"{block.where}: {' '.join(words)}"
+            ran.append(" ".join(words[1:3]))
+    assert len(ran) >= 14, ran  # README's and docs/generation-eval.md's, and more
+    assert (tmp_path / "completions.jsonl").read_text().count("\n") == 2
