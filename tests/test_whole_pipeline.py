@@ -192,7 +192,7 @@ def test_a_stage_stopped_by_sigterm_resumes_to_the_uninterrupted_numbers(finishe
 
 # The docs' runs, and what stands for each here: this pipeline's models (its pretraining is tiny_fim's).
 DOC_RUNS = {"runs/tiny": "pretrain", "runs/tiny_fim": "pretrain", "runs/sft_tiny": "sft", "runs/pipeline": "",
-            "runs/pipeline/ppo": "ppo"}
+            "runs/pipeline/ppo": "ppo", "runs/pipeline/sft": "sft", "runs/dpo_from_sft": "dpo"}
 LONG_RUNS = ("runs/tiny_lambda", "runs/tiny_long", "runs/own_text")  # models the docs train for long context
 # (or on one's own text): their lines are parsed and checked in tests/test_docs.py only
 
