@@ -5,8 +5,8 @@ import argparse
 import dataclasses
 import functools
 import json
-import os
 import math
+import os
 import sys
 
 from jaxlm.config import ConfigError, load_config

@@ -516,6 +516,7 @@ def run_eval(run_dir, cfg, params, step: int, mesh, tokenizer, *, texts=(), text
         raise ConfigError(f"perplexity and loss by position score text with a decoder; a model.arch="
                           f"{cfg.model.arch} run's held-out loss on its objective is eval_loss in its "
                           "metrics.jsonl. --qa, --tasks and --passkey (generation) serve it")
+
     def say(line):
         if jax.process_index() == 0:
             log(f"[jaxlm] eval: {line}")
