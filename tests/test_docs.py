@@ -1,9 +1,10 @@
 """Every fenced code block of README.md, docs/*.md (not the generated config.md) and
 benchmarks/README.md: python blocks are executed; shell blocks' `jaxlm` lines parsed as `jaxlm`
 parses them, their shipped configs loaded with their overrides (a pipeline's every stage), and
-`jaxlm config` / `jaxlm plan` lines run (the `generate`, `eval` and `report` lines are run on a
-pipeline's models in tests/test_whole_pipeline.py); YAML blocks loaded (as a jaxlm config when
-they are one).
+`jaxlm config` / `jaxlm plan` lines run (the `generate`, `eval`, `report`, `data`, training and
+`score` lines run as printed on a small pipeline's models and data in tests/test_whole_pipeline.py;
+`pipeline`, `bench` and `convert` lines are parsed here and run by their own tests); YAML blocks
+loaded (as a jaxlm config when they are one).
 Other languages and unlabelled (output) blocks are not checked.
 
 A python block that cannot run here is preceded by `<!-- not run: REASON -->`; the reason must be

@@ -23,41 +23,43 @@ SMALL = {"model.d_model": 32, "model.n_layers": 1, "model.n_heads": 4, "model.n_
 STEPS = {"train.batch_size": 8, "train.log_every": 1, "train.eval_batches": 1}
 
 
+# Each stage's overrides, shrunk: also what the docs' training lines run with (below).
+DATA = {"prepare.sources": [{"name": "stdlib", "paths": "stdlib:email/*.py", "format": "text"}],
+        "prepare.out_dir": "{dir}/data/prepared", "tokenizer.inputs": ["{dir}/data/prepared/stdlib.jsonl"],
+        "tokenizer.out": "{dir}/data/tokenizer", "tokenize.inputs": ["{dir}/data/prepared/stdlib.jsonl"],
+        "tokenize.tokenizer": "{dir}/data/tokenizer.model", "tokenize.out_dir": "{dir}/data/tokens"}
+SHRUNK = {
+    "pretrain": {**STEPS, "train.steps": 6, "train.eval_every": 3, "train.save_every": 3},
+    "sft": {**STEPS, "sft.task_examples": 40, "sft.task_eval_examples": 4, "train.steps": 4, "train.eval_every": 2,
+            "train.save_every": 2},
+    "reward": {**STEPS, "reward.task_pairs": 24, "reward.task_eval_pairs": 8, "train.steps": 3, "train.eval_every": 3,
+               "train.save_every": 3},
+    "rs": {**STEPS, "rs.task_prompts": 8, "rs.samples_per_prompt": 2, "rs.rounds": 1, "rs.min_score": 0.0,
+           "sft.task_eval_examples": 4, "train.steps": 2, "train.eval_every": 2, "train.save_every": 2},
+    "dpo": {**STEPS, "dpo.task_pairs": 16, "dpo.task_samples": 2, "dpo.task_eval_pairs": 8, "train.steps": 2,
+            "train.eval_every": 2, "train.save_every": 2},
+    "ppo": {"ppo.task_prompts": 16, "ppo.prompts_per_iteration": 16, "ppo.minibatches": 2, "ppo.epochs": 1,
+            "ppo.max_new_tokens": 8, "sft.task_eval_examples": 4, "train.steps": 2, "train.save_every": 1},
+}
+
+
 def _stage(config: str, **values) -> dict:
     return {"config": str(ROOT / "configs" / config), "set": values}
 
 
 def _pipeline_config(tmp: Path, name: str) -> Path:
-    data = "{dir}/data/prepared/stdlib.jsonl"
     tree = {
         "dir": str(tmp / name),
         "set": {"data.tokenizer": "{dir}/data/tokenizer.model", **SMALL},
         "stages": {
-            "data": _stage("pretrain/tiny.yaml", **{
-                "prepare.sources": [{"name": "stdlib", "paths": "stdlib:email/*.py", "format": "text"}],
-                "prepare.out_dir": "{dir}/data/prepared", "tokenizer.inputs": [data],
-                "tokenizer.out": "{dir}/data/tokenizer", "tokenize.inputs": [data],
-                "tokenize.tokenizer": "{dir}/data/tokenizer.model", "tokenize.out_dir": "{dir}/data/tokens"}),
-            "pretrain": _stage("pretrain/tiny_fim.yaml", **STEPS, **{
-                "data.sources": [{"name": "stdlib", "path": "{dir}/data/tokens"}],
-                "train.steps": 6, "train.eval_every": 3, "train.save_every": 3}),
-            "sft": _stage("sft/tiny.yaml", **STEPS, **{
-                "sft.task_examples": 40, "sft.task_eval_examples": 4,
-                "train.steps": 4, "train.eval_every": 2, "train.save_every": 2}),
-            "reward": _stage("reward/tiny.yaml", **STEPS, **{
-                "reward.task_pairs": 24, "reward.task_eval_pairs": 8,
-                "train.steps": 3, "train.eval_every": 3, "train.save_every": 3}),
-            "rs": _stage("rs/tiny.yaml", **STEPS, **{
-                "rs.task_prompts": 8, "rs.samples_per_prompt": 2, "rs.rounds": 1,
-                "rs.min_score": 0.0, "sft.task_eval_examples": 4, "train.steps": 2, "train.eval_every": 2,
-                "train.save_every": 2}),
-            "dpo": _stage("dpo/tiny.yaml", **STEPS, **{
-                "dpo.task_pairs": 16, "dpo.task_samples": 2, "dpo.task_eval_pairs": 8,
-                "train.steps": 2, "train.eval_every": 2, "train.save_every": 2}),
-            "ppo": _stage("ppo/tiny.yaml", **{
-                "ppo.task_prompts": 16, "ppo.prompts_per_iteration": 16,
-                "ppo.minibatches": 2, "ppo.epochs": 1, "ppo.max_new_tokens": 8, "sft.task_eval_examples": 4,
-                "train.steps": 2, "train.save_every": 1}),
+            "data": _stage("pretrain/tiny.yaml", **DATA),
+            "pretrain": _stage("pretrain/tiny_fim.yaml", **SHRUNK["pretrain"], **{
+                "data.sources": [{"name": "stdlib", "path": "{dir}/data/tokens"}]}),
+            "sft": _stage("sft/tiny.yaml", **SHRUNK["sft"]),
+            "reward": _stage("reward/tiny.yaml", **SHRUNK["reward"]),
+            "rs": _stage("rs/tiny.yaml", **SHRUNK["rs"]),
+            "dpo": _stage("dpo/tiny.yaml", **SHRUNK["dpo"]),
+            "ppo": _stage("ppo/tiny.yaml", **SHRUNK["ppo"]),
             "eval": {"tasks": ["add", "reverse"], "examples": 4, "samples": 1},
         },
     }
@@ -223,3 +225,48 @@ def test_the_docs_generate_eval_and_report_lines_run_on_the_pipelines_models(fin
             ran.append(" ".join(words[1:3]))
     assert len(ran) >= 14, ran  # README's and docs/generation-eval.md's, and more
     assert (tmp_path / "completions.jsonl").read_text().count("\n") == 2
+
+
+STAGE_OF = {"pretrain": "pretrain", "sft": "sft", "reward": "reward", "rejection-sample": "rs", "dpo": "dpo",
+            "ppo": "ppo"}
+NOT_RUN_CONFIGS = ("configs/data/own_text.yaml", "runs/llama31/config.yaml")  # a reader's own text, an HF import
+
+
+@pytest.mark.slow
+def test_the_docs_training_and_data_lines_run_shrunk(finished, tmp_path, monkeypatch):
+    """Every `jaxlm data`, training command and `score` line of the README and docs/, as printed, in a
+    directory where the docs' runs and data are this pipeline's (runs/tiny: its pretrained model,
+    runs/sft_tiny its SFT model, data/stdlib its data), with the pipeline's small model and one step;
+    the data lines on a few files. `jaxlm pipeline` lines are the tests above; `bench` is
+    tests/test_bench.py; `convert` needs a Hugging Face checkpoint (tests/interop)."""
+    from test_docs import SHELL, commands, of
+
+    path, directory, _ = finished
+    monkeypatch.chdir(tmp_path)
+    for link, target in {"runs/tiny": "pretrain", "runs/tiny_fim": "pretrain", "runs/sft_tiny": "sft",
+                         "runs/reward_tiny": "reward", "runs/pipeline": "", "data/stdlib/tokens": "data/tokens",
+                         "data/stdlib/tokenizer.model": "data/tokenizer.model"}.items():
+        (tmp_path / link).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / link).symlink_to(directory / target)
+    (tmp_path / "scored.jsonl").write_text('{"prompt": "Add: 1 + 2", "chosen": "3", "rejected": "4"}\n')
+    one_step = {**SMALL, "train.steps": 1, "train.eval_every": 1, "train.save_every": 1}
+    ran = []
+    for block in (p.values[0] for p in of(*SHELL)):
+        for words in commands(block.text):
+            command = words[1] if words[0] == "jaxlm" and len(words) > 2 else None
+            if command not in (*STAGE_OF, "data", "score") or words[2 + (command == "data")] in NOT_RUN_CONFIGS:
+                continue
+            if command == "data":
+                if words[3] == "CONFIG":  # a reader's own config: parsed in tests/test_docs.py
+                    continue
+                extra = {k: yaml.safe_load(json.dumps(v).replace("{dir}", str(tmp_path / "data_lines")))
+                         for k, v in DATA.items()}
+            elif command == "score":
+                extra = {}
+            else:
+                extra = {**SHRUNK[STAGE_OF[command]], **one_step, "train.run_dir": str(tmp_path / f"out{len(ran)}")}
+            argv = words[1:] + [f"{k}={json.dumps(v)}" for k, v in extra.items()]
+            assert cli.main(argv) == 0, f"{block.where}: {' '.join(words)}"
+            ran.append(" ".join(words[1:3 + (command == "data")]))
+    assert len(ran) >= 20, ran
+    assert (tmp_path / "rewards.jsonl").is_file() and (tmp_path / "data_lines" / "data" / "tokens").is_dir()
