@@ -116,6 +116,8 @@ def test_a_second_run_skips_every_finished_stage(finished, capsys):
     out = capsys.readouterr().out
     assert all(f"[pipeline] {name}: finished before, skipped" in out for name in pipeline.STAGES)
     assert before == {p: p.stat().st_mtime_ns for p in directory.glob("*/metrics.jsonl")}
+    assert cli.main(["pipeline", str(path), "--only", "reward"]) == 0  # one stage: the others not even looked at
+    assert re.findall(r"\[pipeline\] (\w+)", capsys.readouterr().out) == ["reward", "done"]
 
 
 @pytest.mark.slow
