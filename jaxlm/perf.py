@@ -89,13 +89,14 @@ def peak_flops(measure: bool = False) -> float:
     key = f"{platform.node()} {device.platform} {device.device_kind} jax {jax.__version__}"
     try:
         known = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # none yet, or damaged: measured (and written whole) again
         known = {}
     known = known if isinstance(known, dict) else {}
-    if not measure and isinstance(known.get(key), (int, float)) and known[key] > 0:
-        return float(known[key])
+    kept = known.get(key) if isinstance(known.get(key), (int, float)) else 0.0
+    if kept > 0 and not measure:
+        return float(kept)
     value = measure_peak_flops()
-    known[key] = max(value, known.get(key, 0) if isinstance(known.get(key), (int, float)) else 0)
+    known[key] = max(value, kept)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}")
