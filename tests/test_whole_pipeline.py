@@ -194,81 +194,69 @@ def test_a_stage_stopped_by_sigterm_resumes_to_the_uninterrupted_numbers(finishe
     assert _losses(tmp_path / "stopped" / "pretrain") == _losses(finished[1] / "pretrain")
 
 
-# The docs' runs, and what stands for each here: this pipeline's models (its pretraining is tiny_fim's).
-DOC_RUNS = {"runs/tiny": "pretrain", "runs/tiny_fim": "pretrain", "runs/sft_tiny": "sft", "runs/pipeline": "",
-            "runs/pipeline/ppo": "ppo", "runs/pipeline/sft": "sft", "runs/dpo_from_sft": "dpo"}
-LONG_RUNS = ("runs/tiny_lambda", "runs/tiny_long", "runs/own_text")  # models the docs train for long context
-# (or on one's own text): their lines are parsed and checked in tests/test_docs.py only
+# The docs' runs and data, and what stands for each here: this pipeline's (its pretraining is tiny_fim's).
+DOC_PATHS = {"runs/tiny": "pretrain", "runs/tiny_fim": "pretrain", "runs/sft_tiny": "sft", "runs/reward_tiny": "reward",
+             "runs/dpo_from_sft": "dpo", "runs/pipeline": "", "data/stdlib/tokens": "data/tokens",
+             "data/stdlib/tokenizer.model": "data/tokenizer.model"}
+# Lines on what the docs train for long context, on a reader's own text or config, or an imported Hugging
+# Face model: parsed and their configs checked in tests/test_docs.py only.
+NOT_RUN = ("runs/tiny_lambda", "runs/tiny_long", "runs/own_text", "configs/data/own_text.yaml",
+           "runs/llama31/config.yaml", "CONFIG")
+STAGE_OF = {"pretrain": "pretrain", "sft": "sft", "reward": "reward", "rejection-sample": "rs", "dpo": "dpo",
+            "ppo": "ppo"}
+
+
+def _docs_lines(commands_run: tuple, directory: Path, tmp_path: Path, monkeypatch):
+    """(where, words) of the README's and docs' `jaxlm` lines of `commands_run`, with the working
+    directory one where the docs' runs, data and files are (DOC_PATHS: links to this pipeline's)."""
+    from test_docs import SHELL, commands, of
+
+    monkeypatch.chdir(tmp_path)
+    for link, target in DOC_PATHS.items():
+        (tmp_path / link).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / link).symlink_to(directory / target)
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "def "}\n{"prefix": "x = ", "suffix": "\\n"}\n')
+    (tmp_path / "more_code.jsonl").write_text('{"text": "import os\\nprint(os.getcwd())\\n"}\n')
+    (tmp_path / "qa.jsonl").write_text('{"prompt": "1 + 1 =", "answer": "2"}\n')
+    (tmp_path / "scored.jsonl").write_text('{"prompt": "Add: 1 + 2", "chosen": "3", "rejected": "4"}\n')
+    for block in (p.values[0] for p in of(*SHELL)):
+        for words in commands(block.text):
+            if words[0] == "jaxlm" and words[1] in commands_run and not set(words[2:4]) & set(NOT_RUN):
+                yield block.where, words
 
 
 @pytest.mark.slow
 def test_the_docs_generate_eval_and_report_lines_run_on_the_pipelines_models(finished, tmp_path, monkeypatch):
     """Every `jaxlm generate`, `eval` and `report` line of the README and docs/, as printed, on this
     pipeline's models in place of the docs' runs; fewer tokens and problems, so that it is quick."""
-    from test_docs import SHELL, commands, of
-
-    path, directory, _ = finished
-    monkeypatch.chdir(tmp_path)  # the files the lines name, as a reader would have them
-    (tmp_path / "prompts.jsonl").write_text('{"prompt": "def "}\n{"prefix": "x = ", "suffix": "\\n"}\n')
-    (tmp_path / "more_code.jsonl").write_text('{"text": "import os\\nprint(os.getcwd())\\n"}\n')
-    (tmp_path / "qa.jsonl").write_text('{"prompt": "1 + 1 =", "answer": "2"}\n')
     ran = []
-    for block in (p.values[0] for p in of(*SHELL)):
-        for words in commands(block.text):
-            if words[:2] not in (["jaxlm", "generate"], ["jaxlm", "eval"], ["jaxlm", "report"]):
-                continue
-            if words[2] in LONG_RUNS:
-                continue
-            assert words[2] in DOC_RUNS, f"{block.where}: {words[2]} is a run this test does not know"
-            argv = [*words[1:2], str(directory / DOC_RUNS[words[2]]), *words[3:]]
-            if words[1] != "report":
-                argv += ["--max-new-tokens", "4", "--max-documents", "2"][:2 if words[1] == "generate" else 4]
-            assert cli.main(argv) == 0, f"{block.where}: {' '.join(words)}"
-            ran.append(" ".join(words[1:3]))
+    for where, words in _docs_lines(("generate", "eval", "report"), finished[1], tmp_path, monkeypatch):
+        fewer = {"generate": ["--max-new-tokens", "4"], "eval": ["--max-new-tokens", "4", "--max-documents", "2"]}
+        assert cli.main(words[1:] + fewer.get(words[1], [])) == 0, f"{where}: {' '.join(words)}"
+        ran.append(" ".join(words[1:3]))
     assert len(ran) >= 14, ran  # README's and docs/generation-eval.md's, and more
     assert (tmp_path / "completions.jsonl").read_text().count("\n") == 2
 
 
-STAGE_OF = {"pretrain": "pretrain", "sft": "sft", "reward": "reward", "rejection-sample": "rs", "dpo": "dpo",
-            "ppo": "ppo"}
-NOT_RUN_CONFIGS = ("configs/data/own_text.yaml", "runs/llama31/config.yaml")  # a reader's own text, an HF import
-
-
 @pytest.mark.slow
 def test_the_docs_training_and_data_lines_run_shrunk(finished, tmp_path, monkeypatch):
-    """Every `jaxlm data`, training command and `score` line of the README and docs/, as printed, in a
-    directory where the docs' runs and data are this pipeline's (runs/tiny: its pretrained model,
-    runs/sft_tiny its SFT model, data/stdlib its data), with the pipeline's small model and one step;
-    the data lines on a few files. `jaxlm pipeline` lines are the tests above; `bench` is
-    tests/test_bench.py; `convert` needs a Hugging Face checkpoint (tests/interop)."""
-    from test_docs import SHELL, commands, of
-
-    path, directory, _ = finished
-    monkeypatch.chdir(tmp_path)
-    for link, target in {"runs/tiny": "pretrain", "runs/tiny_fim": "pretrain", "runs/sft_tiny": "sft",
-                         "runs/reward_tiny": "reward", "runs/pipeline": "", "data/stdlib/tokens": "data/tokens",
-                         "data/stdlib/tokenizer.model": "data/tokenizer.model"}.items():
-        (tmp_path / link).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / link).symlink_to(directory / target)
-    (tmp_path / "scored.jsonl").write_text('{"prompt": "Add: 1 + 2", "chosen": "3", "rejected": "4"}\n')
+    """Every `jaxlm data`, training command and `score` line of the README and docs/, as printed, where
+    the docs' runs and data are this pipeline's, with the pipeline's small model, one step and each
+    stage's shrunk sizes (SHRUNK), in a run directory of its own; the data lines on a few files.
+    `jaxlm pipeline` lines are the tests above; `bench` is tests/test_bench.py; `convert` needs a
+    Hugging Face checkpoint (tests/interop)."""
     one_step = {**SMALL, "train.steps": 1, "train.eval_every": 1, "train.save_every": 1}
     ran = []
-    for block in (p.values[0] for p in of(*SHELL)):
-        for words in commands(block.text):
-            command = words[1] if words[0] == "jaxlm" and len(words) > 2 else None
-            if command not in (*STAGE_OF, "data", "score") or words[2 + (command == "data")] in NOT_RUN_CONFIGS:
-                continue
-            if command == "data":
-                if words[3] == "CONFIG":  # a reader's own config: parsed in tests/test_docs.py
-                    continue
-                extra = {k: yaml.safe_load(json.dumps(v).replace("{dir}", str(tmp_path / "data_lines")))
-                         for k, v in DATA.items()}
-            elif command == "score":
-                extra = {}
-            else:
-                extra = {**SHRUNK[STAGE_OF[command]], **one_step, "train.run_dir": str(tmp_path / f"out{len(ran)}")}
-            argv = words[1:] + [f"{k}={json.dumps(v)}" for k, v in extra.items()]
-            assert cli.main(argv) == 0, f"{block.where}: {' '.join(words)}"
-            ran.append(" ".join(words[1:3 + (command == "data")]))
+    for where, words in _docs_lines((*STAGE_OF, "data", "score"), finished[1], tmp_path, monkeypatch):
+        if words[1] == "data":
+            extra = {k: yaml.safe_load(json.dumps(v).replace("{dir}", str(tmp_path / "data_lines")))
+                     for k, v in DATA.items()}
+        elif words[1] == "score":
+            extra = {}
+        else:
+            extra = {**SHRUNK[STAGE_OF[words[1]]], **one_step, "train.run_dir": str(tmp_path / f"out{len(ran)}")}
+        assert cli.main(words[1:] + [f"{k}={json.dumps(v)}" for k, v in extra.items()]) == 0, \
+            f"{where}: {' '.join(words)}"
+        ran.append(" ".join(words[1:4 if words[1] == "data" else 3]))
     assert len(ran) >= 20, ran
     assert (tmp_path / "rewards.jsonl").is_file() and (tmp_path / "data_lines" / "data" / "tokens").is_dir()
